@@ -1,0 +1,1 @@
+"""The `gist` command line: thin verbs over the library."""

@@ -1,0 +1,1 @@
+"""Evaluation: ROUGE-L, FLOPs and compression against baselines."""

@@ -1,0 +1,56 @@
+"""Configuration shared by training, caching and evaluation: what a gist run *is*.
+
+`GistConfig` names the base model, how many gist tokens stand for a prompt, the attention
+condition the run was trained under, the prompt template and how the base model was tuned.
+It is saved in a run folder's `config.json` under the key "gist" and read back by every later
+step. Checks live in `__post_init__`, so a Python caller gets the same refusal as the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from gistcache.errors import GistError
+from gistcache.masks import check_condition
+
+DEFAULT_MODEL = "smollm2-135m"
+TEMPLATES = ("auto", "chat", "plain")
+TUNE_MODES = ("gist", "lora", "full")
+GIST_TOKEN = "<GIST>"
+
+
+@dataclass
+class GistConfig:
+    model: str = DEFAULT_MODEL
+    num_gist_tokens: int = 1
+    condition: str = "gist"
+    template: str = "auto"
+    tune: str = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_gist_tokens, int) or self.num_gist_tokens < 1:
+            raise GistError(f"--num-gist must be a whole number >= 1, got {self.num_gist_tokens!r}")
+        check_condition(self.condition)
+        if self.template not in TEMPLATES:
+            raise GistError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
+        if self.tune not in TUNE_MODES:
+            raise GistError(f"unknown --tune {self.tune!r}: use one of {', '.join(TUNE_MODES)}")
+        if self.lora_r < 1:
+            raise GistError(f"--lora-r must be >= 1, got {self.lora_r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GistConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise GistError(f"config has unknown gist fields {sorted(unknown)}: was it written by a newer gistcache?")
+        return cls(**data)

@@ -1,0 +1,130 @@
+"""The gist attention mask, in one place.
+
+Everything about which token may attend to which lives here: finding the gist span in each row,
+the boolean mask for the three conditions of the paper (with causal order and padding folded in),
+the additive float mask that the stock attention consumes, and the position ids that the cache
+path continues from.
+
+For `a b c G G d e` (prompt `a b c`, two gist tokens, then `d e`), rows are queries, columns keys::
+
+    condition=gist          pos_control           neg_control
+    a  1 0 0 0 0 0 0        1 0 0 0 0 0 0         1 0 0 0 0 0 0
+    b  1 1 0 0 0 0 0        1 1 0 0 0 0 0         1 1 0 0 0 0 0
+    c  1 1 1 0 0 0 0        1 1 1 0 0 0 0         1 1 1 0 0 0 0
+    G  1 1 1 1 0 0 0        1 1 1 1 0 0 0         1 1 1 1 0 0 0
+    G  1 1 1 1 1 0 0        1 1 1 1 1 0 0         1 1 1 1 1 0 0
+    d  0 0 0 1 1 1 0        1 1 1 1 1 1 0         0 0 0 0 0 1 0
+    e  0 0 0 1 1 1 1        1 1 1 1 1 1 1         0 0 0 0 0 1 1
+
+`gist`: tokens after the last gist see nothing before the first gist, so the prompt reaches them
+only through the gist tokens' keys/values. Tokens up to the last gist are causal, hence see
+nothing after it. `pos_control`: plain causal, nothing hidden. `neg_control`: tokens after the
+gist see neither the prompt nor the gist.
+
+Padding (left or right) is never attended to; a padding query attends to itself only, so no
+softmax row is empty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gistcache.errors import GistError
+
+CONDITIONS = ("gist", "pos_control", "neg_control")
+
+
+def check_condition(condition: str) -> str:
+    if condition not in CONDITIONS:
+        raise GistError(f"unknown condition {condition!r}: use one of {', '.join(CONDITIONS)}")
+    return condition
+
+
+def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(start, end)`, each (B,) long: gist tokens of row b are `input_ids[b, start[b]:end[b]]`.
+
+    Every row must hold one contiguous run of gist tokens; the offending row is named otherwise.
+    """
+    is_gist = input_ids == gist_token_id  # (B, T)
+    count = is_gist.sum(dim=1)  # (B,)
+    if bool((count == 0).any()):
+        row = int((count == 0).nonzero()[0])
+        raise GistError(f"row {row} has no gist token (id {gist_token_id}): format it with the gist template")
+    T = input_ids.shape[1]
+    idx = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    start = torch.where(is_gist, idx, T).min(dim=1).values
+    end = torch.where(is_gist, idx, -1).max(dim=1).values + 1
+    broken = (end - start) != count
+    if bool(broken.any()):
+        row = int(broken.nonzero()[0])
+        raise GistError(f"row {row} has gist tokens that are not contiguous: put all gist tokens in one run")
+    return start, end
+
+
+def make_gist_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    gist_token_id: int,
+    condition: str = "gist",
+) -> torch.Tensor:
+    """Boolean mask (B, T, T), True where query t may attend to key s.
+
+    input_ids: (B, T); attention_mask: (B, T) with 1 for real tokens, 0 for padding (or None).
+    """
+    check_condition(condition)
+    B, T = input_ids.shape
+    device = input_ids.device
+    q = torch.arange(T, device=device).view(1, T, 1)  # query positions
+    k = torch.arange(T, device=device).view(1, 1, T)  # key positions
+    mask = (k <= q).expand(B, T, T)  # causal
+
+    if condition != "pos_control":
+        start, end = find_gist_spans(input_ids, gist_token_id)
+        after_gist = q >= end.view(B, 1, 1)  # (B, T, 1): queries past the last gist
+        first_visible = start if condition == "gist" else end
+        hidden = after_gist & (k < first_visible.view(B, 1, 1))  # (B, T, T)
+        mask = mask & ~hidden
+
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        mask = mask & real.view(B, 1, T)
+        # a padding query attends only to itself, so its softmax row is never empty
+        eye = torch.eye(T, dtype=torch.bool, device=device).view(1, T, T)
+        mask = torch.where(real.view(B, T, 1), mask, eye)
+    return mask
+
+
+def to_additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, S) boolean -> (B, 1, T, S) additive float: 0 where allowed, finfo(dtype).min where not.
+
+    This is the form the stock attention (eager and sdpa) takes unchanged; a boolean 4D mask is
+    misread by eager attention.
+    """
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, blocked).unsqueeze(1)
+
+
+def make_position_ids(attention_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids (B, T) counting real tokens only, starting at `offset` (int or (B,) tensor).
+
+    With left padding, the first real token of every row gets position `offset`; padding gets
+    `offset` too (it is never attended to). The cache path passes `offset` = the number of real
+    tokens already in the cache, so positions continue where the compressed prompt stopped.
+    """
+    pos = attention_mask.long().cumsum(dim=1) - 1
+    pos = pos.clamp(min=0)
+    if isinstance(offset, torch.Tensor):
+        offset = offset.view(-1, 1).to(pos.device)
+    return pos + offset
+
+
+def gist_attention_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    gist_token_id: int,
+    condition: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The 4D additive mask (B, 1, T, T) to pass as `attention_mask` to a stock causal LM."""
+    return to_additive_mask(make_gist_mask(input_ids, attention_mask, gist_token_id, condition), dtype)

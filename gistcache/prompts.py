@@ -1,0 +1,110 @@
+"""Prompt templates and their tokenization around the gist tokens.
+
+An example is split into the text the gist tokens compress (`prompt`: the instruction and any
+template text before it), the gist tokens, and the text after them (`after`: the input and the
+answer cue), then the answer. The three text pieces are tokenized separately and always the same
+way, so training, compression and generation see identical token ids.
+
+`plain` is the paper's template::
+
+    Instruction: {instruction}
+    <GIST><GIST>
+    Input: {input}
+    Output: {output}
+
+`chat` uses the tokenizer's own chat template with the gist tokens right after the instruction in
+the user turn. `auto` picks `chat` when the tokenizer has a chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gistcache.config import GIST_TOKEN
+from gistcache.errors import GistError
+
+IGNORE_INDEX = -100
+_SPLIT = "\u0000GISTCACHE-SPLIT\u0000"
+
+
+@dataclass(frozen=True)
+class PromptText:
+    prompt: str  # compressed by the gist tokens
+    after: str  # follows the gist tokens: the input and the answer cue
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX except on the answer and its end-of-sequence token
+    num_prompt_tokens: int  # tokens before the first gist token
+
+
+def resolve_template(tokenizer, template: str) -> str:
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise GistError("--template chat: this tokenizer has no chat template; use --template plain")
+    return template
+
+
+def check_instruction(instruction: str) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise GistError("the instruction is empty: give the text to compress")
+    if GIST_TOKEN in instruction:
+        raise GistError(f"the instruction contains the reserved text {GIST_TOKEN}: remove it")
+    return instruction
+
+
+def format_prompt(tokenizer, instruction: str, input: str = "", template: str = "auto") -> PromptText:
+    """Split one example into the compressed part and the part after the gist tokens."""
+    check_instruction(instruction)
+    if GIST_TOKEN in (input or ""):
+        raise GistError(f"the input contains the reserved text {GIST_TOKEN}: remove it")
+    template = resolve_template(tokenizer, template)
+    instruction = instruction.strip()
+    input = (input or "").strip()
+    if template == "plain":
+        after = f"\nInput: {input}\nOutput:" if input else "\nOutput:"
+        return PromptText(prompt=f"Instruction: {instruction}\n", after=after)
+    content = instruction + _SPLIT + (f"\n\n{input}" if input else "")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    prompt, after = text.split(_SPLIT)
+    return PromptText(prompt=prompt, after=after)
+
+
+def answer_text(output: str, template: str) -> str:
+    return output if template == "chat" else f" {output}"
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def encode_prompt(tokenizer, text: PromptText, template: str) -> list[int]:
+    """Token ids of the compressed part (with BOS where the tokenizer adds one to plain text)."""
+    ids = tokenizer(text.prompt, add_special_tokens=False).input_ids
+    if resolve_template(tokenizer, template) == "plain" and _adds_bos(tokenizer):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def encode_after(tokenizer, text: PromptText) -> list[int]:
+    return tokenizer(text.after, add_special_tokens=False).input_ids
+
+
+def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token_id: int, template: str,
+                   output: str | None = None) -> EncodedExample:
+    """prompt ids + N gist ids + after ids (+ answer ids + EOS, which alone are labelled)."""
+    template = resolve_template(tokenizer, template)
+    prompt_ids = encode_prompt(tokenizer, text, template)
+    ids = [*prompt_ids, *([gist_token_id] * num_gist_tokens), *encode_after(tokenizer, text)]
+    labels = [IGNORE_INDEX] * len(ids)
+    if output is not None:
+        answer = tokenizer(answer_text(output, template), add_special_tokens=False).input_ids
+        answer.append(tokenizer.eos_token_id)
+        ids += answer
+        labels += answer
+    return EncodedExample(input_ids=ids, labels=labels, num_prompt_tokens=len(prompt_ids))

@@ -1,0 +1,151 @@
+"""A run folder: what training leaves behind and every later step reads.
+
+    RUN/config.json                  {"gist": GistConfig, "train": TrainConfig, "base_fingerprint": ...}
+    RUN/gist_embedding.safetensors   the trained gist embedding (1, H)
+    RUN/adapter_model.safetensors    LoRA adapter (+ adapter_config.json), for --tune lora
+    RUN/model.safetensors            full weights, for --tune full only
+    RUN/tokenizer/                   the tokenizer with <GIST>
+    RUN/metrics.json, RUN/train.log, RUN/checkpoints/step-N/
+
+Tensors are read only from safetensors; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gistcache.config import GistConfig
+from gistcache.errors import GistError
+from gistcache.model import GistModel, add_gist_token, fingerprint_model, hash_files, load_base_model
+
+CONFIG_FILE = "config.json"
+GIST_FILE = "gist_embedding.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+FULL_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+WEIGHT_FILES = (GIST_FILE, ADAPTER_FILE, FULL_FILE)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / GIST_FILE).is_file()
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GistError(f"run folder {run_dir} does not exist: train one with `gist train --out {run_dir}`")
+    if not is_run_dir(run_dir):
+        raise GistError(f"{run_dir} is not a gist run (no {CONFIG_FILE} and {GIST_FILE}): "
+                        f"give the --out folder of a finished `gist train`")
+    try:
+        data = json.loads((run_dir / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise GistError(f"{run_dir / CONFIG_FILE} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    for key in ("gist", "base_fingerprint"):
+        if key not in data:
+            raise GistError(f"{run_dir / CONFIG_FILE} lacks {key!r}: it was not written by `gist train`")
+    return data
+
+
+def run_fingerprint(run_dir: str | Path) -> str:
+    """SHA-256 over the run's trained parameter files: two runs differ iff their weights do."""
+    run_dir = Path(run_dir)
+    files = [run_dir / name for name in WEIGHT_FILES if (run_dir / name).is_file()]
+    return hash_files(files)
+
+
+def save_run_weights(model: GistModel, out_dir: str | Path, tune: str) -> None:
+    """Write the trained parameters of `model` into `out_dir`, each file atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".save-") as tmp:
+        tmp = Path(tmp)
+        save_file({"gist_embedding": model.gist_embedding.detach().float().cpu().contiguous()}, tmp / GIST_FILE)
+        if tune == "lora":
+            model.model.save_pretrained(tmp, safe_serialization=True)
+        elif tune == "full":
+            state = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
+            # tied weights share storage; safetensors stores each tensor once
+            seen: dict[int, str] = {}
+            unique = {}
+            for k, v in state.items():
+                ptr = v.data_ptr()
+                if ptr in seen:
+                    continue
+                seen[ptr] = k
+                unique[k] = v.clone()
+            save_file(unique, tmp / FULL_FILE, metadata={"format": "pt"})
+        for path in tmp.iterdir():
+            if path.is_file():
+                os.replace(path, out_dir / path.name)
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             attn_implementation: str | None = None, merge: bool = True) -> GistModel:
+    """Rebuild the trained gist model of a run folder for inference.
+
+    Refuses a base model whose fingerprint differs from the one the run was trained on.
+    LoRA adapters are merged into the weights (`merge=True`) for plain-speed inference.
+    """
+    run_dir = Path(run_dir)
+    data = read_run_config(run_dir)
+    gist_config = GistConfig.from_dict(data["gist"])
+    base = load_base_model(gist_config.model, dtype=dtype, device="cpu", attn_implementation=attn_implementation)
+    fingerprint = fingerprint_model(base)
+    if fingerprint != data["base_fingerprint"]:
+        raise GistError(f"base model {gist_config.model!r} is not the one run {run_dir} was trained on "
+                        f"(fingerprint {fingerprint[:12]} != {data['base_fingerprint'][:12]})")
+    model = base
+    if gist_config.tune == "lora":
+        from peft import PeftModel
+
+        if not (run_dir / ADAPTER_FILE).is_file():
+            raise GistError(f"run {run_dir} was tuned with LoRA but has no {ADAPTER_FILE}")
+        model = PeftModel.from_pretrained(base, str(run_dir), use_safetensors=True)
+        if merge:
+            model = model.merge_and_unload()
+    elif gist_config.tune == "full":
+        if not (run_dir / FULL_FILE).is_file():
+            raise GistError(f"run {run_dir} was fully tuned but has no {FULL_FILE}")
+        state = load_file(run_dir / FULL_FILE)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in _tied_names(model)]
+        if missing or unexpected:
+            raise GistError(f"{run_dir / FULL_FILE} does not fit the base model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+        model.tie_weights()
+    from transformers import AutoTokenizer
+
+    tokenizer = add_gist_token(AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR))
+    gist = load_file(run_dir / GIST_FILE)
+    if "gist_embedding" not in gist:
+        raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
+    gist_model = GistModel(model.to(dtype), tokenizer, gist_config.num_gist_tokens,
+                           gist_embedding=gist["gist_embedding"], base_fingerprint=fingerprint)
+    gist_model.gist_config = gist_config
+    gist_model.run_dir = run_dir
+    gist_model.run_fingerprint = run_fingerprint(run_dir)
+    return gist_model.to(device).eval()
+
+
+def _tied_names(model) -> set[str]:
+    names = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        names.add("lm_head.weight")
+    return names
+
+
+def remove_run_outputs(run_dir: Path) -> None:
+    """Clear a previous run's files (used with --overwrite), leaving unrelated files alone."""
+    for name in (*WEIGHT_FILES, CONFIG_FILE, ADAPTER_CONFIG_FILE, "metrics.json", "train.log", "README.md"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (TOKENIZER_DIR, "checkpoints"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)

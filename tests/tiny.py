@@ -1,0 +1,56 @@
+"""Tiny offline models and a byte-level tokenizer for tests: no network, built from configs."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from gistcache.model import add_gist_token
+
+SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: every byte is one token, plus the chat specials (and <GIST>)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
+                                  pad_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return add_gist_token(tok)
+
+
+def vocab_size() -> int:
+    return len(SPECIALS) + 256
+
+
+def make_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               tie_word_embeddings=False, bos_token_id=0, eos_token_id=3, pad_token_id=1)
+    cfg.update(overrides)
+    config = ARCHS[arch](**cfg)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.float().eval()
+
+
+def save_model_folder(path, arch: str = "llama", seed: int = 0):
+    """Write a tiny model and its tokenizer as a Hugging Face folder usable as `--model PATH`."""
+    model = make_model(arch, seed)
+    model.save_pretrained(path)
+    tok = make_tokenizer()
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,1 @@
+"""Training gist tokens (accelerate lives only here)."""
