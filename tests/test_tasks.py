@@ -1,0 +1,170 @@
+"""Tests for the built-in offline instruction-tuning tasks (train/tasks.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+try:
+    from gistcache.train.tasks import FAMILIES, make_builtin_tasks
+except ImportError:  # package not installed yet: load the file by path
+    _path = Path(__file__).resolve().parents[1] / "train" / "tasks.py"
+    _spec = importlib.util.spec_from_file_location("_gistcache_train_tasks", _path)
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _mod  # dataclasses need the module registered
+    _spec.loader.exec_module(_mod)
+    FAMILIES, make_builtin_tasks = _mod.FAMILIES, _mod.make_builtin_tasks
+
+TRAIN = [f for f in FAMILIES if not f.held_out]
+HELD = [f for f in FAMILIES if f.held_out]
+HELD_NAMES = {f.name for f in HELD}
+
+
+@pytest.fixture(scope="module")
+def train_rows():
+    return make_builtin_tasks(60 * len(TRAIN), seed=0)
+
+
+@pytest.fixture(scope="module")
+def held_rows():
+    return make_builtin_tasks(60 * len(HELD), seed=0, held_out=True)
+
+
+def _by_family(rows):
+    grouped = defaultdict(list)
+    for r in rows:
+        grouped[r["family"]].append(r)
+    return grouped
+
+
+def test_family_counts_and_names():
+    names = [f.name for f in FAMILIES]
+    assert len(FAMILIES) >= 30
+    assert len(set(names)) == len(names)
+    assert 5 <= len(HELD) <= 8
+    assert all(isinstance(f.held_out, bool) for f in FAMILIES)
+
+
+def test_row_count_and_field_types(train_rows, held_rows):
+    assert len(train_rows) == 60 * len(TRAIN)
+    assert len(held_rows) == 60 * len(HELD)
+    assert make_builtin_tasks(0) == []
+    assert len(make_builtin_tasks(7, seed=3)) == 7
+    for r in train_rows + held_rows:
+        assert set(r) == {"instruction", "input", "output", "family"}
+        assert all(isinstance(v, str) for v in r.values())
+        assert r["instruction"].strip() and r["output"].strip()
+        assert "{" not in r["instruction"]  # every template placeholder was filled
+        assert len(r["instruction"].split()) <= 25
+        assert len(r["input"]) <= 60 and len(r["output"]) <= 60
+
+
+def test_most_families_take_input(train_rows):
+    no_input = {fam for fam, rows in _by_family(train_rows).items() if all(r["input"] == "" for r in rows)}
+    assert 1 <= len(no_input) <= 5
+    assert sum(r["input"] != "" for r in train_rows) > 0.8 * len(train_rows)
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_builtin_tasks(200, seed=7)
+    assert a == make_builtin_tasks(200, seed=7)
+    assert a != make_builtin_tasks(200, seed=8)
+    h = make_builtin_tasks(50, seed=7, held_out=True)
+    assert h == make_builtin_tasks(50, seed=7, held_out=True)
+    assert h != make_builtin_tasks(50, seed=8, held_out=True)
+
+
+def test_round_robin_covers_every_family():
+    rows = make_builtin_tasks(len(TRAIN), seed=5)
+    assert sorted(r["family"] for r in rows) == sorted(f.name for f in TRAIN)
+    held = make_builtin_tasks(len(HELD), seed=5, held_out=True)
+    assert sorted(r["family"] for r in held) == sorted(HELD_NAMES)
+
+
+def test_held_out_split_is_clean(train_rows, held_rows):
+    assert {r["family"] for r in held_rows} == HELD_NAMES
+    assert not {r["family"] for r in train_rows} & HELD_NAMES
+    assert {r["family"] for r in train_rows} == {f.name for f in TRAIN}
+
+
+def test_instructions_are_varied(train_rows, held_rows):
+    for f in FAMILIES:
+        assert len(set(f.instructions)) >= 3, f.name
+    for fam, rows in _by_family(train_rows + held_rows).items():
+        assert len({r["instruction"] for r in rows}) >= 3, fam
+    # phrasings are not shared between families
+    seen = defaultdict(set)
+    for f in FAMILIES:
+        for t in f.instructions:
+            seen[t].add(f.name)
+    assert all(len(v) == 1 for v in seen.values())
+
+
+def test_same_input_different_outputs_across_families(train_rows):
+    outputs = defaultdict(dict)  # input -> {family: output}
+    for r in train_rows:
+        if r["input"]:
+            outputs[r["input"]][r["family"]] = r["output"]
+    conflicting = [inp for inp, fam_out in outputs.items() if len(set(fam_out.values())) >= 2]
+    assert len(conflicting) >= 20
+    # a concrete pair: some word appears under both reverse_word and uppercase
+    shared = [i for i, fo in outputs.items() if {"reverse_word", "uppercase"} <= set(fo)]
+    assert shared
+    for i in shared:
+        assert outputs[i]["reverse_word"] != outputs[i]["uppercase"]
+
+
+def test_spot_check_answers(train_rows, held_rows):
+    fams = _by_family(train_rows + held_rows)
+    for r in fams["reverse_word"]:
+        assert r["output"] == r["input"][::-1]
+    for r in fams["uppercase"]:
+        assert r["output"] == r["input"].upper()
+    for r in fams["lowercase"]:
+        assert r["output"] == r["input"].lower() and r["input"] != r["output"]
+    for r in fams["add"]:
+        a, b = map(int, r["input"].split(", "))
+        assert r["output"] == str(a + b)
+    for r in fams["subtract"]:
+        a, b = map(int, r["input"].split(", "))
+        assert r["output"] == str(a - b)
+    for r in fams["sum_list"]:
+        assert r["output"] == str(sum(map(int, r["input"].split(", "))))
+    for r in fams["sort_numbers"]:
+        nums = list(map(int, r["input"].split(", ")))
+        assert r["output"] == ", ".join(map(str, sorted(nums)))
+    for r in fams["celsius_to_fahrenheit"]:
+        assert r["output"] == f"{int(r['input']) * 9 // 5 + 32} degrees Fahrenheit"
+        assert int(r["input"]) * 9 % 5 == 0
+    for r in fams["make_json"]:
+        key, value = r["input"].split(": ")
+        assert json.loads(r["output"]) == {key: value}
+    for r in fams["is_palindrome"]:
+        assert r["output"] == ("yes" if r["input"] == r["input"][::-1] else "no")
+    for r in fams["min_of_list"]:
+        assert r["output"] == str(min(map(int, r["input"].split(", "))))
+    for r in fams["deduplicate"]:
+        items = r["input"].split(", ")
+        assert r["output"] == ", ".join(dict.fromkeys(items))
+        assert len(r["output"].split(", ")) < len(items)
+    for r in fams["first_k"]:
+        k = int(next(tok for tok in r["instruction"].split() if tok.isdigit()))
+        assert r["output"] == ", ".join(r["input"].split(", ")[:k])
+
+
+def test_classification_labels_are_balanced(train_rows):
+    fams = _by_family(train_rows)
+    for fam, labels in [("sentiment", {"positive", "negative"}), ("is_prime", {"yes", "no"}),
+                        ("is_palindrome", {"yes", "no"}), ("parity", {"even", "odd"}),
+                        ("weekend_or_weekday", {"weekend", "weekday"})]:
+        assert {r["output"] for r in fams[fam]} == labels, fam
+
+
+def test_negative_count_rejected():
+    with pytest.raises(ValueError):
+        make_builtin_tasks(-1)
