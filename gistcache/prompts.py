@@ -95,6 +95,20 @@ def encode_after(tokenizer, text: PromptText) -> list[int]:
     return tokenizer(text.after, add_special_tokens=False).input_ids
 
 
+def encode_instruction(tokenizer, instruction: str, template: str) -> list[int]:
+    """Token ids of the part the gist tokens compress, for one instruction (no gist ids)."""
+    return encode_prompt(tokenizer, format_prompt(tokenizer, instruction, "", template), template)
+
+
+def encode_input(tokenizer, input: str, template: str) -> list[int]:
+    """Token ids that follow the gist tokens for one input (the answer cue included).
+
+    The text after the gist does not depend on the instruction, so a cached instruction can be
+    continued with any input.
+    """
+    return encode_after(tokenizer, format_prompt(tokenizer, "-", input, template))
+
+
 def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token_id: int, template: str,
                    output: str | None = None) -> EncodedExample:
     """prompt ids + N gist ids + after ids (+ answer ids + EOS, which alone are labelled)."""

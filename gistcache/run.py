@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.model import GistModel, add_gist_token, fingerprint_model, hash_files, load_base_model
+from gistcache.model import (GistModel, add_gist_token, atomic_write_text, fingerprint_model, hash_files,
+                             load_base_model)
 
 CONFIG_FILE = "config.json"
 GIST_FILE = "gist_embedding.safetensors"
@@ -86,6 +87,18 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str) -> None:
         for path in tmp.iterdir():
             if path.is_file():
                 os.replace(path, out_dir / path.name)
+
+
+def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, train_config: dict | None = None,
+             base_fingerprint: str) -> None:
+    """Write a complete run folder: tokenizer, weights, then config.json last (its presence marks a run)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+    save_run_weights(model, out_dir, gist_config.tune)
+    config = {"gistcache_version": __import__("gistcache").__version__, "gist": gist_config.to_dict(),
+              "train": train_config or {}, "base_fingerprint": base_fingerprint}
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
