@@ -12,6 +12,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def main() -> None:
+    """Compress long prompts into the KV cache of a few trained gist tokens, and generate from it."""
+
+
 from gistcache.cli import train_cmd  # noqa: E402
 
 train_cmd.register(app)

@@ -58,9 +58,22 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars or deprecation chatter from transformers/peft on our console."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     source, gguf_file = resolve_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
@@ -86,6 +99,7 @@ def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: st
     """Load the base causal LM named by `spec` (see `resolve_model`)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     source, gguf_file = resolve_model(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(

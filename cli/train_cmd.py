@@ -1,0 +1,69 @@
+"""`gist train`: build a TrainConfig from flags and call gistcache.train.loop.train."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gistcache.cli.common import console, friendly_errors, print_json
+from gistcache.cli.options import JsonOut
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+@friendly_errors
+def train(
+    out: Annotated[str, typer.Option("--out", help="Run folder to write.")],
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format JSON/JSONL file (repeatable). Default: the built-in instruction set.")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out file(s): held-out loss, and their instructions are dropped from training.")] = None,
+    preset: Annotated[str, typer.Option(help="Data size and steps: smoke | test | validate | full.")] = "test",
+    model: Annotated[str, typer.Option(help="Hugging Face id or folder, a .gguf file, or smollm2-135m.")] = "smollm2-135m",
+    num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens per prompt.")] = 1,
+    condition: Annotated[str, typer.Option(help="gist | pos_control | neg_control.")] = "gist",
+    tune: Annotated[str, typer.Option(help="gist (only the gist embedding) | lora | full.")] = "lora",
+    template: Annotated[str, typer.Option(help="auto | chat | plain (the paper's).")] = "auto",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then decay).")] = 1e-4,
+    lora_r: Annotated[int, typer.Option("--lora-r")] = 16,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per device; default from the preset.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    max_examples: Annotated[Optional[int], typer.Option("--max-examples")] = None,
+    eval_examples: Annotated[Optional[int], typer.Option("--eval-examples")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Longer rows are dropped, never cut.")] = 512,
+    seed: Annotated[int, typer.Option()] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (0: never).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on GPU) | no | bf16 | fp16.")] = "auto",
+    attn_implementation: Annotated[str, typer.Option("--attn", help="sdpa | eager.")] = "sdpa",
+    json_out: JsonOut = False,
+) -> None:
+    """Train gist tokens through the masked forward and write a run folder."""
+    from gistcache.train.config import TrainConfig
+    from gistcache.train.loop import train as run_training
+
+    config = TrainConfig(
+        out=out, data=data or [], eval_data=eval_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
+        condition=condition, template=template, tune=tune, lora_r=lora_r, lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
+        eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
+        overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
+    )
+    metrics = run_training(config, show_progress=not json_out)
+    if json_out:
+        print_json({k: v for k, v in metrics.items() if k != "loss_curve"})
+        return
+    table = Table(title=f"gist train -> {out}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("condition", "tune", "num_gist_tokens", "train_examples", "dropped_contaminated", "dropped_too_long",
+                "steps", "final_train_loss", "heldout_loss_before", "heldout_loss", "tokens_per_second",
+                "train_seconds", "wall_seconds", "device"):
+        value = metrics.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

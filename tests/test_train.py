@@ -1,0 +1,121 @@
+"""Training end to end on a tiny model folder: the run folder, the tuning modes, resume, refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gistcache.errors import GistError
+from gistcache.run import load_run
+from gistcache.train.config import TrainConfig
+from gistcache.train.loop import train
+
+
+def config(tmp_path, model_dir, **kw):
+    base = dict(out=str(tmp_path / "run"), model=str(model_dir), preset="smoke", max_examples=24, eval_examples=8,
+                batch_size=4, max_steps=6, lr=1e-2, num_gist_tokens=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("tune", ["gist", "lora", "full"])
+def test_train_writes_a_loadable_run(tmp_path, tiny_model_dir, tune):
+    """Each tuning mode writes its files, learns (train loss falls) and loads back for inference."""
+    cfg = config(tmp_path, tiny_model_dir, tune=tune, max_steps=10, lr=0.3 if tune == "gist" else 1e-2)
+    metrics = train(cfg, show_progress=False)
+    run = tmp_path / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "gist_embedding.safetensors", "tokenizer", "metrics.json", "train.log"} <= names
+    assert ("adapter_model.safetensors" in names) == (tune == "lora")
+    assert ("model.safetensors" in names) == (tune == "full")
+    curve = [loss for _, loss in metrics["loss_curve"]]
+    assert len(curve) == 10 and sum(curve[-3:]) < sum(curve[:3])
+    assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["steps"] == 10 and saved["tokens_per_second"] > 0
+    gm = load_run(run)
+    trained = load_file(run / "gist_embedding.safetensors")["gist_embedding"]
+    assert torch.equal(gm.gist_embedding.detach(), trained)
+    mean = gm.model.get_input_embeddings().weight.mean(0, keepdim=True)
+    assert not torch.allclose(trained, mean)  # the gist embedding moved from its start
+
+
+def test_gist_tuning_leaves_base_frozen(tmp_path, tiny_model_dir):
+    """--tune gist changes only the gist embedding."""
+    train(config(tmp_path, tiny_model_dir, tune="gist"), show_progress=False)
+    gm = load_run(tmp_path / "run")
+    from gistcache.model import load_base_model
+
+    base = load_base_model(str(tiny_model_dir))
+    for (name, p), (_, q) in zip(gm.model.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_continues_where_a_killed_run_stopped(tmp_path, tiny_model_dir):
+    """A run killed after its step-4 checkpoint and resumed ends where an uninterrupted run ends."""
+    ref = config(tmp_path, tiny_model_dir, tune="full", out=str(tmp_path / "ref"))
+    train(ref, show_progress=False)
+    cfg = config(tmp_path, tiny_model_dir, tune="full", save_every=2)
+    train(cfg, show_progress=False)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    # what a kill right after the step-4 checkpoint leaves behind
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    for name in ("config.json", "gist_embedding.safetensors", "model.safetensors", "metrics.json"):
+        (run / name).unlink()
+    metrics = train(config(tmp_path, tiny_model_dir, tune="full", save_every=2, resume=True), show_progress=False)
+    assert metrics["steps"] == 6 and len(metrics["loss_curve"]) == 6
+    a = load_file(tmp_path / "ref" / "gist_embedding.safetensors")["gist_embedding"]
+    b = load_file(run / "gist_embedding.safetensors")["gist_embedding"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_refuses_to_overwrite_another_run(tmp_path, tiny_model_dir):
+    """An output folder holding a run is refused without --overwrite, and left untouched."""
+    train(config(tmp_path, tiny_model_dir, tune="gist", max_steps=2), show_progress=False)
+    before = (tmp_path / "run" / "gist_embedding.safetensors").read_bytes()
+    with pytest.raises(GistError, match="holds another run: pass --overwrite"):
+        train(config(tmp_path, tiny_model_dir, tune="gist", max_steps=2, seed=3), show_progress=False)
+    assert (tmp_path / "run" / "gist_embedding.safetensors").read_bytes() == before
+    train(config(tmp_path, tiny_model_dir, tune="gist", max_steps=2, seed=3, overwrite=True), show_progress=False)
+    assert (tmp_path / "run" / "gist_embedding.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_gist_tokens=0), "--num-gist must be a whole number >= 1"),
+    (dict(preset="huge"), "unknown --preset"),
+    (dict(condition="both"), "unknown condition"),
+    (dict(tune="half"), "unknown --tune"),
+    (dict(data=["/nonexistent.json"]), "data file /nonexistent.json does not exist"),
+    (dict(resume=True, overwrite=True), "contradict"),
+])
+def test_config_refusals(tmp_path, tiny_model_dir, kw, message):
+    """Bad settings are refused by the config itself, before anything is written."""
+    with pytest.raises(GistError, match=message):
+        config(tmp_path, tiny_model_dir, **kw)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_file_refused_before_writing(tmp_path, tiny_model_dir):
+    """A data file that is not Alpaca-shaped is refused with its line, and no run folder appears."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"question": "x"}\n')
+    with pytest.raises(GistError, match=r"bad\.jsonl:2: not Alpaca-shaped"):
+        train(config(tmp_path, tiny_model_dir, data=[str(bad)]), show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_user_data_with_eval_filter(tmp_path, tiny_model_dir):
+    """User files train the run; instructions found in --eval-data are dropped and counted."""
+    rows = [{"instruction": f"Say the number {i}", "input": "", "output": str(i)} for i in range(12)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(rows))
+    held = tmp_path / "eval.json"
+    held.write_text(json.dumps([{"instruction": "say the number 3", "input": "", "output": "3"}]))
+    metrics = train(config(tmp_path, tiny_model_dir, data=[str(data)], eval_data=[str(held)], tune="gist",
+                           max_steps=2, max_examples=None), show_progress=False)
+    assert metrics["dropped_contaminated"] == 1 and metrics["train_examples"] == 11
+    assert metrics["eval_examples"] == 1

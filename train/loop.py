@@ -1,0 +1,349 @@
+"""The training loop: gist tokens learned through the masked forward.
+
+accelerate handles devices (one CPU process here; `accelerate launch` for DDP over many GPUs),
+gradient accumulation and bf16 on GPU. Checkpoints and the final run are written with
+safetensors only (the optimizer state too), each folder atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gistcache.errors import GistError
+from gistcache.model import GistModel, atomic_write_text, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, remove_run_outputs, save_run,
+                           save_run_weights)
+from gistcache.train.config import TrainConfig
+from gistcache.train.data import (Example, builtin_examples, collate, drop_contaminated, encode_examples, load_many,
+                                  shuffled)
+
+log = logging.getLogger("gistcache.train")
+CHECKPOINTS = "checkpoints"
+
+
+# --- the run folder before training -------------------------------------------------------------
+
+def check_out_dir(config: TrainConfig) -> Path:
+    """Refuse an output folder that holds another run, unless --overwrite or --resume."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise GistError(f"--out {out} is a file: give a folder for the run")
+    holds_run = (out / CONFIG_FILE).is_file() or (out / CHECKPOINTS).is_dir()
+    if config.resume:
+        if not (out / CHECKPOINTS).is_dir() or latest_checkpoint(out) is None:
+            raise GistError(f"--resume: {out} has no checkpoint to continue from (train with --save-every N)")
+    elif holds_run and not config.overwrite:
+        raise GistError(f"{out} holds another run: pass --overwrite to replace it, or --resume to continue it")
+    return out
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = []
+    for path in (out / CHECKPOINTS).glob("step-*"):
+        if (path / "state.json").is_file() and path.name[5:].isdigit():
+            steps.append((int(path.name[5:]), path))
+    return max(steps)[1] if steps else None
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example], dict]:
+    """Training and held-out examples, after the contamination filter; counts for the report."""
+    stats: dict = {}
+    eval_rows = load_many(config.eval_data) if config.eval_data else []
+    if config.data:
+        train_rows = load_many(config.data)
+        train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, eval_rows)
+        train_rows = shuffled(train_rows, config.seed)
+        if not eval_rows and config.eval_examples:
+            # hold out a slice of the user's data, at most 10%
+            n = min(config.eval_examples, len(train_rows) // 10)
+            eval_rows, train_rows = train_rows[:n], train_rows[n:]
+    else:
+        n_train = config.max_examples or 2000
+        train_rows = builtin_examples(n_train, seed=config.seed, held_out=False)
+        if not eval_rows:
+            eval_rows = builtin_examples(config.eval_examples, seed=config.seed + 1, held_out=True)
+        train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, eval_rows)
+    if config.max_examples:
+        train_rows = train_rows[: config.max_examples]
+    eval_rows = shuffled(eval_rows, config.seed)[: config.eval_examples]
+    if not train_rows:
+        raise GistError("no training examples left after the contamination filter: check --data and --eval-data")
+    return train_rows, eval_rows, stats
+
+
+# --- tuning modes ---------------------------------------------------------------------------------
+
+def wrap_for_tuning(base, config: TrainConfig):
+    """Freeze or wrap the base model as --tune asks; the gist embedding always learns."""
+    if config.tune == "gist":
+        base.requires_grad_(False)
+        return base
+    if config.tune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        gc = config.gist_config()
+        targets = [m for m in gc.lora_target_modules if any(n.endswith(m) for n, _ in base.named_modules())]
+        if not targets:
+            raise GistError(f"--tune lora: the model has none of the modules {gc.lora_target_modules}")
+        lora = LoraConfig(r=gc.lora_r, lora_alpha=gc.lora_alpha, lora_dropout=gc.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        return get_peft_model(base, lora)
+    base.requires_grad_(True)
+    return base
+
+
+def trainable_parameters(model: GistModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- checkpoints (safetensors and JSON only) ------------------------------------------------------
+
+def save_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, out: Path, step: int,
+                    state: dict, tune: str) -> None:
+    ckpt_root = out / CHECKPOINTS
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+    save_run_weights(model, tmp, tune)
+    tensors = {}
+    params = trainable_parameters(model)
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    state = {**state, "step": step, "scheduler": scheduler.state_dict(), "num_params": len(params)}
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = ckpt_root / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("checkpoint %s", final)
+
+
+def load_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, ckpt: Path, tune: str) -> dict:
+    state = json.loads((ckpt / "state.json").read_text())
+    with torch.no_grad():
+        model.gist_embedding.copy_(load_file(ckpt / GIST_FILE)["gist_embedding"])
+    if tune == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.model, load_file(ckpt / ADAPTER_FILE))
+    elif tune == "full":
+        model.model.load_state_dict(load_file(ckpt / FULL_FILE), strict=False)
+        model.model.tie_weights()
+    params = trainable_parameters(model)
+    if state["num_params"] != len(params):
+        raise GistError(f"checkpoint {ckpt} has {state['num_params']} trainable tensors, this run {len(params)}: "
+                        f"resume with the same --tune and model")
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    for name, value in tensors.items():
+        i, key = name.split(".", 1)
+        p = params[int(i)]
+        optimizer.state[p][key] = value.to(p.device) if key != "step" else value
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler does not restore it
+        group["lr"] = lr
+    return state
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def heldout_loss(model: GistModel, encoded, *, batch_size: int, pad_token_id: int, condition: str,
+                 device: torch.device) -> float | None:
+    """Token-weighted mean cross-entropy on the answers of held-out examples, under `condition`."""
+    if not encoded:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
+        logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
+    """Train gist tokens as `config` says and write the run folder. Returns the metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = check_out_dir(config)
+    train_rows, eval_rows, stats = prepare_examples(config)  # refuses bad data before anything is written
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=mixed)
+    set_seed(config.seed)
+    main = accelerator.is_main_process
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.model)
+    base = load_base_model(config.model, attn_implementation=config.attn_implementation)
+    base_fingerprint = fingerprint_model(base)
+    load_seconds = time.perf_counter() - started
+    model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
+                      base_fingerprint=base_fingerprint)
+    gist_id = model.gist_token_id
+    context = min(config.max_length, model.max_context())
+    encoded, too_long = encode_examples(tokenizer, train_rows, num_gist_tokens=config.num_gist_tokens,
+                                        gist_token_id=gist_id, template=config.template, max_length=context)
+    eval_encoded, eval_too_long = encode_examples(tokenizer, eval_rows, num_gist_tokens=config.num_gist_tokens,
+                                                  gist_token_id=gist_id, template=config.template, max_length=context)
+    if not encoded:
+        raise GistError(f"every training example is longer than {context} tokens: raise --max-length")
+    stats.update(train_examples=len(encoded), eval_examples=len(eval_encoded), dropped_too_long=too_long + eval_too_long)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            remove_run_outputs(out)
+    accelerator.wait_for_everyone()
+    handler = _log_to(out / "train.log") if main else None
+    log.info("config %s", json.dumps(config.to_dict()))
+    log.info("data %s", json.dumps(stats))
+
+    batches_per_epoch = math.ceil(len(encoded) / (config.batch_size * accelerator.num_processes))
+    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    warmup = int(total_steps * config.warmup_ratio)
+
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
+
+    state = {"loss_curve": [], "tokens": 0, "train_seconds": 0.0}
+    step = 0
+    if config.resume:
+        ckpt = latest_checkpoint(out)
+        state = load_checkpoint(model, optimizer, scheduler, ckpt, config.tune)
+        step = state["step"]
+        log.info("resumed from %s", ckpt)
+
+    device = accelerator.device
+    model.to(device)
+    before = heldout_loss(model, eval_encoded, batch_size=config.batch_size, pad_token_id=tokenizer.pad_token_id,
+                          condition=config.condition, device=device) if step == 0 else state.get("heldout_loss_before")
+    state["heldout_loss_before"] = before
+    # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    progress = _progress(show_progress and main)
+    task = progress.add_task("training", total=total_steps, completed=step, loss=float("nan"), tps=0.0)
+    micro = step * config.grad_accum  # micro-batches already consumed (for --resume)
+    pad_id = tokenizer.pad_token_id
+    rank, world = accelerator.process_index, accelerator.num_processes
+    running, t0 = [], time.perf_counter()
+    with progress if show_progress and main else nullcontext():
+        epoch = 0
+        while step < total_steps:
+            order = shuffled(encoded, config.seed + epoch)
+            batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            batches = batches[rank::world]
+            skip = micro - epoch * len(batches) if micro > epoch * len(batches) else 0
+            for batch_index, rows in enumerate(batches):
+                if batch_index < skip:
+                    continue
+                if step >= total_steps:
+                    break
+                batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+                with accelerator.accumulate(model):
+                    loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                                 condition=config.condition).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                micro += 1
+                state["tokens"] += int(batch["attention_mask"].sum()) * world
+                running.append(float(loss.detach()))
+                if accelerator.sync_gradients:
+                    step += 1
+                    mean = sum(running) / len(running)
+                    running = []
+                    state["loss_curve"].append([step, round(mean, 5)])
+                    elapsed = state["train_seconds"] + time.perf_counter() - t0
+                    tps = state["tokens"] / max(elapsed, 1e-9)
+                    progress.update(task, completed=step, loss=mean, tps=tps)
+                    log.info("step %d loss %.4f lr %.2e tokens/s %.1f", step, mean, scheduler.get_last_lr()[0], tps)
+                    if config.save_every and step % config.save_every == 0 and main:
+                        state["train_seconds"] = elapsed
+                        t0 = time.perf_counter()
+                        save_checkpoint(accelerator.unwrap_model(model), optimizer.optimizer, scheduler,
+                                        out, step, state, config.tune)
+            epoch += 1
+    state["train_seconds"] += time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    unwrapped: GistModel = accelerator.unwrap_model(model)
+    after = heldout_loss(unwrapped, eval_encoded, batch_size=config.batch_size, pad_token_id=pad_id,
+                         condition=config.condition, device=device)
+    metrics = {
+        "condition": config.condition, "tune": config.tune, "num_gist_tokens": config.num_gist_tokens,
+        "steps": step, "heldout_loss": after, "heldout_loss_before": state["heldout_loss_before"],
+        "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
+        "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "train_seconds": round(state["train_seconds"], 2), "model_load_seconds": round(load_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2), "device": str(device),
+        "mixed_precision": mixed, "processes": world, **stats, "loss_curve": state["loss_curve"],
+    }
+    if main:
+        save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
+                 base_fingerprint=base_fingerprint)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        log.info("held-out loss %s (before %s)", after, state["heldout_loss_before"])
+    if handler:
+        log.removeHandler(handler)
+        handler.close()
+    return metrics
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then linear decay to 10% of the peak."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return max(0.1, 1.0 - 0.9 * frac)
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), disable=not enabled,
+    )
