@@ -1,0 +1,53 @@
+"""The CLI is thin: flags become a TrainConfig, refusals become one line and exit code 2."""
+
+from unittest import mock
+
+from typer.testing import CliRunner
+
+from gistcache.cli.main import app
+
+runner = CliRunner()
+
+
+def test_train_flags_reach_the_config(tmp_path):
+    """`gist train` builds the TrainConfig from its flags and calls the library once."""
+    fake = {"condition": "neg_control", "steps": 3, "heldout_loss": 1.0, "loss_curve": []}
+    with mock.patch("gistcache.train.loop.train", return_value=fake) as train:
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--preset", "smoke", "--num-gist", "5",
+                                     "--condition", "neg_control", "--tune", "gist", "--batch-size", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    (config,), kwargs = train.call_args
+    assert (config.num_gist_tokens, config.condition, config.tune, config.batch_size) == (5, "neg_control", "gist", 2)
+    assert config.max_steps == 40  # from the smoke preset
+    assert '"steps": 3' in result.output
+
+
+def one_line_error(result):
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_bad_flags_one_line_exit_2(tmp_path):
+    """--num-gist 0, an unknown preset, a missing data file: one line each, exit 2, nothing written."""
+    out = tmp_path / "r"
+    for args, text in [
+        (["--num-gist", "0"], "--num-gist must be a whole number >= 1"),
+        (["--preset", "huge"], "unknown --preset"),
+        (["--data", str(tmp_path / "none.json")], "does not exist"),
+        (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
+    ]:
+        result = runner.invoke(app, ["train", "--out", str(out), *args])
+        assert text in one_line_error(result)
+    assert not out.exists()
+
+
+def test_unloadable_model_one_line(tmp_path):
+    """A model folder that cannot load is refused in one line naming it."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--model", str(folder), "--preset", "smoke"])
+    assert "cannot load" in one_line_error(result)
