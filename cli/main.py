@@ -23,5 +23,13 @@ from gistcache.cli import train_cmd  # noqa: E402
 
 train_cmd.register(app)
 
+from gistcache.cli import eval_cmd  # noqa: E402
+
+eval_cmd.register(app)
+
+from gistcache.cli import cache_cmd  # noqa: E402
+
+cache_cmd.register(app)
+
 if __name__ == "__main__":
     app()

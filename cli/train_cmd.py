@@ -27,6 +27,7 @@ def train(
     tune: Annotated[str, typer.Option(help="gist (only the gist embedding) | lora | full.")] = "lora",
     template: Annotated[str, typer.Option(help="auto | chat | plain (the paper's).")] = "auto",
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then decay).")] = 1e-4,
+    gist_lr: Annotated[Optional[float], typer.Option("--gist-lr", help="Learning rate of the gist embedding (default: --lr).")] = None,
     lora_r: Annotated[int, typer.Option("--lora-r")] = 16,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per device; default from the preset.")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
@@ -49,7 +50,7 @@ def train(
 
     config = TrainConfig(
         out=out, data=data or [], eval_data=eval_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        condition=condition, template=template, tune=tune, lora_r=lora_r, lr=lr, batch_size=batch_size,
+        condition=condition, template=template, tune=tune, lora_r=lora_r, lr=lr, gist_lr=gist_lr, batch_size=batch_size,
         grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,

@@ -258,8 +258,14 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
         input_ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=model.device)  # (B, T)
         attention_mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=model.device)
         with torch.no_grad():
-            # The masked forward: causal up to the last gist, left padding hidden, positions from 0.
-            res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
+            if bool(attention_mask.all()):
+                # No padding: over prompt + gist the gist mask is plain causal, so the stock causal
+                # forward (fast sdpa path) computes exactly the masked forward's keys and values.
+                res = model.model(inputs_embeds=model.embed(input_ids), use_cache=True, logits_to_keep=1)
+            else:
+                # Left padding: the masked forward hides it (a padding query sees only itself, so no
+                # softmax row is empty and no NaN reaches real rows); positions count real tokens.
+                res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
         kv = _cache_layers(res.cache if "cache" in res else res.past_key_values)
         for b, i in enumerate(rows):
             # left padding puts every row's gist tokens in the last N columns

@@ -12,6 +12,7 @@ Tensors are read only from safetensors; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,10 +58,11 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 
 def run_fingerprint(run_dir: str | Path) -> str:
-    """SHA-256 over the run's trained parameter files: two runs differ iff their weights do."""
+    """SHA-256 over what the run is (its gist config) and its trained parameter files."""
     run_dir = Path(run_dir)
+    gist = json.dumps(read_run_config(run_dir)["gist"], sort_keys=True)
     files = [run_dir / name for name in WEIGHT_FILES if (run_dir / name).is_file()]
-    return hash_files(files)
+    return hashlib.sha256(f"{gist}\n{hash_files(files)}".encode()).hexdigest()
 
 
 def save_run_weights(model: GistModel, out_dir: str | Path, tune: str) -> None:
@@ -111,7 +113,9 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: 
     run_dir = Path(run_dir)
     data = read_run_config(run_dir)
     gist_config = GistConfig.from_dict(data["gist"])
-    base = load_base_model(gist_config.model, dtype=dtype, device="cpu", attn_implementation=attn_implementation)
+    # fingerprinted in float32, as at training time; cast to `dtype` afterwards
+    base = load_base_model(gist_config.model, dtype=torch.float32, device="cpu",
+                           attn_implementation=attn_implementation)
     fingerprint = fingerprint_model(base)
     if fingerprint != data["base_fingerprint"]:
         raise GistError(f"base model {gist_config.model!r} is not the one run {run_dir} was trained on "

@@ -119,3 +119,20 @@ def test_user_data_with_eval_filter(tmp_path, tiny_model_dir):
                            max_steps=2, max_examples=None), show_progress=False)
     assert metrics["dropped_contaminated"] == 1 and metrics["train_examples"] == 11
     assert metrics["eval_examples"] == 1
+
+
+def test_run_loads_in_bfloat16_and_fingerprint_covers_config(tmp_path, tiny_model_dir):
+    """A run loads in bfloat16 (fingerprinted before the cast); its fingerprint covers N and the template."""
+    import json as _json
+
+    from gistcache.run import run_fingerprint
+
+    train(config(tmp_path, tiny_model_dir, tune="lora", max_steps=2), show_progress=False)
+    run = tmp_path / "run"
+    gm = load_run(run, dtype=torch.bfloat16)
+    assert next(gm.model.parameters()).dtype == torch.bfloat16
+    before = run_fingerprint(run)
+    data = _json.loads((run / "config.json").read_text())
+    data["gist"]["template"] = "plain"
+    (run / "config.json").write_text(_json.dumps(data))
+    assert run_fingerprint(run) != before

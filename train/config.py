@@ -39,6 +39,7 @@ class TrainConfig:
     lora_alpha: int = 32
     # optimisation
     lr: float = 1e-4
+    gist_lr: float | None = None  # None: same as lr
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_length: int = 512
@@ -75,6 +76,8 @@ class TrainConfig:
             raise GistError(f"--eval-examples must be >= 0, got {self.eval_examples}")
         if not self.lr > 0:
             raise GistError(f"--lr must be > 0, got {self.lr}")
+        if self.gist_lr is not None and not self.gist_lr > 0:
+            raise GistError(f"--gist-lr must be > 0, got {self.gist_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise GistError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length < 16:

@@ -73,9 +73,17 @@ def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example],
     else:
         n_train = config.max_examples or 2000
         train_rows = builtin_examples(n_train, seed=config.seed, held_out=False)
-        if not eval_rows:
-            eval_rows = builtin_examples(config.eval_examples, seed=config.seed + 1, held_out=True)
-        train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, eval_rows)
+        if eval_rows:
+            train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, eval_rows)
+        else:
+            # as the paper's seen/unseen splits: new inputs for the training tasks, and tasks never trained on
+            seen_pairs = {(ex.instruction, ex.input) for ex in train_rows}
+            half = config.eval_examples // 2
+            seen = [ex for ex in builtin_examples(4 * half, seed=config.seed + 1, held_out=False)
+                    if (ex.instruction, ex.input) not in seen_pairs][:half]
+            unseen = builtin_examples(config.eval_examples - len(seen), seed=config.seed + 1, held_out=True)
+            eval_rows = seen + unseen
+            stats["dropped_contaminated"] = 0
     if config.max_examples:
         train_rows = train_rows[: config.max_examples]
     eval_rows = shuffled(eval_rows, config.seed)[: config.eval_examples]
@@ -230,7 +238,12 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     warmup = int(total_steps * config.warmup_ratio)
 
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # the gist embedding is one vector learned from scratch, like a soft prompt: it gets its own rate
+    others = [p for p in params if p is not model.gist_embedding]
+    groups = [{"params": [model.gist_embedding], "lr": config.gist_lr or config.lr, "weight_decay": 0.0}]
+    if others:
+        groups.append({"params": others, "lr": config.lr, "weight_decay": config.weight_decay})
+    optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
 
     state = {"loss_curve": [], "tokens": 0, "train_seconds": 0.0}

@@ -1,0 +1,56 @@
+"""`gist eval`: build an EvalConfig from flags, call gistcache.eval.run.evaluate, print the table."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gistcache.cli.common import console, friendly_errors, print_json
+from gistcache.cli.options import JsonOut
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_)
+
+
+@friendly_errors
+def eval_(
+    run: Annotated[list[str], typer.Option("--run", help="A run folder written by `gist train` (repeatable).")],
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate (repeatable). Default: all three.")] = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="seen | unseen | human | an Alpaca-format FILE (repeatable). Default: all three splits.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples of each split.")] = None,
+    truncate_tokens: Annotated[Optional[int], typer.Option("--truncate-tokens", help="Instruction tokens the truncate baseline keeps. Default: the run's number of gist tokens.")] = None,
+    control_runs: Annotated[Optional[str], typer.Option("--control-runs", help="pos=RUN,neg=RUN: runs trained with --condition pos_control / neg_control, each evaluated under its own condition.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder. Default: RUN/eval-<timestamp>.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per answer, every condition.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder with alpaca_plus_validation_<split>.json. Default: $GISTCACHE_DATA or ../shared/data/alpaca_plus.")] = None,
+    flops_examples: Annotated[int, typer.Option("--flops-examples", help="Count FLOPs on the first K examples of each split (batch size 1; 0: none).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    json_out: JsonOut = False,
+) -> None:
+    """Compare the gist cache with the full, truncated and no-instruction prompts: ROUGE-L, FLOPs, bytes."""
+    from gistcache.eval.run import EvalConfig, evaluate, table_rows
+
+    config = EvalConfig(
+        runs=run, baselines=baseline, splits=split, limit=limit, truncate_tokens=truncate_tokens,
+        control_runs=control_runs, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size, data_dir=data_dir,
+        flops_examples=flops_examples, seed=seed, device=device, dtype=dtype,
+    )
+    results = evaluate(config, show_progress=not json_out)
+    if json_out:
+        print_json({k: results[k] for k in ("out", "runs", "rows")})
+        return
+    headers, rows = table_rows(results)
+    table = Table(title=f"gist eval -> {results['out']}")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < headers.index("n") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
+                  highlight=False)

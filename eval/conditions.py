@@ -1,0 +1,196 @@
+"""The conditions an evaluation compares, each built from the same instruction and input.
+
+With P = `encode_instruction(instruction)` (the template text before the input, instruction
+included: what the gist tokens replace), G = N gist ids and I = `encode_input(input)`:
+
+    condition     sequence the model reads            mask            prompt state kept
+    gist          I after the gist cache of P + G      gist (cache)    N positions
+    full          P + G + I                            plain causal    P positions
+    truncate      P[instruction cut to M] + G + I      plain causal    template + M positions
+    none          P[instruction removed] + G + I       plain causal    template positions
+    pos_control   P + G + I (the pos_control run)      plain causal    P positions
+    neg_control   I at positions P+N.. (neg_control)   see below       0 positions
+
+The baselines keep the N gist tokens so that the gist-trained model reads the layout it was
+trained on; they carry no information the visible prompt does not, so they are not counted as
+prompt state.
+
+`neg_control`: a run trained so that tokens after the gist see neither the prompt nor the gist.
+Its masked forward lets the input and the new tokens attend only to themselves, at rotary
+positions P+N onwards. That is exactly greedy generation over I alone with positions starting at
+P+N and no cache, which is how it is generated here (batched). The gist-cache path would be
+wrong for it: it would let the input attend to the gist keys/values, which this run never did
+in training and which do carry the prompt (the gist tokens themselves see it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gistcache.errors import GistError
+from gistcache.masks import make_position_ids
+from gistcache.model import GistModel
+from gistcache.prompts import PromptText, encode_prompt, format_prompt, resolve_template
+
+BASELINES = ("full", "none", "truncate")
+CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
+_SLOT = "\u0001gistcache-instruction-slot\u0001"
+
+
+@dataclass(frozen=True)
+class TruncatedPrompt:
+    """The prompt ids with the instruction cut to its first `kept` tokens."""
+
+    ids: list[int]
+    kept: int  # instruction tokens kept: min(M, instruction_tokens)
+    instruction_tokens: int  # tokens of the instruction itself, in context (template excluded)
+
+
+def template_only_ids(tokenizer, template: str) -> list[int]:
+    """The prompt ids with the instruction removed: the template's own text only (`none`)."""
+    template = resolve_template(tokenizer, template)
+    text = format_prompt(tokenizer, _SLOT, "", template)
+    return encode_prompt(tokenizer, PromptText(prompt=text.prompt.replace(_SLOT, ""), after=""), template)
+
+
+def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int) -> TruncatedPrompt:
+    """`encode_instruction` with the instruction cut to its first `max_tokens` tokens.
+
+    The cut is made in the prompt's own tokenization (the ids are the full prompt ids with the
+    instruction's tokens after the first `max_tokens` removed; template tokens kept), so a budget
+    at least the instruction's length gives back the full prompt exactly. A token that straddles
+    the template and the instruction counts as an instruction token.
+    """
+    if max_tokens < 0:
+        raise GistError(f"the truncation budget must be >= 0 tokens, got {max_tokens}")
+    template = resolve_template(tokenizer, template)
+    text = format_prompt(tokenizer, instruction, "", template)
+    full = encode_prompt(tokenizer, text, template)
+    start = text.prompt.rfind(instruction.strip())
+    end = start + len(instruction.strip())
+    if start < 0:
+        raise GistError(f"the template does not hold the instruction verbatim: cannot truncate {instruction[:40]!r}")
+    first, last = _instruction_token_span(tokenizer, text.prompt, start, end)
+    if first is None:  # a slow tokenizer without offsets: tokenize the three pieces apart
+        pieces = [tokenizer(s, add_special_tokens=False).input_ids
+                  for s in (text.prompt[:start], text.prompt[start:end], text.prompt[end:])]
+        extra = full[:len(full) - sum(len(p) for p in pieces)]
+        kept = min(max_tokens, len(pieces[1]))
+        return TruncatedPrompt(ids=[*extra, *pieces[0], *pieces[1][:kept], *pieces[2]], kept=kept,
+                               instruction_tokens=len(pieces[1]))
+    n_text = len(tokenizer(text.prompt, add_special_tokens=False).input_ids)
+    extra = len(full) - n_text  # a BOS that encode_prompt puts first
+    first, last = first + extra, last + extra
+    count = last - first
+    kept = min(max_tokens, count)
+    return TruncatedPrompt(ids=[*full[:first + kept], *full[last:]], kept=kept, instruction_tokens=count)
+
+
+def _instruction_token_span(tokenizer, text: str, start: int, end: int) -> tuple[int | None, int | None]:
+    """Token indices [first, last) of `text` whose characters overlap [start, end), or (None, None)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None, None
+    offsets = enc.get("offset_mapping")
+    if offsets is None:
+        return None, None
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    if not inside:
+        return None, None
+    if inside != list(range(inside[0], inside[-1] + 1)):
+        raise GistError("the instruction's tokens are not contiguous in the prompt: cannot truncate it")
+    return inside[0], inside[-1] + 1
+
+
+def instruction_token_count(tokenizer, instruction: str, template: str) -> int:
+    """Tokens of the instruction itself in its prompt (template text excluded)."""
+    return truncate_prompt(tokenizer, instruction, template, 0).instruction_tokens
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+def _pad_id(model: GistModel) -> int:
+    tok = model.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _suppressed(model: GistModel) -> list[int]:
+    head = model.model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    return [model.gist_token_id] if model.gist_token_id < vocab else []
+
+
+def check_causal_context(model: GistModel, sequences: list[list[int]], *, max_new_tokens: int,
+                         position_offsets: list[int] | None = None, what: str = "sequence") -> None:
+    """Refuse a sequence whose positions + new tokens exceed the model's context, naming it."""
+    limit = model.max_context()
+    offsets = position_offsets or [0] * len(sequences)
+    for i, (ids, off) in enumerate(zip(sequences, offsets)):
+        need = off + len(ids) + max_new_tokens
+        if need > limit:
+            raise GistError(f"{what} {i} needs {need} positions ({len(ids)} tokens + {max_new_tokens} new, from "
+                            f"position {off}), over the model's context of {limit}: lower --max-new-tokens or "
+                            f"--limit the examples")
+
+
+def generate_causal(model: GistModel, sequences: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
+                    position_offsets: list[int] | None = None, on_batch=None) -> list[str]:
+    """Greedy-generate after each token-id sequence under a plain causal mask; return the new text.
+
+    Batches of `batch_size` rows (sorted by length, then put back in order), left-padded, fed as
+    `inputs_embeds=model.embed(ids)` so gist ids take the gist embedding. `position_offsets[b]`
+    shifts row b's rotary positions (the first real token gets that position; default 0).
+    Stops at EOS; the gist token is never generated. `on_batch(n)` is called after each batch.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    if not sequences:
+        return []
+    if any(not ids for ids in sequences):
+        raise GistError("an empty token sequence cannot be continued: every row needs at least one token")
+    offsets = list(position_offsets) if position_offsets is not None else [0] * len(sequences)
+    check_causal_context(model, sequences, max_new_tokens=max_new_tokens, position_offsets=offsets)
+    tok, device, pad_id = model.tokenizer, model.device, _pad_id(model)
+    eos = tok.eos_token_id
+    suppressed = _suppressed(model)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[str | None] = [None] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(sequences[i]) for i in rows)
+        ids = torch.tensor([[pad_id] * (T - len(sequences[i])) + sequences[i] for i in rows], device=device)  # (B, T)
+        mask = torch.tensor([[0] * (T - len(sequences[i])) + [1] * len(sequences[i]) for i in rows],
+                            device=device)  # (B, T)
+        position_ids = make_position_ids(mask, torch.tensor([offsets[i] for i in rows], device=device))  # (B, T)
+        with torch.no_grad():
+            new = model.model.generate(inputs_embeds=model.embed(ids), attention_mask=mask, position_ids=position_ids,
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       eos_token_id=eos, pad_token_id=pad_id, suppress_tokens=suppressed or None)
+        # with inputs_embeds and no input_ids, generate returns only the new tokens: (B, <= max_new_tokens)
+        for b, i in enumerate(rows):
+            row = new[b].tolist()
+            if eos in row:
+                row = row[:row.index(eos)]
+            out[i] = tok.decode(row, skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(len(rows))
+    return out  # type: ignore[return-value]
+
+
+def generate_gist(model: GistModel, instructions: list[str], inputs: list[str], *, max_new_tokens: int,
+                  batch_size: int = 8, on_batch=None) -> list[str]:
+    """The gist condition: compress each instruction, then generate each input from its cache."""
+    from gistcache.cache import compress
+    from gistcache.generation import generate
+
+    out: list[str] = []
+    for start in range(0, len(instructions), batch_size):
+        chunk = slice(start, start + batch_size)
+        caches = compress(model, instructions[chunk], batch_size=batch_size)
+        out += generate(model, caches, inputs[chunk], max_new_tokens=max_new_tokens)
+        if on_batch is not None:
+            on_batch(len(caches))
+    return out

@@ -1,0 +1,136 @@
+"""FLOPs of prefill and greedy generation, counted with `torch.utils.flop_counter.FlopCounterMode`.
+
+Counts are exact per example: one row at a time (batch size 1), no padding. The counter sees
+every matrix product (the linear layers, the output head, attention). Two choices:
+
+- attention is counted dense, as the stock formula does (the causal half is not subtracted); on
+  the CPU, PyTorch's fused attention kernel `_scaled_dot_product_flash_attention_for_cpu` has no
+  formula in torch, so the same dense SDPA formula is registered for it here;
+- the prefill forward computes logits for the last position only (`logits_to_keep=1`, as
+  `generate` does), so the output head costs the same for every condition.
+
+`prefill` is the forward over the whole sequence before the first new token; `decode` the sum of
+the one-token forwards after it, until EOS or `max_new_tokens`. For the gist condition the prefill
+is the forward over the input tokens given the N cached gist positions; compressing the
+instruction is a separate, one-time count (`compress_flops`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from gistcache.masks import make_position_ids
+from gistcache.model import GistModel, cache_kwarg
+
+aten = torch.ops.aten
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Dense attention FLOPs (QK^T and AV), as torch counts its GPU attention kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_formulas() -> dict:
+    op = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: _cpu_sdpa_flop} if op is not None else {}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode that also counts the CPU fused attention kernel."""
+    return FlopCounterMode(display=False, custom_mapping=_custom_formulas())
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
+    """Run `fn(*args, **kwargs)` under the counter: (its result, total FLOPs)."""
+    counter = flop_counter()
+    with counter, torch.no_grad():
+        result = fn(*args, **kwargs)
+    return result, int(counter.get_total_flops())
+
+
+@dataclass
+class GenerationFlops:
+    prefill: int  # FLOPs of the forward before the first new token
+    decode: int  # FLOPs of the one-token forwards after it
+    new_tokens: int  # tokens generated (EOS included)
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.decode
+
+
+def _suppressed(model: GistModel) -> list[int]:
+    head = model.model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    return [model.gist_token_id] if model.gist_token_id < vocab else []
+
+
+def _returned_cache(out):
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def greedy_flops(model: GistModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, *, cache=None, max_new_tokens: int) -> GenerationFlops:
+    """Greedy-decode one row and count its prefill and decode FLOPs separately.
+
+    input_ids: (1, T) ids fed now (gist ids are embedded with the gist embedding);
+    attention_mask: (1, C + T) with C the positions already in `cache` (0 without one);
+    position_ids: (1, T) rotary positions of the fed tokens.
+    """
+    lm = model.model
+    key = cache_kwarg(lm)
+    eos = model.tokenizer.eos_token_id
+    suppressed = _suppressed(model)
+    counter = flop_counter()
+    with counter, torch.no_grad():
+        out = lm(inputs_embeds=model.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=True, logits_to_keep=1, **({key: cache} if cache is not None else {}))
+    prefill = int(counter.get_total_flops())
+    decode, new = 0, 0
+    position = position_ids[:, -1:]  # (1, 1)
+    for _ in range(max_new_tokens):
+        logits = out.logits[0, -1].float()  # (V,)
+        if suppressed:
+            logits[suppressed] = float("-inf")
+        token = int(logits.argmax())
+        new += 1
+        if token == eos or new == max_new_tokens:
+            break
+        position = position + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
+        step = torch.tensor([[token]], device=input_ids.device)  # (1, 1)
+        counter = flop_counter()
+        with counter, torch.no_grad():
+            out = lm(inputs_embeds=model.embed(step), attention_mask=attention_mask, position_ids=position,
+                     use_cache=True, **{key: _returned_cache(out)})
+        decode += int(counter.get_total_flops())
+    return GenerationFlops(prefill=prefill, decode=decode, new_tokens=new)
+
+
+def causal_flops(model: GistModel, ids: list[int], *, max_new_tokens: int, position_offset: int = 0) -> GenerationFlops:
+    """FLOPs of greedy generation from `ids` under a plain causal mask (positions from `position_offset`)."""
+    x = torch.tensor([ids], device=model.device)  # (1, T)
+    mask = torch.ones_like(x)
+    return greedy_flops(model, x, mask, make_position_ids(mask, position_offset), max_new_tokens=max_new_tokens)
+
+
+def gist_flops(model: GistModel, cache, input_text: str, *, max_new_tokens: int) -> GenerationFlops:
+    """FLOPs of greedy generation of one input continuing from a GistCache (N cached positions)."""
+    from gistcache.generation import build_batch
+
+    batch = build_batch(model, cache, [input_text], max_new_tokens=max_new_tokens)
+    N = batch.num_cached
+    # the N placeholders stand for the cached positions: feed only the input tokens
+    return greedy_flops(model, batch.input_ids[:, N:], batch.attention_mask, batch.position_ids[:, N:],
+                        cache=batch.cache, max_new_tokens=max_new_tokens)
+
+
+def compress_flops(model: GistModel, instruction: str) -> int:
+    """FLOPs of compressing one instruction (the forward over prompt + N gist tokens)."""
+    from gistcache.cache import compress
+
+    _, flops = count_flops(compress, model, instruction, batch_size=1)
+    return flops

@@ -1,0 +1,79 @@
+"""Plots of an evaluation (matplotlib, Agg backend: no display needed).
+
+- `rouge_by_condition.png`: ROUGE-L by condition (bars, 95% interval as error bars), one group
+  per split;
+- `rouge_vs_compression.png`, when more than one run is evaluated (several `--run`, or control
+  runs): ROUGE-L against the mean compression ratio (log scale), one point per (run, condition)
+  whose ratio is defined (neg_control keeps no prompt state, so it has none), one marker per split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
+    """Write the PNGs for `results` (from `evaluate`) into `out_dir`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    rows = results["rows"]
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    paths = []
+
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(splits) * max(1, len(labels)) * 0.6 + 2), 4.2))
+    for j, label in enumerate(labels):
+        xs, ys, errs = [], [], [[], []]
+        for i, split in enumerate(splits):
+            row = next((r for r in rows if r["split"] == split and r["label"] == label), None)
+            if row is None:
+                continue
+            rl = row["rouge_l"]
+            xs.append(i + (j - (len(labels) - 1) / 2) * width)
+            ys.append(rl["mean"])
+            errs[0].append(max(0.0, rl["mean"] - rl["ci_low"]))
+            errs[1].append(max(0.0, rl["ci_high"] - rl["mean"]))
+        ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(splits)), splits)
+    ax.set_ylabel("ROUGE-L (F x100)")
+    ax.set_title("ROUGE-L by condition and split (95% bootstrap interval)")
+    ax.legend(fontsize="small", ncols=min(4, len(labels)))
+    top = max([r["rouge_l"]["ci_high"] for r in rows] + [0.0])
+    ax.set_ylim(0, min(100.0, max(5.0, top * 1.2)))
+    fig.tight_layout()
+    path = out_dir / "rouge_by_condition.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+    if len(results.get("runs", [])) > 1:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        markers = "osD^v<>ph"
+        for label in labels:
+            pts = [(r["compression_mean"], r["rouge_l"]["mean"], splits.index(r["split"])) for r in rows
+                   if r["label"] == label and r["compression_mean"]]
+            if not pts:
+                continue
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=":", alpha=0.5)[0]
+            for x, y, s in pts:
+                ax.scatter([x], [y], color=line.get_color(), marker=markers[s % len(markers)])
+            ax.annotate(label, (pts[0][0], pts[0][1]), fontsize="small", xytext=(4, 4), textcoords="offset points")
+        for s, split in enumerate(splits):
+            ax.scatter([], [], color="grey", marker=markers[s % len(markers)], label=split)
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("compression (instruction tokens / prompt-state positions)")
+        ax.set_ylabel("ROUGE-L (F x100)")
+        ax.set_title("ROUGE-L vs compression")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out_dir / "rouge_vs_compression.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,234 @@
+"""Generate from gist caches, in one batch, and the slow masked reference that defines the result.
+
+`generate` loads each cache's gist keys/values into a transformers `DynamicCache` and lets
+`model.generate` continue with the input tokens. Row b of a batch of B (cache, input) pairs::
+
+    cache slots     gist_0 .. gist_{N-1}      (keys/values from the cache file)
+    sequence        [N placeholders] [left padding] [input tokens] [new tokens ...]
+    attention_mask   1 .. 1           0 .. 0         1 .. 1         1 ...
+    position_ids     off-N .. off-1   off            off .. off+L-1  off+L ...
+
+The left padding sits between the gist and the input; the 2D attention mask hides it and the
+position ids count only real tokens from the cache's offset (prompt tokens + N), so each row sees
+exactly what it saw in training. The placeholders stand for the cached positions: transformers
+slices them off before the first forward (they are never embedded). Passing the full length is
+also what transformers versions that derive cache positions from the input length expect; this
+module is tested on 5.24 only.
+
+`generate_masked` is the definition: greedy decoding that re-runs the whole masked forward
+(instruction, gist, input, tokens so far) every step, with no cache at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gistcache.cache import GistCache, check_cache, model_identity
+from gistcache.errors import GistError
+from gistcache.masks import make_position_ids
+from gistcache.model import GistModel, cache_kwarg
+from gistcache.prompts import encode_input, encode_instruction
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding settings shared by the library and `gist generate` (checked here for both)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GistError(f"--max-new-tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise GistError(f"min_new_tokens {self.min_new_tokens} must be between 0 and --max-new-tokens "
+                            f"{self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise GistError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GistError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GistError(f"--top-k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
+
+
+def _pair(caches, inputs, what: str) -> tuple[list, list[str]]:
+    """Broadcast one cache/prompt over many inputs (or one input over many caches); else zip equal lists."""
+    caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not caches or not inputs:
+        raise GistError(f"nothing to generate: give at least one {what} and one input")
+    if len(caches) == 1:
+        caches = caches * len(inputs)
+    elif len(inputs) == 1:
+        inputs = inputs * len(caches)
+    if len(caches) != len(inputs):
+        raise GistError(f"{len(caches)} {what}s and {len(inputs)} inputs: give one {what} for all inputs or one "
+                        f"per input")
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise GistError(f"input {i} is {type(text).__name__}, not text")
+    return caches, inputs
+
+
+def _suppressed(model: GistModel) -> list[int]:
+    """Token ids that must never be generated: the gist token, if the output head can produce it."""
+    head = model.model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    return [model.gist_token_id] if model.gist_token_id < vocab else []
+
+
+def _decode(model: GistModel, rows: list[list[int]]) -> list[str]:
+    eos = model.tokenizer.eos_token_id
+    return [model.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids in rows]
+
+
+def _check_context(model: GistModel, offsets: list[int], input_ids: list[list[int]], max_new_tokens: int) -> None:
+    limit = model.max_context()
+    for i, (off, ids) in enumerate(zip(offsets, input_ids)):
+        need = off + len(ids) + max_new_tokens
+        if need > limit:
+            raise GistError(f"input {i} needs {need} positions (cache offset {off} + {len(ids)} input tokens + "
+                            f"{max_new_tokens} new tokens), over the model's context of {limit}: shorten the "
+                            f"input or lower --max-new-tokens")
+
+
+@dataclass
+class GenerationBatch:
+    """The model inputs for B (cache, input) pairs: see the module docstring for the layout."""
+
+    input_ids: torch.Tensor  # (B, N+L): N placeholders, then left-padded input ids
+    attention_mask: torch.Tensor  # (B, N+L): 1 on the gist slots and real input tokens
+    position_ids: torch.Tensor  # (B, N+L): rotary positions, the input continuing at each cache's offset
+    cache: object  # transformers DynamicCache holding (B, kv_heads, N, head_dim) per layer
+    num_cached: int  # N
+
+
+def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
+                max_new_tokens: int = 0) -> GenerationBatch:
+    """Check the caches against `model`, tokenize the inputs and lay out one left-padded batch."""
+    from transformers import DynamicCache
+
+    caches, inputs = _pair(caches, inputs, "cache")
+    identity = model_identity(model)
+    for i, cache in enumerate(caches):
+        if not isinstance(cache, GistCache):
+            raise GistError(f"cache {i} is {type(cache).__name__}, not a GistCache: load it with load_cache")
+        check_cache(model, cache, identity=identity, source=f"cache {i}")
+    input_ids = [encode_input(model.tokenizer, text, identity.template) for text in inputs]
+    offsets = [c.offset for c in caches]
+    _check_context(model, offsets, input_ids, max_new_tokens)
+
+    N, B, device = model.num_gist_tokens, len(inputs), model.device
+    L = max(len(ids) for ids in input_ids)
+    pad_id = _pad_id(model)
+    input_mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids in input_ids], device=device)  # (B, L)
+    padded = torch.tensor([[pad_id] * (L - len(ids)) + ids for ids in input_ids], device=device)  # (B, L)
+    offset = torch.tensor(offsets, device=device)  # (B,)
+    gist_pos = offset.view(B, 1) - N + torch.arange(N, device=device).view(1, N)  # (B, N)
+    position_ids = torch.cat([gist_pos, make_position_ids(input_mask, offset)], dim=1)  # (B, N+L)
+    attention_mask = torch.cat([torch.ones(B, N, dtype=input_mask.dtype, device=device), input_mask], dim=1)
+    full_ids = torch.cat([torch.full((B, N), pad_id, device=device), padded], dim=1)  # (B, N+L)
+    kv = [(torch.cat([c.keys[layer] for c in caches]).to(device),
+           torch.cat([c.values[layer] for c in caches]).to(device)) for layer in range(caches[0].num_layers)]
+    return GenerationBatch(input_ids=full_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=DynamicCache(ddp_cache_data=kv), num_cached=N)
+
+
+def _pad_id(model: GistModel) -> int:
+    tok = model.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _until_eos(model: GistModel, rows: list[list[int]]) -> list[list[int]]:
+    """Cut each row after its first EOS (kept), dropping the padding that follows."""
+    eos = model.tokenizer.eos_token_id
+    return [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in rows]
+
+
+def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
+                 max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 streamer=None) -> list[list[int]]:
+    """Like `generate`, returning each row's new token ids (up to and including EOS)."""
+    from transformers import GenerationConfig
+
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    n_rows = max(1 if isinstance(x, (str, GistCache)) else len(x) for x in (caches, inputs))
+    if streamer is not None and n_rows > 1:
+        raise GistError(f"streaming takes one input at a time, got {n_rows}: generate them one by one")
+    batch = build_batch(model, caches, inputs, max_new_tokens=cfg.max_new_tokens)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else {}
+    gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
+                                  do_sample=cfg.do_sample, num_beams=1, repetition_penalty=1.0,
+                                  no_repeat_ngram_size=0, eos_token_id=model.tokenizer.eos_token_id,
+                                  pad_token_id=_pad_id(model), suppress_tokens=_suppressed(model) or None,
+                                  **sampling)
+    device = model.device
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=cfg.seed is not None):
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        out = model.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   position_ids=batch.position_ids, generation_config=gen_config,
+                                   streamer=streamer, **{cache_kwarg(model.model): batch.cache})
+    return _until_eos(model, out[:, batch.input_ids.shape[1]:].tolist())
+
+
+def generate(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
+             max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, streamer=None) -> list[str]:
+    """Continue each (cache, input) pair in one batch; return the generated text of each row.
+
+    One cache with many inputs is broadcast. Greedy by default; stops at EOS; the gist token is
+    never generated. `seed` makes sampling repeatable without touching the global RNG.
+    `streamer` is a transformers streamer (`put`/`end`) and takes one row at a time.
+    """
+    rows = generate_ids(model, caches, inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                        do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                        streamer=streamer)
+    return _decode(model, rows)
+
+
+def generate_masked(model: GistModel, instructions: str | list[str], inputs: str | list[str], *,
+                    max_new_tokens: int = 128) -> list[str]:
+    """Greedy reference text: see `generate_masked_ids`."""
+    return _decode(model, generate_masked_ids(model, instructions, inputs, max_new_tokens=max_new_tokens))
+
+
+def generate_masked_ids(model: GistModel, instructions: str | list[str], inputs: str | list[str], *,
+                        max_new_tokens: int = 128) -> list[list[int]]:
+    """Greedy reference: every step re-runs the full masked forward over one row, no cache.
+
+    Slow (quadratic in length) and row by row, but it is the definition the cache path must match
+    token for token.
+    """
+    GenerateConfig(max_new_tokens=max_new_tokens)
+    instructions, inputs = _pair(instructions, inputs, "instruction")
+    identity = model_identity(model)
+    tok, N = model.tokenizer, model.num_gist_tokens
+    suppressed = _suppressed(model)
+    rows = []
+    for instruction, text in zip(instructions, inputs):
+        ids = [*encode_instruction(tok, instruction, identity.template), *([model.gist_token_id] * N),
+               *encode_input(tok, text, identity.template)]
+        _check_context(model, [0], [ids], max_new_tokens)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                x = torch.tensor([ids + new], device=model.device)  # (1, T)
+                logits = model(x, torch.ones_like(x), condition="gist").logits[0, -1].float()  # (V,)
+                logits[suppressed] = float("-inf")
+                token = int(logits.argmax())
+                new.append(token)
+                if token == tok.eos_token_id:
+                    break
+        rows.append(new)
+    return rows
