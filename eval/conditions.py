@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from gistcache.errors import GistError
-from gistcache.masks import make_position_ids
 from gistcache.model import GistModel
 from gistcache.prompts import PromptText, encode_prompt, format_prompt, resolve_template
 
@@ -111,74 +110,6 @@ def instruction_token_count(tokenizer, instruction: str, template: str) -> int:
 
 
 # --- generation ------------------------------------------------------------------------------------
-
-def _pad_id(model: GistModel) -> int:
-    tok = model.tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _suppressed(model: GistModel) -> list[int]:
-    head = model.model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
-    return [model.gist_token_id] if model.gist_token_id < vocab else []
-
-
-def check_causal_context(model: GistModel, sequences: list[list[int]], *, max_new_tokens: int,
-                         position_offsets: list[int] | None = None, what: str = "sequence") -> None:
-    """Refuse a sequence whose positions + new tokens exceed the model's context, naming it."""
-    limit = model.max_context()
-    offsets = position_offsets or [0] * len(sequences)
-    for i, (ids, off) in enumerate(zip(sequences, offsets)):
-        need = off + len(ids) + max_new_tokens
-        if need > limit:
-            raise GistError(f"{what} {i} needs {need} positions ({len(ids)} tokens + {max_new_tokens} new, from "
-                            f"position {off}), over the model's context of {limit}: lower --max-new-tokens or "
-                            f"--limit the examples")
-
-
-def generate_causal(model: GistModel, sequences: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
-                    position_offsets: list[int] | None = None, on_batch=None) -> list[str]:
-    """Greedy-generate after each token-id sequence under a plain causal mask; return the new text.
-
-    Batches of `batch_size` rows (sorted by length, then put back in order), left-padded, fed as
-    `inputs_embeds=model.embed(ids)` so gist ids take the gist embedding. `position_offsets[b]`
-    shifts row b's rotary positions (the first real token gets that position; default 0).
-    Stops at EOS; the gist token is never generated. `on_batch(n)` is called after each batch.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
-    if not sequences:
-        return []
-    if any(not ids for ids in sequences):
-        raise GistError("an empty token sequence cannot be continued: every row needs at least one token")
-    offsets = list(position_offsets) if position_offsets is not None else [0] * len(sequences)
-    check_causal_context(model, sequences, max_new_tokens=max_new_tokens, position_offsets=offsets)
-    tok, device, pad_id = model.tokenizer, model.device, _pad_id(model)
-    eos = tok.eos_token_id
-    suppressed = _suppressed(model)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list[str | None] = [None] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        T = max(len(sequences[i]) for i in rows)
-        ids = torch.tensor([[pad_id] * (T - len(sequences[i])) + sequences[i] for i in rows], device=device)  # (B, T)
-        mask = torch.tensor([[0] * (T - len(sequences[i])) + [1] * len(sequences[i]) for i in rows],
-                            device=device)  # (B, T)
-        position_ids = make_position_ids(mask, torch.tensor([offsets[i] for i in rows], device=device))  # (B, T)
-        with torch.no_grad():
-            new = model.model.generate(inputs_embeds=model.embed(ids), attention_mask=mask, position_ids=position_ids,
-                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                       eos_token_id=eos, pad_token_id=pad_id, suppress_tokens=suppressed or None)
-        # with inputs_embeds and no input_ids, generate returns only the new tokens: (B, <= max_new_tokens)
-        for b, i in enumerate(rows):
-            row = new[b].tolist()
-            if eos in row:
-                row = row[:row.index(eos)]
-            out[i] = tok.decode(row, skip_special_tokens=True)
-        if on_batch is not None:
-            on_batch(len(rows))
-    return out  # type: ignore[return-value]
-
 
 def generate_gist(model: GistModel, instructions: list[str], inputs: list[str], *, max_new_tokens: int,
                   batch_size: int = 8, on_batch=None) -> list[str]:

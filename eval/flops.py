@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from gistcache.masks import make_position_ids
+from gistcache.generation import suppressed_token_ids
 from gistcache.model import GistModel, cache_kwarg
 
 aten = torch.ops.aten
@@ -62,12 +63,6 @@ class GenerationFlops:
         return self.prefill + self.decode
 
 
-def _suppressed(model: GistModel) -> list[int]:
-    head = model.model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
-    return [model.gist_token_id] if model.gist_token_id < vocab else []
-
-
 def _returned_cache(out):
     return out["cache"] if "cache" in out else out.past_key_values
 
@@ -83,7 +78,7 @@ def greedy_flops(model: GistModel, input_ids: torch.Tensor, attention_mask: torc
     lm = model.model
     key = cache_kwarg(lm)
     eos = model.tokenizer.eos_token_id
-    suppressed = _suppressed(model)
+    suppressed = suppressed_token_ids(model)
     counter = flop_counter()
     with counter, torch.no_grad():
         out = lm(inputs_embeds=model.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids,

@@ -292,8 +292,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
     from gistcache import __version__ as gistcache_version
     from gistcache.cache import model_kv_shape
     from gistcache.eval import flops as F
-    from gistcache.eval.conditions import (check_causal_context, generate_causal, generate_gist,
-                                           template_only_ids)
+    from gistcache.eval.conditions import generate_gist, template_only_ids
+    from gistcache.generation import check_context, generate_causal
     from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
     from gistcache.run import load_run
     from gistcache.train.data import load_examples
@@ -332,8 +332,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
                 for condition in spec.conditions:  # check every context before generating anything
                     if condition != "gist":
                         seqs, offsets = _sequences(condition, items, gist_ids, template_ids)
-                        check_causal_context(gm, seqs, max_new_tokens=config.max_new_tokens,
-                                             position_offsets=offsets, what=f"{split} example")
+                        check_context(gm, offsets or [0] * len(seqs), seqs, config.max_new_tokens,
+                                      what=f"{split} example")
                 k = min(config.flops_examples, len(exs))
                 full_ref = [F.causal_flops(gm, [*p.prompt, *gist_ids, *p.input], max_new_tokens=0).prefill
                             for p in items[:k]] if "full" not in spec.conditions else None

@@ -77,7 +77,7 @@ def _pair(caches, inputs, what: str) -> tuple[list, list[str]]:
     return caches, inputs
 
 
-def _suppressed(model: GistModel) -> list[int]:
+def suppressed_token_ids(model: GistModel) -> list[int]:
     """Token ids that must never be generated: the gist token, if the output head can produce it."""
     head = model.model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
@@ -89,14 +89,16 @@ def _decode(model: GistModel, rows: list[list[int]]) -> list[str]:
     return [model.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids in rows]
 
 
-def _check_context(model: GistModel, offsets: list[int], input_ids: list[list[int]], max_new_tokens: int) -> None:
+def check_context(model: GistModel, offsets: list[int], input_ids: list[list[int]], max_new_tokens: int,
+                  what: str = "input") -> None:
+    """Refuse a row whose first position + tokens + new tokens exceed the model's context, naming it."""
     limit = model.max_context()
     for i, (off, ids) in enumerate(zip(offsets, input_ids)):
         need = off + len(ids) + max_new_tokens
         if need > limit:
-            raise GistError(f"input {i} needs {need} positions (cache offset {off} + {len(ids)} input tokens + "
-                            f"{max_new_tokens} new tokens), over the model's context of {limit}: shorten the "
-                            f"input or lower --max-new-tokens")
+            raise GistError(f"{what} {i} needs {need} positions (from position {off}: {len(ids)} tokens + "
+                            f"{max_new_tokens} new tokens), over the model's context of {limit}: shorten it "
+                            f"or lower --max-new-tokens")
 
 
 @dataclass
@@ -123,11 +125,11 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
         check_cache(model, cache, identity=identity, source=f"cache {i}")
     input_ids = [encode_input(model.tokenizer, text, identity.template) for text in inputs]
     offsets = [c.offset for c in caches]
-    _check_context(model, offsets, input_ids, max_new_tokens)
+    check_context(model, offsets, input_ids, max_new_tokens)
 
     N, B, device = model.num_gist_tokens, len(inputs), model.device
     L = max(len(ids) for ids in input_ids)
-    pad_id = _pad_id(model)
+    pad_id = pad_token_id(model)
     input_mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids in input_ids], device=device)  # (B, L)
     padded = torch.tensor([[pad_id] * (L - len(ids)) + ids for ids in input_ids], device=device)  # (B, L)
     offset = torch.tensor(offsets, device=device)  # (B,)
@@ -141,7 +143,7 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
                            cache=DynamicCache(ddp_cache_data=kv), num_cached=N)
 
 
-def _pad_id(model: GistModel) -> int:
+def pad_token_id(model: GistModel) -> int:
     tok = model.tokenizer
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -169,7 +171,7 @@ def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: 
     gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
                                   do_sample=cfg.do_sample, num_beams=1, repetition_penalty=1.0,
                                   no_repeat_ngram_size=0, eos_token_id=model.tokenizer.eos_token_id,
-                                  pad_token_id=_pad_id(model), suppress_tokens=_suppressed(model) or None,
+                                  pad_token_id=pad_token_id(model), suppress_tokens=suppressed_token_ids(model) or None,
                                   **sampling)
     device = model.device
     devices = [device] if device.type == "cuda" else []
@@ -214,12 +216,12 @@ def generate_masked_ids(model: GistModel, instructions: str | list[str], inputs:
     instructions, inputs = _pair(instructions, inputs, "instruction")
     identity = model_identity(model)
     tok, N = model.tokenizer, model.num_gist_tokens
-    suppressed = _suppressed(model)
+    suppressed = suppressed_token_ids(model)
     rows = []
     for instruction, text in zip(instructions, inputs):
         ids = [*encode_instruction(tok, instruction, identity.template), *([model.gist_token_id] * N),
                *encode_input(tok, text, identity.template)]
-        _check_context(model, [0], [ids], max_new_tokens)
+        check_context(model, [0], [ids], max_new_tokens)
         new: list[int] = []
         with torch.no_grad():
             for _ in range(max_new_tokens):
@@ -232,3 +234,48 @@ def generate_masked_ids(model: GistModel, instructions: str | list[str], inputs:
                     break
         rows.append(new)
     return rows
+
+
+def generate_causal(model: GistModel, sequences: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
+                    position_offsets: list[int] | None = None, on_batch=None) -> list[str]:
+    """Greedy-generate after each token-id sequence under a plain causal mask; return the new text.
+
+    The no-cache baselines use it (full, truncated or no instruction). Batches of `batch_size` rows
+    (sorted by length, then put back in order), left-padded, fed as `inputs_embeds=model.embed(ids)`
+    so gist ids take the gist embedding. `position_offsets[b]` shifts row b's rotary positions (its
+    first real token gets that position; default 0). Stops at EOS; the gist token is never
+    generated. `on_batch(n)` is called after each batch.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    if not sequences:
+        return []
+    if any(not ids for ids in sequences):
+        raise GistError("an empty token sequence cannot be continued: every row needs at least one token")
+    offsets = list(position_offsets) if position_offsets is not None else [0] * len(sequences)
+    check_context(model, offsets, sequences, max_new_tokens, what="sequence")
+    tok, device, pad_id = model.tokenizer, model.device, pad_token_id(model)
+    eos = tok.eos_token_id
+    suppressed = suppressed_token_ids(model)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[str | None] = [None] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(sequences[i]) for i in rows)
+        ids = torch.tensor([[pad_id] * (T - len(sequences[i])) + sequences[i] for i in rows], device=device)  # (B, T)
+        mask = torch.tensor([[0] * (T - len(sequences[i])) + [1] * len(sequences[i]) for i in rows],
+                            device=device)  # (B, T)
+        position_ids = make_position_ids(mask, torch.tensor([offsets[i] for i in rows], device=device))  # (B, T)
+        with torch.no_grad():
+            new = model.model.generate(inputs_embeds=model.embed(ids), attention_mask=mask, position_ids=position_ids,
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       eos_token_id=eos, pad_token_id=pad_id, suppress_tokens=suppressed or None)
+        # with inputs_embeds and no input_ids, generate returns only the new tokens: (B, <= max_new_tokens)
+        for b, i in enumerate(rows):
+            row = new[b].tolist()
+            if eos in row:
+                row = row[:row.index(eos)]
+            out[i] = tok.decode(row, skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(len(rows))
+    return out  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from unittest import mock
 from typer.testing import CliRunner
 
 from gistcache.cli.main import app
+from clitools import one_line_error
 
 runner = CliRunner()
 
@@ -21,13 +22,6 @@ def test_train_flags_reach_the_config(tmp_path):
     assert config.max_steps == 40  # from the smoke preset
     assert '"steps": 3' in result.output
 
-
-def one_line_error(result):
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_bad_flags_one_line_exit_2(tmp_path):

@@ -15,6 +15,7 @@ from gistcache.config import GistConfig
 from gistcache.generation import generate
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
 from gistcache.run import load_run, save_run
+from clitools import one_line_error
 
 runner = CliRunner()
 PROMPT = "Reverse the word you are given"
@@ -49,13 +50,6 @@ def ok_json(result):
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
-
-def one_line_error(result, text):
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert text in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_compress_then_hit(runs, tmp_path):

@@ -12,12 +12,14 @@ from gistcache.cli.main import app
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.eval import flops as F
-from gistcache.eval.conditions import generate_causal, template_only_ids, truncate_prompt
+from gistcache.eval.conditions import template_only_ids, truncate_prompt
+from gistcache.generation import generate_causal
 from gistcache.eval.rouge import bootstrap_ci, exact_match, rouge_l, summarize
 from gistcache.eval.run import EvalConfig, evaluate
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
 from gistcache.prompts import encode_input, encode_instruction
 from gistcache.run import save_run
+from clitools import one_line_error
 
 runner = CliRunner()
 LONG = ("Read the sentence you are given, find every word that names an animal, and answer with those words "
@@ -230,13 +232,6 @@ def test_evaluate_truncate_alone(runs, data_dir, tmp_path):
     assert all(r["examples"] == 2 and 0 < r["prefill_reduction_vs_full"] < 1 for r in results["rows"])
     assert len((tmp_path / "e" / "predictions.jsonl").read_text().splitlines()) == 2
 
-
-def one_line_error(result):
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_cli_bad_input_one_line_exit_2(runs, data_dir, tmp_path):
