@@ -9,8 +9,7 @@ PY := $(VENV)/bin/python
 GIST := $(VENV)/bin/gist
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
-DEMO_PROMPT ?= Reverse the order of the letters in the word you are given, and answer with the reversed word only.
-DEMO_INPUT ?= garden
+DEMO_PROMPT ?= You convert durations. Convert the given number of hours to minutes and answer with the number of minutes.
 
 .PHONY: install demo test test-fast clean
 
@@ -28,7 +27,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(GIST) train --out $(RUN) --preset smoke --overwrite
 	$(GIST) compress "$(DEMO_PROMPT)" --run $(RUN) --out $(RUN)/demo-prompt.safetensors
-	$(GIST) generate --run $(RUN) --cache $(RUN)/demo-prompt.safetensors --input "$(DEMO_INPUT)" --max-new-tokens 24
+	$(GIST) generate --run $(RUN) --cache $(RUN)/demo-prompt.safetensors --input "3" --input "7" --max-new-tokens 16
 
 test: $(STAMP)
 	$(PY) -m pytest -q

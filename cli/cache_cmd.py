@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from gistcache.cli.common import console, err_console, friendly_errors, print_json
@@ -222,9 +223,11 @@ def generate(
         print_json([{"input": i, "output": o} for i, o in zip(input, texts)])
         return
     for text, output in zip(input, texts):
-        if len(input) > 1:
-            console.print(f"[bold]{text}[/] ->", highlight=False)
-        console.print(output, highlight=False, markup=False)
+        console.print(f"[bold]input:[/]  {escape(text)}", highlight=False)
+        if output.strip():
+            console.print(f"[bold]answer:[/] {escape(output)}", highlight=False)
+        else:
+            console.print("[bold]answer:[/] [dim](no text: the model ended its answer at once)[/]", highlight=False)
 
 
 @friendly_errors

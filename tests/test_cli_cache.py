@@ -77,6 +77,10 @@ def test_compress_out_then_generate_matches_library(runs, tmp_path):
     streamed = invoke("generate", "--run", runs["run"], "--cache", path, "--input", "stone", "--max-new-tokens", 8,
                       "--stream")
     assert streamed.exit_code == 0 and streamed.stdout.strip() == expected[0].strip()
+    plain = invoke("generate", "--run", runs["run"], "--cache", path, "--input", "stone", "--max-new-tokens", 8)
+    assert plain.exit_code == 0 and "input:  stone" in plain.stdout
+    shown = expected[0].strip() or "no text: the model ended its answer at once"
+    assert "answer:" in plain.stdout and shown in plain.stdout
     sample = ["--do-sample", "--max-new-tokens", 8, "--temperature", "1.5", "--top-k", "20", "--seed", "3", "--json"]
     sampled = [ok_json(invoke("generate", "--run", runs["run"], "--cache", path, "--input", "stone", *sample))
                for _ in range(2)]
