@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-# transformers' GGUF loader draws its own tqdm bar; tqdm reads this when it is first imported
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-import typer  # noqa: E402
+import typer
 
 app = typer.Typer(
     name="gist",

@@ -13,9 +13,11 @@ can never be a training target and never be generated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 from pathlib import Path
@@ -101,10 +103,13 @@ def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: st
 
     _quiet_transformers()
     source, gguf_file = resolve_model(spec)
+    # transformers' GGUF loader draws a tqdm bar of its own on stderr, past its logging switches
+    quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
-        )
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
+            )
     except Exception as exc:
         raise GistError(f"cannot load model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
                         f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
