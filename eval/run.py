@@ -200,27 +200,14 @@ def _run_specs(config: EvalConfig) -> list[RunSpec]:
     return specs
 
 
-def _load_tokenizer(run: str):
-    from transformers import AutoTokenizer
-
-    from gistcache.model import _quiet_transformers, add_gist_token
-    from gistcache.run import TOKENIZER_DIR
-
-    _quiet_transformers()
-    try:
-        return add_gist_token(AutoTokenizer.from_pretrained(Path(run) / TOKENIZER_DIR))
-    except Exception as exc:
-        raise GistError(f"cannot load the tokenizer of run {run} ({type(exc).__name__}): is the run complete?") from exc
-
-
 def _prepare(config: EvalConfig, spec: RunSpec, examples: dict[str, list]) -> dict[str, list[Prepared]]:
     """Tokenize every example for one run and refuse a truncation budget that truncates nothing."""
     from gistcache.config import GistConfig
     from gistcache.eval.conditions import truncate_prompt
     from gistcache.prompts import encode_input, encode_instruction, resolve_template
-    from gistcache.run import read_run_config
+    from gistcache.run import load_run_tokenizer, read_run_config
 
-    tok = _load_tokenizer(spec.path)
+    tok = load_run_tokenizer(spec.path)
     gist_config = GistConfig.from_dict(read_run_config(spec.path)["gist"])
     spec.template = resolve_template(tok, gist_config.template)
     truncate = "truncate" in spec.conditions

@@ -139,9 +139,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: 
             raise GistError(f"{run_dir / FULL_FILE} does not fit the base model (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
         model.tie_weights()
-    from transformers import AutoTokenizer
-
-    tokenizer = add_gist_token(AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR))
+    tokenizer = load_run_tokenizer(run_dir)
     gist = load_file(run_dir / GIST_FILE)
     if "gist_embedding" not in gist:
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
@@ -151,6 +149,19 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: 
     gist_model.run_dir = run_dir
     gist_model.run_fingerprint = run_fingerprint(run_dir)
     return gist_model.to(device).eval()
+
+
+def load_run_tokenizer(run_dir: str | Path):
+    """The tokenizer a run was trained with (its `<GIST>` token included)."""
+    from transformers import AutoTokenizer
+
+    from gistcache.model import _quiet_transformers
+
+    _quiet_transformers()
+    try:
+        return add_gist_token(AutoTokenizer.from_pretrained(Path(run_dir) / TOKENIZER_DIR))
+    except Exception as exc:
+        raise GistError(f"cannot load the tokenizer of run {run_dir} ({type(exc).__name__}): is the run complete?") from exc
 
 
 def _tied_names(model) -> set[str]:
