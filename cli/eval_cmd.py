@@ -5,10 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
+
+
+# columns left off the screen table on a terminal narrower than the whole table
+NARROW_DROPPED = ("EM", "prefill FLOPs", "gen FLOPs", "compress FLOPs", "wall s")
 
 
 def register(app: typer.Typer) -> None:
@@ -46,11 +51,17 @@ def eval_(
         print_json({k: results[k] for k in ("out", "runs", "rows")})
         return
     headers, rows = table_rows(results)
-    table = Table(title=f"gist eval -> {results['out']}")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i < headers.index("n") else "right")
+    keep, table = list(range(len(headers))), Table(title=f"gist eval -> {results['out']}")
+    if console.width < 150:  # a narrow terminal gets the columns people compare; results.md has them all
+        keep = [i for i, h in enumerate(headers) if h not in NARROW_DROPPED]
+        table = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for i in keep:
+        table.add_column(headers[i], justify="left" if i < headers.index("n") else "right",
+                         no_wrap=headers[i] in ("condition", "ROUGE-L [95% CI]", "compression"))
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in keep))
     console.print(table)
+    if len(keep) < len(headers):
+        console.print("(narrow terminal: all columns are in results.md)", highlight=False)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)

@@ -28,7 +28,8 @@ def train(
     template: Annotated[str, typer.Option(help="auto | chat | plain (the paper's).")] = "auto",
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then decay).")] = 1e-4,
     gist_lr: Annotated[Optional[float], typer.Option("--gist-lr", help="Learning rate of the gist embedding (default: --lr).")] = None,
-    lora_r: Annotated[int, typer.Option("--lora-r")] = 16,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA scale numerator (update scaled by alpha / r).")] = 32,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per device; default from the preset.")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
@@ -50,7 +51,7 @@ def train(
 
     config = TrainConfig(
         out=out, data=data or [], eval_data=eval_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        condition=condition, template=template, tune=tune, lora_r=lora_r, lr=lr, gist_lr=gist_lr, batch_size=batch_size,
+        condition=condition, template=template, tune=tune, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr, batch_size=batch_size,
         grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
@@ -67,4 +68,7 @@ def train(
                 "train_seconds", "wall_seconds", "device"):
         value = metrics.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for name, split in metrics.get("heldout_loss_by_split", {}).items():
+        table.add_row(f"heldout_loss {name} (n={split['examples']})",
+                      " -> ".join("—" if split[k] is None else f"{split[k]:.4f}" for k in ("before", "after")))
     console.print(table)

@@ -43,6 +43,8 @@ class GistConfig:
             raise GistError(f"unknown --tune {self.tune!r}: use one of {', '.join(TUNE_MODES)}")
         if self.lora_r < 1:
             raise GistError(f"--lora-r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha < 1:
+            raise GistError(f"--lora-alpha must be >= 1, got {self.lora_alpha}")
 
     def to_dict(self) -> dict:
         return asdict(self)

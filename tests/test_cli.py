@@ -15,11 +15,12 @@ def test_train_flags_reach_the_config(tmp_path):
     fake = {"condition": "neg_control", "steps": 3, "heldout_loss": 1.0, "loss_curve": []}
     with mock.patch("gistcache.train.loop.train", return_value=fake) as train:
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--preset", "smoke", "--num-gist", "5",
-                                     "--condition", "neg_control", "--tune", "gist", "--batch-size", "2", "--json"])
+                                     "--condition", "neg_control", "--tune", "gist", "--batch-size", "2",
+                                     "--lora-r", "64", "--lora-alpha", "8", "--json"])
     assert result.exit_code == 0, result.output
     (config,), kwargs = train.call_args
     assert (config.num_gist_tokens, config.condition, config.tune, config.batch_size) == (5, "neg_control", "gist", 2)
-    assert config.max_steps == 40  # from the smoke preset
+    assert (config.lora_r, config.lora_alpha) == (64, 8) and config.max_steps == 40  # max_steps: the smoke preset
     assert '"steps": 3' in result.output
 
 
@@ -29,6 +30,7 @@ def test_bad_flags_one_line_exit_2(tmp_path):
     out = tmp_path / "r"
     for args, text in [
         (["--num-gist", "0"], "--num-gist must be a whole number >= 1"),
+        (["--lora-alpha", "0"], "--lora-alpha must be >= 1"),
         (["--preset", "huge"], "unknown --preset"),
         (["--data", str(tmp_path / "none.json")], "does not exist"),
         (["--model", str(tmp_path / "missing.gguf")], "does not exist"),

@@ -289,3 +289,24 @@ def test_several_runs_are_labelled_and_plotted(runs, data_dir, tmp_path):
     assert set(json.loads((out / "predictions.jsonl").read_text().splitlines()[0])["outputs"]) == {
         "run:gist", "run:none", "run-2:gist", "run-2:none"}
     assert (out / "rouge_vs_compression.png").stat().st_size > 0
+
+
+def test_narrow_terminal_table_keeps_the_compared_columns(runs, data_dir, tmp_path, monkeypatch):
+    """On an 80-column terminal the screen table drops EM, the FLOP side columns and wall time, and says
+    they are in results.md; ROUGE-L, compression and the prefill reduction stay."""
+    from gistcache.cli import common
+
+    row = {"run": "run", "split": "human", "condition": "neg_control", "examples": 3,
+           "rouge_l": {"mean": 31.25, "ci_low": 20.0, "ci_high": 40.0}, "exact_match": {"mean": 0.0},
+           "compression_mean": 12.5, "compression_max": 20.0, "prefill_flops": 1e9, "prefill_reduction_vs_full": 0.6,
+           "generation_flops": 2e9, "compress_flops": 3e9, "prompt_state_bytes_mean": 46080, "wall_s": 1.5}
+    fake = {"out": str(tmp_path / "o"), "runs": [], "rows": [row], "plots": []}
+    monkeypatch.setattr(common.console, "width", 80)
+    with mock.patch("gistcache.eval.run.evaluate", return_value=fake):
+        result = runner.invoke(app, ["eval", "--run", runs["run"], "--split", "human", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.output
+    assert "neg_control" in result.output and "31.2 [20.0, 40.0]" in result.output and "-60%" in result.output and "12.5x" in result.output
+    assert "gen FLOPs" not in result.output.split("(narrow terminal")[0]
+    assert "all columns are in results.md" in result.output

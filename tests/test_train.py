@@ -32,6 +32,13 @@ def test_train_writes_a_loadable_run(tmp_path, tiny_model_dir, tune):
     curve = [loss for _, loss in metrics["loss_curve"]]
     assert len(curve) == 10 and sum(curve[-3:]) < sum(curve[:3])
     assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
+    # the built-in held-out set is scored per split too; "all" is their token-weighted mean, so it lies between
+    splits = metrics["heldout_loss_by_split"]
+    assert set(splits) == {"seen_tasks", "unseen_tasks"}
+    assert sum(s["examples"] for s in splits.values()) == metrics["eval_examples"] == 8
+    for when, overall in (("before", metrics["heldout_loss_before"]), ("after", metrics["heldout_loss"])):
+        values = [s[when] for s in splits.values()]
+        assert min(values) - 1e-9 <= overall <= max(values) + 1e-9 and min(values) < max(values)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["steps"] == 10 and saved["tokens_per_second"] > 0
     gm = load_run(run)
@@ -118,7 +125,7 @@ def test_user_data_with_eval_filter(tmp_path, tiny_model_dir):
     metrics = train(config(tmp_path, tiny_model_dir, data=[str(data)], eval_data=[str(held)], tune="gist",
                            max_steps=2, max_examples=None), show_progress=False)
     assert metrics["dropped_contaminated"] == 1 and metrics["train_examples"] == 11
-    assert metrics["eval_examples"] == 1
+    assert metrics["eval_examples"] == 1 and metrics["heldout_loss_by_split"] == {}
 
 
 def test_run_loads_in_bfloat16_and_fingerprint_covers_config(tmp_path, tiny_model_dir):

@@ -16,7 +16,7 @@ from gistcache.errors import GistError
 # 3 minutes with model load; test: ~100 examples; validate: ~2K; full: everything given.
 PRESETS: dict[str, dict] = {
     "smoke": dict(max_examples=160, epochs=1, batch_size=4, grad_accum=1, eval_examples=16, max_steps=40),
-    "test": dict(max_examples=100, epochs=3, batch_size=4, grad_accum=1, eval_examples=48, max_steps=None),
+    "test": dict(max_examples=100, epochs=3, batch_size=4, grad_accum=1, eval_examples=96, max_steps=None),
     "validate": dict(max_examples=2000, epochs=1, batch_size=8, grad_accum=1, eval_examples=100, max_steps=None),
     "full": dict(max_examples=None, epochs=3, batch_size=8, grad_accum=2, eval_examples=200, max_steps=None),
 }

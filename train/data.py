@@ -115,6 +115,19 @@ def builtin_examples(num_examples: int, *, seed: int, held_out: bool) -> list[Ex
             for r in make_builtin_tasks(num_examples, seed=seed, held_out=held_out)]
 
 
+def heldout_split(example: Example) -> str:
+    """Which held-out split a built-in evaluation row belongs to, as the paper's seen/unseen splits:
+    "seen_tasks" (new inputs of a task family trained on) or "unseen_tasks" (a family never trained on).
+    Rows from the user's files are all "eval"."""
+    kind, _, family = example.source.partition(":")
+    if kind != "builtin":
+        return "eval"
+    from gistcache.train.tasks import FAMILIES
+
+    held_out = {f.name for f in FAMILIES if f.held_out}
+    return "unseen_tasks" if family in held_out else "seen_tasks"
+
+
 def normalize_instruction(text: str) -> str:
     return " ".join(text.strip().lower().split())
 

@@ -25,8 +25,8 @@ from gistcache.model import GistModel, atomic_write_text, fingerprint_model, loa
 from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, remove_run_outputs, save_run,
                            save_run_weights)
 from gistcache.train.config import TrainConfig
-from gistcache.train.data import (Example, builtin_examples, collate, drop_contaminated, encode_examples, load_many,
-                                  shuffled)
+from gistcache.train.data import (Example, builtin_examples, collate, drop_contaminated, encode_examples, heldout_split,
+                                  load_many, shuffled)
 
 log = logging.getLogger("gistcache.train")
 CHECKPOINTS = "checkpoints"
@@ -170,24 +170,30 @@ def load_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, schedule
 # --- evaluation -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def heldout_loss(model: GistModel, encoded, *, batch_size: int, pad_token_id: int, condition: str,
-                 device: torch.device) -> float | None:
-    """Token-weighted mean cross-entropy on the answers of held-out examples, under `condition`."""
-    if not encoded:
-        return None
+def heldout_losses(model: GistModel, groups: dict[str, list], *, batch_size: int, pad_token_id: int, condition: str,
+                   device: torch.device) -> dict[str, float]:
+    """Token-weighted mean cross-entropy on the answers of held-out examples, under `condition`:
+    one value per group of encoded examples, and "all" over every group together. Empty: {}."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
-        logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits.float()
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += float(loss)
-        count += int((labels != -100).sum())
+    sums: dict[str, tuple[float, int]] = {}
+    for name, encoded in groups.items():
+        total, count = 0.0, 0
+        for i in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
+            logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits.float()
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((labels != -100).sum())
+        if count:
+            sums[name] = (total, count)
     model.train(was_training)
-    return total / max(count, 1)
+    losses = {name: total / count for name, (total, count) in sums.items()}
+    if sums:
+        losses["all"] = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
+    return losses
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -217,11 +223,18 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     context = min(config.max_length, model.max_context())
     encoded, too_long = encode_examples(tokenizer, train_rows, num_gist_tokens=config.num_gist_tokens,
                                         gist_token_id=gist_id, template=config.template, max_length=context)
-    eval_encoded, eval_too_long = encode_examples(tokenizer, eval_rows, num_gist_tokens=config.num_gist_tokens,
-                                                  gist_token_id=gist_id, template=config.template, max_length=context)
+    eval_groups, eval_too_long = {}, 0
+    for row in eval_rows:  # the built-in set is scored per split: seen task families and held-out ones
+        eval_groups.setdefault(heldout_split(row), []).append(row)
+    for name, rows in eval_groups.items():
+        eval_groups[name], dropped = encode_examples(tokenizer, rows, num_gist_tokens=config.num_gist_tokens,
+                                                     gist_token_id=gist_id, template=config.template,
+                                                     max_length=context)
+        eval_too_long += dropped
     if not encoded:
         raise GistError(f"every training example is longer than {context} tokens: raise --max-length")
-    stats.update(train_examples=len(encoded), eval_examples=len(eval_encoded), dropped_too_long=too_long + eval_too_long)
+    stats.update(train_examples=len(encoded), eval_examples=sum(len(g) for g in eval_groups.values()),
+                 dropped_too_long=too_long + eval_too_long)
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -256,9 +269,10 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
 
     device = accelerator.device
     model.to(device)
-    before = heldout_loss(model, eval_encoded, batch_size=config.batch_size, pad_token_id=tokenizer.pad_token_id,
-                          condition=config.condition, device=device) if step == 0 else state.get("heldout_loss_before")
-    state["heldout_loss_before"] = before
+    if step == 0:
+        state["heldout_before"] = heldout_losses(model, eval_groups, batch_size=config.batch_size,
+                                                 pad_token_id=tokenizer.pad_token_id, condition=config.condition,
+                                                 device=device)
     # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -313,11 +327,15 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     state["train_seconds"] += time.perf_counter() - t0
     accelerator.wait_for_everyone()
     unwrapped: GistModel = accelerator.unwrap_model(model)
-    after = heldout_loss(unwrapped, eval_encoded, batch_size=config.batch_size, pad_token_id=pad_id,
-                         condition=config.condition, device=device)
+    after = heldout_losses(unwrapped, eval_groups, batch_size=config.batch_size, pad_token_id=pad_id,
+                           condition=config.condition, device=device)
+    before = state.get("heldout_before", {})
+    by_split = {name: {"before": before.get(name), "after": after.get(name), "examples": len(eval_groups[name])}
+                for name in eval_groups if name != "eval"}
     metrics = {
         "condition": config.condition, "tune": config.tune, "num_gist_tokens": config.num_gist_tokens,
-        "steps": step, "heldout_loss": after, "heldout_loss_before": state["heldout_loss_before"],
+        "steps": step, "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
+        "heldout_loss_by_split": by_split,
         "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
         "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": round(state["train_seconds"], 2), "model_load_seconds": round(load_seconds, 2),
@@ -328,7 +346,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
                  base_fingerprint=base_fingerprint)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        log.info("held-out loss %s (before %s)", after, state["heldout_loss_before"])
+        log.info("held-out loss %s (before %s)", json.dumps(after), json.dumps(before))
     if handler:
         log.removeHandler(handler)
         handler.close()
