@@ -25,6 +25,18 @@ def test_train_flags_reach_the_config(tmp_path):
 
 
 
+def test_train_table_shows_each_heldout_split(tmp_path):
+    """Without --json the train table lists the held-out loss of each split, before -> after."""
+    fake = {"condition": "gist", "steps": 3, "heldout_loss": 1.5, "heldout_loss_before": 6.5, "loss_curve": [],
+            "heldout_loss_by_split": {"seen_tasks": {"before": 7.398, "after": 1.346, "examples": 48},
+                                      "unseen_tasks": {"before": 6.253, "after": 2.111, "examples": 48}}}
+    with mock.patch("gistcache.train.loop.train", return_value=fake):
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--preset", "smoke"])
+    assert result.exit_code == 0, result.output
+    assert "seen_tasks (n=48)" in result.output and "7.3980 -> 1.3460" in result.output
+    assert "unseen_tasks (n=48)" in result.output and "6.2530 -> 2.1110" in result.output
+
+
 def test_bad_flags_one_line_exit_2(tmp_path):
     """--num-gist 0, an unknown preset, a missing data file: one line each, exit 2, nothing written."""
     out = tmp_path / "r"
