@@ -51,8 +51,8 @@ def train(
 
     config = TrainConfig(
         out=out, data=data or [], eval_data=eval_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        condition=condition, template=template, tune=tune, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr, batch_size=batch_size,
-        grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
+        condition=condition, template=template, tune=tune, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
+        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
     )
