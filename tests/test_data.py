@@ -8,7 +8,7 @@ from gistcache.errors import GistError
 from gistcache.train.config import TrainConfig
 from gistcache.train.data import collate, drop_contaminated, encode_examples, heldout_split, load_examples
 from gistcache.train.loop import prepare_examples
-from gistcache.train.tasks import FAMILIES
+from gistcache.train.tasks import HELD_OUT_FAMILIES
 from gistcache.prompts import IGNORE_INDEX
 
 
@@ -83,11 +83,10 @@ def test_builtin_heldout_set_has_both_splits(tmp_path):
     """The built-in held-out set is half new inputs of trained families ("seen_tasks") and half families
     never trained on ("unseen_tasks"); rows from a user's file are "eval"."""
     train_rows, eval_rows, _ = prepare_examples(TrainConfig(out=str(tmp_path / "r"), preset="test"))
-    held_out = {f.name for f in FAMILIES if f.held_out}
     splits = [heldout_split(ex) for ex in eval_rows]
     assert len(eval_rows) == 96 and splits.count("seen_tasks") == splits.count("unseen_tasks") == 48
-    assert all((ex.source.split(":")[1] in held_out) == (s == "unseen_tasks") for ex, s in zip(eval_rows, splits))
-    assert not {ex.source.split(":")[1] for ex in train_rows} & held_out
+    assert all((ex.source.split(":")[1] in HELD_OUT_FAMILIES) == (s == "unseen_tasks") for ex, s in zip(eval_rows, splits))
+    assert not {ex.source.split(":")[1] for ex in train_rows} & HELD_OUT_FAMILIES
     assert not {(ex.instruction, ex.input) for ex in train_rows} & {(ex.instruction, ex.input) for ex in eval_rows}
     path = write(tmp_path / "a.jsonl", json.dumps({"instruction": "Add", "input": "1, 2", "output": "3"}) + "\n")
     assert heldout_split(load_examples(path)[0]) == "eval"

@@ -122,10 +122,9 @@ def heldout_split(example: Example) -> str:
     kind, _, family = example.source.partition(":")
     if kind != "builtin":
         return "eval"
-    from gistcache.train.tasks import FAMILIES
+    from gistcache.train.tasks import HELD_OUT_FAMILIES
 
-    held_out = {f.name for f in FAMILIES if f.held_out}
-    return "unseen_tasks" if family in held_out else "seen_tasks"
+    return "unseen_tasks" if family in HELD_OUT_FAMILIES else "seen_tasks"
 
 
 def normalize_instruction(text: str) -> str:

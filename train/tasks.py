@@ -9,7 +9,8 @@ always correct. Many families share an input format (a word, "12, 7", a phrase),
 different outputs under different instructions, which forces a model to read the instruction.
 Families marked ``held_out=True`` never appear in training rows; they are for evaluation.
 
-Public API: ``FAMILIES`` (tuple of TaskFamily) and ``make_builtin_tasks(num_examples, *, seed, held_out)``.
+Public API: ``FAMILIES`` (tuple of TaskFamily), ``HELD_OUT_FAMILIES`` (their names) and
+``make_builtin_tasks(num_examples, *, seed, held_out)``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Union
 
-__all__ = ["FAMILIES", "TaskFamily", "make_builtin_tasks"]
+__all__ = ["FAMILIES", "HELD_OUT_FAMILIES", "TaskFamily", "make_builtin_tasks"]
 
 # --- Small built-in vocabularies ---
 
@@ -418,6 +419,9 @@ FAMILIES: tuple[TaskFamily, ...] = (
        "Give the letter that follows '{letter}' in the alphabet.",
        "In the alphabet, what letter comes after '{letter}'?"),
 )
+
+
+HELD_OUT_FAMILIES: frozenset[str] = frozenset(f.name for f in FAMILIES if f.held_out)
 
 
 # --- Public entry point ---
