@@ -16,13 +16,24 @@ def test_train_flags_reach_the_config(tmp_path):
     with mock.patch("gistcache.train.loop.train", return_value=fake) as train:
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--preset", "smoke", "--num-gist", "5",
                                      "--condition", "neg_control", "--tune", "gist", "--batch-size", "2",
-                                     "--lora-r", "64", "--lora-alpha", "8", "--json"])
+                                     "--lora-r", "64", "--lora-alpha", "8", "--warmup-ratio", "0.25", "--json"])
     assert result.exit_code == 0, result.output
     (config,), kwargs = train.call_args
     assert (config.num_gist_tokens, config.condition, config.tune, config.batch_size) == (5, "neg_control", "gist", 2)
     assert (config.lora_r, config.lora_alpha) == (64, 8) and config.max_steps == 40  # max_steps: the smoke preset
+    assert config.warmup_ratio == 0.25
     assert '"steps": 3' in result.output
 
+
+def test_train_leaves_unset_flags_to_the_config(tmp_path):
+    """A flag not given keeps TrainConfig's own default (one place for each default)."""
+    from gistcache.train.config import TrainConfig
+
+    with mock.patch("gistcache.train.loop.train", return_value={"loss_curve": []}) as train:
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--preset", "smoke", "--json"])
+    assert result.exit_code == 0, result.output
+    (config,), _ = train.call_args
+    assert config.warmup_ratio == TrainConfig(out="x").warmup_ratio
 
 
 def test_train_table_shows_each_heldout_split(tmp_path):
@@ -43,6 +54,7 @@ def test_bad_flags_one_line_exit_2(tmp_path):
     for args, text in [
         (["--num-gist", "0"], "--num-gist must be a whole number >= 1"),
         (["--lora-alpha", "0"], "--lora-alpha must be >= 1"),
+        (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
         (["--preset", "huge"], "unknown --preset"),
         (["--data", str(tmp_path / "none.json")], "does not exist"),
         (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
