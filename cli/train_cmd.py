@@ -28,7 +28,7 @@ def train(
     template: Annotated[str, typer.Option(help="auto | chat | plain (the paper's).")] = "auto",
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then decay).")] = 1e-4,
     gist_lr: Annotated[Optional[float], typer.Option("--gist-lr", help="Learning rate of the gist embedding (default: --lr).")] = None,
-    warmup_ratio: Annotated[Optional[float], typer.Option("--warmup-ratio", help="Share of the steps that warm the learning rate up linearly (default 10%).")] = None,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of the steps that warm the learning rate up linearly.")] = 0.1,
     lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 16,
     lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA scale numerator (update scaled by alpha / r).")] = 32,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per device; default from the preset.")] = None,
@@ -53,10 +53,10 @@ def train(
     config = TrainConfig(
         out=out, data=data or [], eval_data=eval_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
         condition=condition, template=template, tune=tune, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
+        warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
-        **({} if warmup_ratio is None else {"warmup_ratio": warmup_ratio}),
     )
     metrics = run_training(config, show_progress=not json_out)
     if json_out:
