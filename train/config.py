@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from gistcache.config import DEFAULT_MODEL, GistConfig
+from gistcache.config import GistConfig
 from gistcache.errors import GistError
 
 # Data size and steps per preset. smoke: plumbing check that finishes on a 2-core CPU in under
@@ -29,14 +29,14 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     eval_data: list[str] = field(default_factory=list)
     preset: str = "test"
-    # what the run is (saved as GistConfig)
-    model: str = DEFAULT_MODEL
-    num_gist_tokens: int = 1
-    condition: str = "gist"
-    template: str = "auto"
-    tune: str = "lora"
-    lora_r: int = 16
-    lora_alpha: int = 32
+    # what the run is (saved as GistConfig, whose defaults these take)
+    model: str = GistConfig.model
+    num_gist_tokens: int = GistConfig.num_gist_tokens
+    condition: str = GistConfig.condition
+    template: str = GistConfig.template
+    tune: str = GistConfig.tune
+    lora_r: int = GistConfig.lora_r
+    lora_alpha: int = GistConfig.lora_alpha
     # optimisation
     lr: float = 1e-4
     gist_lr: float | None = None  # None: same as lr
