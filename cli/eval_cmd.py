@@ -18,6 +18,7 @@ NARROW_DROPPED = ("EM", "prefill FLOPs", "gen FLOPs", "compress FLOPs", "wall s"
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_)
+    app.command("attention")(attention)
 
 
 @friendly_errors
@@ -65,3 +66,33 @@ def eval_(
         console.print("(narrow terminal: all columns are in results.md)", highlight=False)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)
+
+
+@friendly_errors
+def attention(
+    run: Annotated[Optional[str], typer.Option("--run", help="A run folder written by `gist train`. Default: the untrained --model.")] = None,
+    model: Annotated[str, typer.Option(help="Base model measured when no --run is given.")] = "smollm2-135m",
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format file(s). Default: built-in rows.")] = None,
+    examples: Annotated[int, typer.Option("--examples", help="Rows to measure (batch size 1).")] = 24,
+    seed: Annotated[int, typer.Option(help="Which rows.")] = 1,
+    num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens, when no --run is given.")] = 1,
+    template: Annotated[str, typer.Option(help="auto | chat | plain, when no --run is given.")] = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Where tokens after the gist put their attention under each condition's mask, and their answer loss."""
+    from gistcache.eval.attention import AttentionConfig, measure_attention
+
+    config = AttentionConfig(run=run, model=model, data=data or [], examples=examples, seed=seed,
+                             num_gist_tokens=num_gist, template=template)
+    result = measure_attention(config)
+    if json_out:
+        print_json(result)
+        return
+    table = Table(title=f"gist attention: {result['source']}, {result['conditions'][0]['examples']} examples")
+    for name in ("condition", "attention on first visible key", "attention on gist", "answer loss"):
+        table.add_column(name, justify="left" if name == "condition" else "right")
+    for row in result["conditions"]:
+        loss = row["answer_loss"]
+        table.add_row(row["condition"], f"{row['first_visible_share']:.3f}", f"{row['gist_share']:.3f}",
+                      "—" if loss is None else f"{loss:.3f}")
+    console.print(table)

@@ -105,18 +105,10 @@ def synth_instruction(tokenizer, n_tokens: int, seed: int = 0) -> str:
 
 
 def machine_info(device: str, dtype: str) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
+    from gistcache.run import cpu_name, package_versions
 
-    info = {"cpu": cpu or platform.machine(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "device": device, "dtype": dtype,
+    info = {"cpu": cpu_name(), "platform": platform.platform(), "python": platform.python_version(),
+            **package_versions(), "device": device, "dtype": dtype,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

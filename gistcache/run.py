@@ -34,6 +34,35 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 WEIGHT_FILES = (GIST_FILE, ADAPTER_FILE, FULL_FILE)
+# the packages whose versions decide a run's numbers: the same flags and seed give the same run only with
+# the same versions (and the same kind of CPU or GPU, see cpu_name)
+RECORDED_PACKAGES = ("gistcache", "torch", "transformers", "peft", "accelerate", "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of RECORDED_PACKAGES (None: not installed), for metrics and benchmarks."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def cpu_name() -> str:
+    """The CPU model (`/proc/cpuinfo`, else `platform`): float results of training differ across CPU kinds."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def is_run_dir(path: Path) -> bool:

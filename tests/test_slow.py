@@ -59,3 +59,15 @@ def test_gist_mask_changes_the_real_model(model):
         plain = model.model(inputs_embeds=model.embed(ids), position_ids=make_position_ids(attn)).logits[0, -1]
     torch.testing.assert_close(causal, plain, atol=1e-4, rtol=0)
     assert (masked - causal).abs().max() > 1e-2
+
+
+def test_untrained_gist_is_no_attention_sink_on_default_model():
+    """The gist handicap that training has to undo (docs/results.md, section 1): on the untrained default
+    model the tokens after the gist put far less attention on the gist than the negative control's tokens put
+    on their first visible token (a sequence start, hence a sink), and their answers are worse for it."""
+    from gistcache.eval.attention import AttentionConfig, measure_attention
+
+    rows = {r["condition"]: r for r in measure_attention(AttentionConfig(examples=8))["conditions"]}
+    assert rows["neg_control"]["first_visible_share"] > 1.5 * rows["gist"]["first_visible_share"]
+    assert rows["pos_control"]["first_visible_share"] > 1.5 * rows["gist"]["first_visible_share"]
+    assert rows["gist"]["answer_loss"] > rows["neg_control"]["answer_loss"] > rows["pos_control"]["answer_loss"]

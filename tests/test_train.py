@@ -41,6 +41,10 @@ def test_train_writes_a_loadable_run(tmp_path, tiny_model_dir, tune):
         assert min(values) - 1e-9 <= overall <= max(values) + 1e-9 and min(values) < max(values)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["steps"] == 10 and saved["tokens_per_second"] > 0
+    # the versions that decide the numbers are recorded with them
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["versions"]["transformers"] and saved["versions"]["peft"] and saved["versions"]["gistcache"]
+    assert saved["cpu"] and saved["threads"] >= 1
     gm = load_run(run)
     trained = load_file(run / "gist_embedding.safetensors")["gist_embedding"]
     assert torch.equal(gm.gist_embedding.detach(), trained)

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from gistcache.errors import GistError
 from gistcache.model import GistModel, atomic_write_text, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, remove_run_outputs, save_run,
-                           save_run_weights)
+from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, cpu_name, package_versions,
+                           remove_run_outputs, save_run, save_run_weights)
 from gistcache.train.config import TrainConfig
 from gistcache.train.data import (Example, builtin_examples, collate, drop_contaminated, encode_examples, heldout_split,
                                   load_many, shuffled)
@@ -340,7 +340,9 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "train_seconds": round(state["train_seconds"], 2), "model_load_seconds": round(load_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2), "device": str(device),
-        "mixed_precision": mixed, "processes": world, **stats, "loss_curve": state["loss_curve"],
+        "mixed_precision": mixed, "processes": world, **stats, "versions": package_versions(),
+        "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "loss_curve": state["loss_curve"],
     }
     if main:
         save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
