@@ -27,8 +27,8 @@ import torch
 from gistcache.config import DEFAULT_MODEL, GistConfig
 from gistcache.errors import GistError
 from gistcache.masks import CONDITIONS, find_gist_spans, make_gist_mask
-from gistcache.model import GistModel
-from gistcache.prompts import IGNORE_INDEX, EncodedExample
+from gistcache.model import GistModel, answer_loss_sum
+from gistcache.prompts import EncodedExample
 
 
 @torch.no_grad()
@@ -56,10 +56,8 @@ def attention_after_gist(model: GistModel, encoded: list[EncodedExample], condit
         index = first.view(1, 1, -1, 1).expand(*after.shape[:3], 1)
         first_shares.append(float(after.gather(-1, index).mean()))
         gist_shares.append(float(after[..., start:end].sum(-1).mean()))
-        labels = torch.tensor(example.labels[1:], device=model.device)
-        loss_sum += float(torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), labels,
-                                                            ignore_index=IGNORE_INDEX, reduction="sum"))
-        loss_count += int((labels != IGNORE_INDEX).sum())
+        total, count = answer_loss_sum(out.logits, torch.tensor([example.labels], device=model.device))
+        loss_sum, loss_count = loss_sum + total, loss_count + count
     return {
         "condition": condition,
         "first_visible_share": sum(first_shares) / len(first_shares),
@@ -78,8 +76,8 @@ def attention_by_condition(model: GistModel, encoded: list[EncodedExample],
 @dataclass
 class AttentionConfig:
     """What `gist attention` measures: a trained run (`run`), or the untrained base model (`model`)
-    with a fresh gist embedding; on built-in rows (half from training families, half from held-out
-    ones) or on the first rows of Alpaca-format files (`data`)."""
+    with a fresh gist embedding; on `examples` built-in rows (half from training families, half from
+    held-out ones) or on `examples` rows of Alpaca-format files (`data`), drawn by `seed`."""
 
     run: str | None = None
     model: str = DEFAULT_MODEL

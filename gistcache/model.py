@@ -150,6 +150,20 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy over the labelled (answer) positions, and how many there are.
+
+    logits: (B, T, V); labels: (B, T), IGNORE_INDEX where unlabelled. Divide the sums of several
+    batches by the summed counts for the token-weighted mean that the held-out loss reports.
+    """
+    from gistcache.prompts import IGNORE_INDEX
+
+    labels = labels[:, 1:]
+    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss), int((labels != IGNORE_INDEX).sum())
+
+
 class GistModel(nn.Module):
     """A causal LM plus the trained gist embedding.
 

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gistcache.errors import GistError
-from gistcache.model import GistModel, atomic_write_text, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.model import (GistModel, answer_loss_sum, atomic_write_text, fingerprint_model, load_base_model,
+                             load_tokenizer)
 from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, cpu_name, package_versions,
                            remove_run_outputs, save_run, save_run_weights)
 from gistcache.train.config import TrainConfig
@@ -181,12 +182,9 @@ def heldout_losses(model: GistModel, groups: dict[str, list], *, batch_size: int
         total, count = 0.0, 0
         for i in range(0, len(encoded), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
-            logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits.float()
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
+            logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits
+            batch_total, batch_count = answer_loss_sum(logits, batch["labels"])
+            total, count = total + batch_total, count + batch_count
         if count:
             sums[name] = (total, count)
     model.train(was_training)
