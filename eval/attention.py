@@ -36,6 +36,7 @@ def attention_after_gist(model: GistModel, encoded: list[EncodedExample], condit
     """{"condition", "first_visible_share", "gist_share", "answer_loss", "examples"} for `condition`."""
     if not encoded:
         raise GistError("no examples to measure attention on")
+    was_training = model.training
     model.eval()
     first_shares, gist_shares = [], []
     loss_sum, loss_count = 0.0, 0
@@ -58,6 +59,7 @@ def attention_after_gist(model: GistModel, encoded: list[EncodedExample], condit
         gist_shares.append(float(after[..., start:end].sum(-1).mean()))
         total, count = answer_loss_sum(out.logits, torch.tensor([example.labels], device=model.device))
         loss_sum, loss_count = loss_sum + total, loss_count + count
+    model.train(was_training)
     return {
         "condition": condition,
         "first_visible_share": sum(first_shares) / len(first_shares),
