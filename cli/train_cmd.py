@@ -60,7 +60,7 @@ def train(
     )
     metrics = run_training(config, show_progress=not json_out)
     if json_out:
-        print_json({k: v for k, v in metrics.items() if k != "loss_curve"})
+        print_json({k: v for k, v in metrics.items() if not k.endswith("_curve")})
         return
     table = Table(title=f"gist train -> {out}")
     table.add_column("metric")

@@ -31,6 +31,11 @@ def test_train_writes_a_loadable_run(tmp_path, tiny_model_dir, tune):
     assert ("model.safetensors" in names) == (tune == "full")
     curve = [loss for _, loss in metrics["loss_curve"]]
     assert len(curve) == 10 and sum(curve[-3:]) < sum(curve[:3])
+    # the gradient norm before clipping, all and the gist embedding's part, one per optimizer step
+    assert [s for s, _, _ in metrics["grad_norm_curve"]] == list(range(1, 11))
+    assert all(0 < gist <= total * (1 + 1e-3) for _, total, gist in metrics["grad_norm_curve"])
+    if tune == "gist":  # the gist embedding is all there is
+        assert all(gist == pytest.approx(total, rel=1e-3) for _, total, gist in metrics["grad_norm_curve"])
     assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
     # the built-in held-out set is scored per split too; "all" is their token-weighted mean, so it lies between
     splits = metrics["heldout_loss_by_split"]
@@ -66,7 +71,7 @@ def test_gist_tuning_leaves_base_frozen(tmp_path, tiny_model_dir):
 def test_resume_continues_where_a_killed_run_stopped(tmp_path, tiny_model_dir):
     """A run killed after its step-4 checkpoint and resumed ends where an uninterrupted run ends."""
     ref = config(tmp_path, tiny_model_dir, tune="full", out=str(tmp_path / "ref"))
-    train(ref, show_progress=False)
+    ref_metrics = train(ref, show_progress=False)
     cfg = config(tmp_path, tiny_model_dir, tune="full", save_every=2)
     train(cfg, show_progress=False)
     run = tmp_path / "run"
@@ -79,6 +84,8 @@ def test_resume_continues_where_a_killed_run_stopped(tmp_path, tiny_model_dir):
         (run / name).unlink()
     metrics = train(config(tmp_path, tiny_model_dir, tune="full", save_every=2, resume=True), show_progress=False)
     assert metrics["steps"] == 6 and len(metrics["loss_curve"]) == 6
+    norms, ref_norms = ([n for _, n, _ in m["grad_norm_curve"]] for m in (metrics, ref_metrics))
+    assert norms == pytest.approx(ref_norms, rel=1e-3)  # the same steps as the uninterrupted run
     a = load_file(tmp_path / "ref" / "gist_embedding.safetensors")["gist_embedding"]
     b = load_file(run / "gist_embedding.safetensors")["gist_embedding"]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -147,3 +154,17 @@ def test_run_loads_in_bfloat16_and_fingerprint_covers_config(tmp_path, tiny_mode
     data["gist"]["template"] = "plain"
     (run / "config.json").write_text(_json.dumps(data))
     assert run_fingerprint(run) != before
+
+
+def test_norm_before_clip_undoes_the_global_clip():
+    """The gist embedding's gradient norm is recovered after clip_grad_norm_ scaled it down."""
+    from gistcache.train.loop import norm_before_clip
+
+    gist, rest = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))
+    gist.grad, rest.grad = torch.full((4,), 50.0), torch.tensor([3.0, 0.0, 4.0])  # norms 100 and 5
+    total = float(torch.nn.utils.clip_grad_norm_([gist, rest], 1.0))
+    assert float(gist.grad.norm()) < 1.0
+    assert norm_before_clip(gist, total, 1.0) == pytest.approx(100.0, rel=1e-5)
+    small = torch.nn.Parameter(torch.zeros(2))
+    small.grad = torch.tensor([0.3, 0.4])  # under the limit: not clipped, reported as it is
+    assert norm_before_clip(small, float(torch.nn.utils.clip_grad_norm_([small], 1.0)), 1.0) == pytest.approx(0.5)

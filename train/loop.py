@@ -31,6 +31,7 @@ from gistcache.train.data import (Example, builtin_examples, collate, drop_conta
 
 log = logging.getLogger("gistcache.train")
 CHECKPOINTS = "checkpoints"
+MAX_GRAD_NORM = 1.0  # over all trainable parameters together, as Hugging Face's Trainer does by default
 
 
 # --- the run folder before training -------------------------------------------------------------
@@ -255,14 +256,16 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     if others:
         groups.append({"params": others, "lr": config.lr, "weight_decay": config.weight_decay})
     optimizer = torch.optim.AdamW(groups)
+    gist_param = model.gist_embedding
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
 
-    state = {"loss_curve": [], "tokens": 0, "train_seconds": 0.0}
+    state = {"loss_curve": [], "grad_norm_curve": [], "tokens": 0, "train_seconds": 0.0}
     step = 0
     if config.resume:
         ckpt = latest_checkpoint(out)
         state = load_checkpoint(model, optimizer, scheduler, ckpt, config.tune)
         step = state["step"]
+        state.setdefault("grad_norm_curve", [])  # checkpoints from before it was recorded
         log.info("resumed from %s", ckpt)
 
     device = accelerator.device
@@ -299,7 +302,8 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                                  condition=config.condition).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, 1.0)
+                        grad_norm = float(accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))  # before clipping
+                        gist_grad_norm = norm_before_clip(gist_param, grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -312,10 +316,12 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                     mean = sum(running) / len(running)
                     running = []
                     state["loss_curve"].append([step, round(mean, 5)])
+                    state["grad_norm_curve"].append([step, round(grad_norm, 4), round(gist_grad_norm, 4)])
                     elapsed = state["train_seconds"] + time.perf_counter() - t0
                     tps = state["tokens"] / max(elapsed, 1e-9)
                     progress.update(task, completed=step, loss=mean, tps=tps)
-                    log.info("step %d loss %.4f lr %.2e tokens/s %.1f", step, mean, scheduler.get_last_lr()[0], tps)
+                    log.info("step %d loss %.4f grad_norm %.3f (gist %.3f) lr %.2e tokens/s %.1f", step, mean,
+                             grad_norm, gist_grad_norm, scheduler.get_last_lr()[0], tps)
                     if config.save_every and step % config.save_every == 0 and main:
                         state["train_seconds"] = elapsed
                         t0 = time.perf_counter()
@@ -340,7 +346,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 2), "device": str(device),
         "mixed_precision": mixed, "processes": world, **stats, "versions": package_versions(),
         "cpu": cpu_name(), "threads": torch.get_num_threads(),
-        "loss_curve": state["loss_curve"],
+        "loss_curve": state["loss_curve"], "grad_norm_curve": state["grad_norm_curve"],
     }
     if main:
         save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
@@ -351,6 +357,18 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         log.removeHandler(handler)
         handler.close()
     return metrics
+
+
+def norm_before_clip(param: torch.nn.Parameter, total_norm: float, max_norm: float = MAX_GRAD_NORM) -> float:
+    """The norm `param.grad` had before a global clip to `max_norm` that found `total_norm`.
+
+    Recorded for the gist embedding: one vector that every token after the gist reads, in every
+    layer, whose gradient can outweigh all the model's weights together (docs/results.md, 1d).
+    """
+    if param.grad is None:
+        return 0.0
+    coef = min(1.0, max_norm / (total_norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s factor
+    return float(param.grad.norm()) / coef
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
