@@ -93,7 +93,7 @@ def parse_bytes(text: str) -> int:
 @friendly_errors
 def compress(
     prompt: Annotated[Optional[str], typer.Argument(help="The instruction to compress.")] = None,
-    run: RunDir = ...,
+    run: RunDir = None,
     file: Annotated[Optional[str], typer.Option("--file", help="JSONL of instructions, compressed in batches.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Also write the cache here (a folder with "
                                                "--file).")] = None,
@@ -172,8 +172,8 @@ def compress(
 
 @friendly_errors
 def generate(
-    run: RunDir,
     input: Annotated[list[str], typer.Option("--input", help="Text after the gist (repeatable; one batch).")],
+    run: RunDir = None,
     cache: Annotated[Optional[str], typer.Option("--cache", help="A cache file from `gist compress --out`.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="An instruction: compressed (or found in the "
                                                   "store) first.")] = None,
@@ -184,6 +184,9 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="0: off.")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Repeatable sampling.")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come (inputs one by one).")] = False,
+    compare_full: Annotated[Optional[str], typer.Option("--compare-full", help="The instruction the cache holds: "
+                                                        "also answer each input with the untouched base model reading "
+                                                        "it in full, side by side.")] = None,
     store: StoreDir = None,
     device: Device = "cpu",
     dtype: DType = "float32",
@@ -200,6 +203,8 @@ def generate(
         raise GistError("give --cache FILE or --prompt TEXT, not both or neither")
     if stream and json_out:
         raise GistError("--stream prints text as it comes; drop --json or --stream")
+    if stream and compare_full is not None:
+        raise GistError("--stream prints one answer as it comes; drop --compare-full or --stream")
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed)
     GenerateConfig(**settings)  # refuse bad settings before loading anything
@@ -219,6 +224,17 @@ def generate(
             texts += run_generate(model, gist_cache, text, streamer=streamer, **settings)
         return
     texts = run_generate(model, gist_cache, list(input), **settings)
+    if compare_full is not None:
+        full = full_prompt_answers(model, gist_cache, compare_full, list(input), max_new_tokens, device,
+                                   torch_dtype_)
+        if json_out:
+            print_json({"prompt_tokens": gist_cache.num_prompt_tokens, "gist_tokens": gist_cache.num_gist_tokens,
+                        "cache_bytes": gist_cache.nbytes, "full_prompt_kv_bytes": gist_cache.full_prompt_kv_bytes,
+                        "answers": [{"input": i, "gist": o, "full_prompt": f}
+                                    for i, o, f in zip(input, texts, full)]})
+            return
+        print_side_by_side(gist_cache, list(input), texts, full)
+        return
     if json_out:
         print_json([{"input": i, "output": o} for i, o in zip(input, texts)])
         return
@@ -228,6 +244,34 @@ def generate(
             console.print(f"[bold]answer:[/] {escape(output)}", highlight=False)
         else:
             console.print("[bold]answer:[/] [dim](no text: the model ended its answer at once)[/]", highlight=False)
+
+
+def full_prompt_answers(model, gist_cache, instruction: str, inputs: list[str], max_new_tokens: int, device,
+                        dtype) -> list[str]:
+    """The untouched base model's greedy answers to the whole instruction and each input."""
+    from gistcache.cache import sha256_text
+    from gistcache.generation import generate_full_prompt
+    from gistcache.model import GistModel, load_base_model
+
+    if sha256_text(instruction) != gist_cache.prompt_sha256:
+        raise GistError("--compare-full is not the instruction this cache holds (its SHA-256 differs): give the "
+                        "exact text that was compressed")
+    base = GistModel(load_base_model(model.gist_config.model, dtype=dtype, device=device), model.tokenizer,
+                     model.num_gist_tokens, template=model.template).eval()
+    return generate_full_prompt(base, instruction, inputs, max_new_tokens=max_new_tokens)
+
+
+def print_side_by_side(gist_cache, inputs: list[str], gist_answers: list[str], full_answers: list[str]) -> None:
+    c = gist_cache
+    table = Table(title=f"{c.num_prompt_tokens} prompt tokens -> {c.num_gist_tokens} gist token(s) "
+                        f"({c.compression_ratio:.0f}x fewer); cache {human_bytes(c.nbytes)} vs "
+                        f"{human_bytes(c.full_prompt_kv_bytes)} of full-prompt KV")
+    table.add_column("input", overflow="fold")
+    table.add_column("answer from the gist cache", overflow="fold")
+    table.add_column("answer from the full prompt (base model)", overflow="fold")
+    for text, gist_answer, full_answer in zip(inputs, gist_answers, full_answers):
+        table.add_row(escape(text), escape(gist_answer.strip()), escape(full_answer.strip()))
+    console.print(table, highlight=False)
 
 
 @friendly_errors

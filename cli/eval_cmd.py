@@ -10,6 +10,7 @@ from rich.table import Table
 
 from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
+from gistcache.errors import GistError
 
 
 # columns left off the screen table on a terminal narrower than the whole table
@@ -24,7 +25,7 @@ def register(app: typer.Typer) -> None:
 @friendly_errors
 def eval_(
     run: Annotated[list[str], typer.Option("--run", help="A run folder written by `gist train` (repeatable).")],
-    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate (repeatable). Default: all three.")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) (repeatable). Default: all four.")] = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="seen | unseen | human | an Alpaca-format FILE (repeatable). Default: all three splits.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples of each split.")] = None,
     truncate_tokens: Annotated[Optional[int], typer.Option("--truncate-tokens", help="Instruction tokens the truncate baseline keeps. Default: the run's number of gist tokens.")] = None,
@@ -37,6 +38,7 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    update_card: Annotated[bool, typer.Option("--update-card", help="Write the fidelity table into the run's model card (RUN/README.md).")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Compare the gist cache with the full, truncated and no-instruction prompts: ROUGE-L, FLOPs, bytes."""
@@ -47,7 +49,14 @@ def eval_(
         control_runs=control_runs, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size, data_dir=data_dir,
         flops_examples=flops_examples, seed=seed, device=device, dtype=dtype,
     )
+    if update_card and len(config.runs) != 1:
+        raise GistError(f"--update-card writes one run's model card: give one --run, not {len(config.runs)}")
     results = evaluate(config, show_progress=not json_out)
+    if update_card:
+        from gistcache.eval.fidelity import fidelity_markdown
+        from gistcache.train.card import write_model_card
+
+        write_model_card(config.runs[0], [fidelity_markdown(results)])
     if json_out:
         print_json({k: results[k] for k in ("out", "runs", "rows")})
         return
@@ -64,6 +73,16 @@ def eval_(
     console.print(table)
     if len(keep) < len(headers):
         console.print("(narrow terminal: all columns are in results.md)", highlight=False)
+    if results.get("fidelity"):
+        from gistcache.eval.fidelity import fidelity_table
+
+        headers, rows = fidelity_table(results["fidelity"])
+        table = Table(title="fidelity: what the gist keeps of the full prompt (95% bootstrap)", box=box.SIMPLE_HEAD)
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if h in ("run", "split") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-RunDir = Annotated[str, typer.Option("--run", help="A run folder written by `gist train`.")]
+RunDir = Annotated[Optional[str], typer.Option("--run", help="A run folder written by `gist train`. Default: the run "
+                                                "shipped for smollm2-135m (one gist token).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]

@@ -20,11 +20,17 @@ def train(
     out: Annotated[str, typer.Option("--out", help="Run folder to write.")],
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format JSON/JSONL file (repeatable). Default: the built-in instruction set.")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out file(s): held-out loss, and their instructions are dropped from training.")] = None,
+    exclude_data: Annotated[Optional[list[str]], typer.Option("--exclude", help="File(s) whose instructions are dropped from training and not scored (e.g. the evaluation splits you will report).")] = None,
     preset: Annotated[str, typer.Option(help="Data size and steps: smoke | test | validate | full.")] = "test",
     model: Annotated[str, typer.Option(help="Hugging Face id or folder, a .gguf file, or smollm2-135m.")] = "smollm2-135m",
     num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens per prompt.")] = 1,
     condition: Annotated[str, typer.Option(help="gist | pos_control | neg_control.")] = "gist",
+    mask: Annotated[Optional[str], typer.Option("--mask", help="prefix (tokens after the gist also see the template's fixed prefix; default for --condition gist) | paper (they see nothing before the gist).")] = None,
     tune: Annotated[str, typer.Option(help="gist (only the gist embedding) | lora | full.")] = "lora",
+    objective: Annotated[str, typer.Option("--objective", help="labels (cross-entropy on the answers) | distill (KL from the base model reading the full prompt) | mix (both).")] = "labels",
+    distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the distillation KL.")] = 1.0,
+    teacher_answers: Annotated[bool, typer.Option("--teacher-answers", help="Answer every --data row with the base model reading the full prompt first (greedy, cached in the run folder) and train on those answers.")] = False,
+    teacher_max_new_tokens: Annotated[int, typer.Option("--teacher-max-new-tokens", help="Longest teacher answer, in tokens.")] = 96,
     template: Annotated[str, typer.Option(help="auto | chat | plain (the paper's).")] = "auto",
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then decay).")] = 1e-4,
     gist_lr: Annotated[Optional[float], typer.Option("--gist-lr", help="Learning rate of the gist embedding (default: --lr).")] = None,
@@ -51,8 +57,10 @@ def train(
     from gistcache.train.loop import train as run_training
 
     config = TrainConfig(
-        out=out, data=data or [], eval_data=eval_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        condition=condition, template=template, tune=tune, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
+        out=out, data=data or [], eval_data=eval_data or [], exclude_data=exclude_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
+        condition=condition, mask=mask, template=template, tune=tune, objective=objective,
+        distill_temperature=distill_temperature, teacher_answers=teacher_answers,
+        teacher_max_new_tokens=teacher_max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
         warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
@@ -65,7 +73,7 @@ def train(
     table = Table(title=f"gist train -> {out}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("condition", "tune", "num_gist_tokens", "train_examples", "dropped_contaminated", "dropped_too_long",
+    for key in ("condition", "mask", "objective", "tune", "num_gist_tokens", "train_examples", "dropped_contaminated", "dropped_too_long",
                 "steps", "final_train_loss", "heldout_loss_before", "heldout_loss", "tokens_per_second",
                 "train_seconds", "wall_seconds", "device"):
         value = metrics.get(key)

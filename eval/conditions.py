@@ -6,12 +6,15 @@ included: what the gist tokens replace), G = N gist ids and I = `encode_input(in
     condition     sequence the model reads            mask            prompt state kept
     gist          I after the gist cache of P + G      gist (cache)    N positions
     full          P + G + I                            plain causal    P positions
+    base          P + I (the untouched base model)     plain causal    P positions
     truncate      P[instruction cut to M] + G + I      plain causal    template + M positions
     none          P[instruction removed] + G + I       plain causal    template positions
     pos_control   P + G + I (the pos_control run)      plain causal    P positions
     neg_control   I at positions P+N.. (neg_control)   see below       0 positions
 
-The baselines keep the N gist tokens so that the gist-trained model reads the layout it was
+`base` is what a user runs without gistcache: the base model before any tuning (no adapter, no
+trained weights) reading the full prompt, with no gist token. The other baselines keep the N gist
+tokens so that the gist-trained model reads the layout it was
 trained on; they carry no information the visible prompt does not, so they are not counted as
 prompt state.
 
@@ -31,11 +34,10 @@ import torch
 
 from gistcache.errors import GistError
 from gistcache.model import GistModel
-from gistcache.prompts import PromptText, encode_prompt, format_prompt, resolve_template
+from gistcache.prompts import INSTRUCTION_SLOT, PromptText, encode_prompt, format_prompt, resolve_template
 
-BASELINES = ("full", "none", "truncate")
+BASELINES = ("full", "none", "truncate", "base")
 CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
-_SLOT = "\u0001gistcache-instruction-slot\u0001"
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,8 @@ class TruncatedPrompt:
 def template_only_ids(tokenizer, template: str) -> list[int]:
     """The prompt ids with the instruction removed: the template's own text only (`none`)."""
     template = resolve_template(tokenizer, template)
-    text = format_prompt(tokenizer, _SLOT, "", template)
-    return encode_prompt(tokenizer, PromptText(prompt=text.prompt.replace(_SLOT, ""), after=""), template)
+    text = format_prompt(tokenizer, INSTRUCTION_SLOT, "", template)
+    return encode_prompt(tokenizer, PromptText(prompt=text.prompt.replace(INSTRUCTION_SLOT, ""), after=""), template)
 
 
 def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int) -> TruncatedPrompt:

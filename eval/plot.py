@@ -2,6 +2,9 @@
 
 - `rouge_by_condition.png`: ROUGE-L by condition (bars, 95% interval as error bars), one group
   per split;
+- `fidelity.png`, when a gist run was evaluated with its baselines: retention (gist / full),
+  gap closed ((gist - none) / (full - none)) and retention against the base model, per split,
+  with their 95% intervals and a line at 100%;
 - `rouge_vs_compression.png`, when more than one run is evaluated (several `--run`, or control
   runs): ROUGE-L against the mean compression ratio (log scale), one point per (run, condition)
   whose ratio is defined (neg_control keeps no prompt state, so it has none), one marker per split.
@@ -9,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -50,6 +54,31 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     paths.append(path)
+
+    fidelity = [f for f in results.get("fidelity", []) if f.get("retention") and math.isfinite(f["retention"]["mean"])]
+    if fidelity:
+        names = (("retention", "gist / full"), ("gap_closed", "gap closed"), ("retention_vs_base", "gist / base"))
+        names = [(k, t) for k, t in names if any(f.get(k) for f in fidelity)]
+        groups = [f"{f['run']} {f['split']}" if len({g['run'] for g in fidelity}) > 1 else f["split"] for f in fidelity]
+        width = 0.8 / len(names)
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
+        for j, (key, title) in enumerate(names):
+            vals = [f.get(key) if f.get(key) and math.isfinite(f[key]["mean"]) else None for f in fidelity]
+            xs = [i + (j - (len(names) - 1) / 2) * width for i, v in enumerate(vals) if v]
+            ys = [v["mean"] for v in vals if v]
+            errs = [[max(0.0, v["mean"] - v["ci_low"]) for v in vals if v],
+                    [max(0.0, v["ci_high"] - v["mean"]) for v in vals if v]]
+            ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=title)
+        ax.axhline(100, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_ylabel("% of the full prompt's ROUGE-L")
+        ax.set_title("What the gist keeps of the full prompt (95% bootstrap interval)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out_dir / "fidelity.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
 
     if len(results.get("runs", [])) > 1:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))

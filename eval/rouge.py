@@ -70,6 +70,30 @@ def bootstrap_ci(values: list[float], *, resamples: int = 1000, seed: int = 0,
     return float(low), float(high)
 
 
+def bootstrap_statistic(columns: list[list[float]], statistic, *, resamples: int = 1000, seed: int = 0,
+                        confidence: float = 0.95, scale: float = 100.0) -> dict:
+    """{"mean", "ci_low", "ci_high"} of `statistic` over the columns' means, with a paired percentile bootstrap.
+
+    columns: k lists of n per-example values (the same examples in the same order); each resample
+    draws n example indices with replacement and applies `statistic(mean_1, ..., mean_k)` to the k
+    column means (numpy arrays of shape (resamples,)). A resample where the statistic is not finite
+    (a zero denominator) is left out of the interval. Values are multiplied by `scale`.
+    """
+    data = np.asarray(columns, dtype=np.float64)  # (k, n)
+    if data.ndim != 2 or data.shape[1] == 0:
+        raise GistError("no values to bootstrap: evaluate at least one example")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, data.shape[1], size=(resamples, data.shape[1]))  # (resamples, n)
+    means = data[:, idx].mean(axis=2)  # (k, resamples)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = float(statistic(*data.mean(axis=1)))
+        stats = np.asarray(statistic(*means), dtype=np.float64)  # (resamples,)
+    stats = stats[np.isfinite(stats)]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail]) if len(stats) else (math.nan, math.nan)
+    return {"mean": _round(point * scale), "ci_low": _round(float(low) * scale), "ci_high": _round(float(high) * scale)}
+
+
 def summarize(values: list[float], *, resamples: int = 1000, seed: int = 0, scale: float = 100.0) -> dict:
     """{"mean", "ci_low", "ci_high"} of `values`, multiplied by `scale` (100: percent)."""
     low, high = bootstrap_ci(values, resamples=resamples, seed=seed)

@@ -235,6 +235,8 @@ def _prepare(config: EvalConfig, spec: RunSpec, examples: dict[str, list]) -> di
 
 def _sequences(condition: str, items: list[Prepared], gist_ids: list[int], template_ids: list[int]):
     """(token-id sequences, rotary position offsets) for a causal condition."""
+    if condition == "base":
+        return [[*p.prompt, *p.input] for p in items], None
     if condition in ("full", "pos_control"):
         return [[*p.prompt, *gist_ids, *p.input] for p in items], None
     if condition == "truncate":
@@ -248,7 +250,7 @@ def _sequences(condition: str, items: list[Prepared], gist_ids: list[int], templ
 
 def _state_positions(condition: str, p: Prepared, num_gist: int, template_ids: list[int]) -> int:
     """Positions of prompt state kept before the input (the baselines' gist ids not counted)."""
-    return {"gist": num_gist, "full": len(p.prompt), "pos_control": len(p.prompt),
+    return {"gist": num_gist, "full": len(p.prompt), "base": len(p.prompt), "pos_control": len(p.prompt),
             "truncate": len(p.truncated or []), "none": len(template_ids), "neg_control": 0}[condition]
 
 
@@ -282,6 +284,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
     from gistcache.eval.conditions import generate_gist, template_only_ids
     from gistcache.generation import check_context, generate_causal
     from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
+    from gistcache.eval.fidelity import fidelity_row
+    from gistcache.model import GistModel, load_base_model
     from gistcache.run import load_run
     from gistcache.train.data import load_examples
 
@@ -294,6 +298,7 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
 
     predictions = {split: [{} for _ in rows] for split, rows in examples.items()}
     rows: list[dict] = []
+    fidelity: list[dict] = []
     runs_info: list[dict] = []
     single = len(config.runs) == 1
     total = sum(len(r) for r in examples.values()) * sum(len(s.conditions) for s in specs)
@@ -303,6 +308,9 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
         for spec in specs:
             gm = load_run(spec.path, device=device, dtype=dtype)
             N, tok = gm.num_gist_tokens, gm.tokenizer
+            # `base`: the untouched base model reading the full prompt (no adapter, no gist token)
+            base_gm = (GistModel(load_base_model(gm.gist_config.model, dtype=dtype, device=device), tok, N,
+                                 template=spec.template).eval() if "base" in spec.conditions else None)
             gist_ids = [gm.gist_token_id] * N
             template_ids = template_only_ids(tok, spec.template)
             layers, kv_heads, head_dim = model_kv_shape(gm)
@@ -325,7 +333,7 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
                 full_ref = [F.causal_flops(gm, [*p.prompt, *gist_ids, *p.input], max_new_tokens=0).prefill
                             for p in items[:k]] if "full" not in spec.conditions else None
                 for condition in spec.conditions:
-                    label = condition if single or spec.condition != "gist" else f"{spec.name}:{condition}"
+                    label = _label(condition, spec, single)
                     progress.update(task, description=f"{spec.name} {split} {condition}")
                     t0 = time.perf_counter()
                     advance = lambda n: progress.advance(task, n)  # noqa: E731
@@ -334,13 +342,14 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
                                                 batch_size=config.batch_size, on_batch=advance)
                     else:
                         seqs, offsets = _sequences(condition, items, gist_ids, template_ids)
-                        outputs = generate_causal(gm, seqs, max_new_tokens=config.max_new_tokens,
+                        outputs = generate_causal(base_gm if condition == "base" else gm, seqs,
+                                                  max_new_tokens=config.max_new_tokens,
                                                   batch_size=config.batch_size, position_offsets=offsets,
                                                   on_batch=advance)
                     wall = time.perf_counter() - t0
                     outputs = [o.strip() for o in outputs]
-                    counts = _count_flops(F, gm, condition, exs[:k], items[:k], gist_ids, template_ids,
-                                          config.max_new_tokens)
+                    counts = _count_flops(F, base_gm if condition == "base" else gm, condition, exs[:k], items[:k],
+                                          gist_ids, template_ids, config.max_new_tokens)
                     refs = [ex.output for ex in exs]
                     scores = rouge_l_scores(outputs, refs)
                     em = [exact_match(o, r) for o, r in zip(outputs, refs)]
@@ -373,7 +382,13 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
                             pred["truncate_kept_tokens" if label == "truncate" else f"{label}:kept_tokens"] = p.kept
                             pred["instruction_only_tokens"] = p.instruction_tokens
                         pred.setdefault("instruction_tokens", len(p.prompt))
-            del gm
+            fidelity += [{"run": spec.name, "split": split, "examples": len(exs),
+                          **fidelity_row({c: [predictions[split][i][_label(c, spec, single)] for i in range(len(exs))]
+                                          for c in spec.conditions},
+                                         [ex.output for ex in exs], resamples=config.bootstrap_resamples,
+                                         seed=config.seed)}
+                         for split, exs in examples.items() if spec.condition == "gist"]
+            del gm, base_gm
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     _reductions(rows)
@@ -384,11 +399,17 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
         "config": {**config.to_dict(), "device_resolved": device},
         "runs": runs_info,
         "rows": rows,
+        "fidelity": fidelity,
         "wall_s_total": round(time.perf_counter() - started, 2),
         "out": str(config.out),
     }
     _write_outputs(config, results, examples, predictions)
     return results
+
+
+def _label(condition: str, spec: RunSpec, single: bool) -> str:
+    """The name of a (run, condition) in predictions, plots and tables."""
+    return condition if single or spec.condition != "gist" else f"{spec.name}:{condition}"
 
 
 def _count_flops(F, gm, condition, exs, items, gist_ids, template_ids, max_new_tokens) -> dict:
@@ -499,6 +520,8 @@ def markdown_table(results: dict) -> str:
 
 
 def _markdown(results: dict) -> str:
+    from gistcache.eval.fidelity import fidelity_markdown
+
     cfg = results["config"]
     k = cfg["flops_examples"]
     runs = ", ".join(f"{r['name']} ({r['condition']}, N={r['num_gist_tokens']})" for r in results["runs"])
@@ -506,6 +529,7 @@ def _markdown(results: dict) -> str:
         "# gist eval", "",
         f"Runs: {runs}. Greedy, max_new_tokens={cfg['max_new_tokens']}, device {cfg['device_resolved']}.", "",
         markdown_table(results), "",
+        fidelity_markdown(results),
         f"ROUGE-L: F x100, 95% bootstrap interval ({cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}). "
         "EM: exact match x100 after strip + lower-case. Compression: instruction tokens (template included) / "
         "prompt-state positions. FLOPs: mean per example over the first "

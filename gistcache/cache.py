@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from gistcache.errors import GistError
-from gistcache.model import GistModel, fingerprint_model
-from gistcache.prompts import check_instruction, encode_instruction, resolve_template
+from gistcache.masks import MASKS
+from gistcache.model import GistModel, cache_layers, fingerprint_model
+from gistcache.prompts import check_instruction, encode_instruction
 
 FORMAT = "gistcache-kv"
 FORMAT_VERSION = 1
@@ -66,6 +67,7 @@ class GistCache:
     base_fingerprint: str
     run_fingerprint: str
     prompt_preview: str = ""
+    mask: str = "paper"  # the mask variant of the run that made it ("prefix": add the run's fixed-prefix keys/values)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -128,6 +130,7 @@ class GistCache:
             "prompt_sha256": self.prompt_sha256,
             "prompt_preview": self.prompt_preview,
             "template": self.template,
+            "mask": self.mask,
             "dtype": dtype_name(self.dtype),
             "num_layers": str(self.num_layers),
             "key_shapes": json.dumps([list(t.shape) for t in self.keys]),
@@ -163,6 +166,7 @@ class ModelIdentity:
     base_fingerprint: str
     run_fingerprint: str
     template: str
+    mask: str
 
 
 def model_identity(model: GistModel) -> ModelIdentity:
@@ -171,7 +175,7 @@ def model_identity(model: GistModel) -> ModelIdentity:
     An in-memory model (no run folder) gets a run fingerprint over its current weights, its gist
     embedding and N, so a cache made from it fits it and nothing else.
     """
-    template = resolve_template(model.tokenizer, getattr(getattr(model, "gist_config", None), "template", "auto"))
+    template = model.template
     base = model.base_fingerprint or fingerprint_model(model.model)
     run = getattr(model, "run_fingerprint", None)
     if run is None:
@@ -180,7 +184,7 @@ def model_identity(model: GistModel) -> ModelIdentity:
         h.update(str(model.num_gist_tokens).encode())
         h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
         run = h.hexdigest()
-    return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template)
+    return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask)
 
 
 def model_kv_shape(model: GistModel) -> tuple[int, int, int]:
@@ -200,6 +204,9 @@ def check_cache(model: GistModel, cache: GistCache, *, identity: ModelIdentity |
     if cache.base_fingerprint != identity.base_fingerprint:
         raise GistError(f"{source} was made with another base model (base_fingerprint {cache.base_fingerprint[:12]} "
                         f"!= {identity.base_fingerprint[:12]} of this model): {fix}")
+    if cache.mask != identity.mask:
+        raise GistError(f"{source} was made by a run trained with the {cache.mask!r} mask, this run was trained with "
+                        f"the {identity.mask!r} mask: {fix}")
     if cache.run_fingerprint != identity.run_fingerprint:
         raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
                         f"!= {identity.run_fingerprint[:12]} of this run): {fix}")
@@ -227,13 +234,6 @@ def check_cache(model: GistModel, cache: GistCache, *, identity: ModelIdentity |
 
 
 # --- compress -------------------------------------------------------------------------------------
-
-def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(keys, values)] per layer, each (B, kv_heads, T, head_dim), for a transformers Cache."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
-
 
 def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: int = 8) -> list[list[tuple]]:
     """Run `prompt + N gist` for each row (left-padded batches) and return the gist KV per row.
@@ -266,7 +266,7 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
                 # Left padding: the masked forward hides it (a padding query sees only itself, so no
                 # softmax row is empty and no NaN reaches real rows); positions count real tokens.
                 res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
-        kv = _cache_layers(res.cache if "cache" in res else res.past_key_values)
+        kv = cache_layers(res.cache if "cache" in res else res.past_key_values)
         for b, i in enumerate(rows):
             # left padding puts every row's gist tokens in the last N columns
             out[i] = [(k[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone(),
@@ -292,7 +292,7 @@ def compress(model: GistModel, instructions: str | list[str], *, batch_size: int
         GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=model.num_gist_tokens,
                   num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
                   base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
-                  prompt_preview=" ".join(text.split())[:PREVIEW_CHARS])
+                  prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask)
         for text, ids, kv in zip(texts, prompt_ids, kvs)
     ]
     return caches[0] if single else caches
@@ -384,6 +384,8 @@ def load_cache(path: str | Path, model: GistModel | None = None) -> GistCache:
         extra = sorted(set(tensors) ^ expected)[:3]
         raise GistError(f"{path} tensors do not match num_layers {num_layers} (differ in {extra}): "
                         f"the file was altered; compress the prompt again")
+    if meta.get("mask", "paper") not in MASKS:
+        raise GistError(f"{path} has mask {meta['mask']!r}: known are {', '.join(MASKS)}; the file was altered")
     if meta["dtype"] not in DTYPES:
         raise GistError(f"{path} has dtype {meta['dtype']!r}: supported are {', '.join(DTYPES)}")
     keys = [tensors[f"layers.{i}.keys"] for i in range(num_layers)]
@@ -402,7 +404,8 @@ def load_cache(path: str | Path, model: GistModel | None = None) -> GistCache:
     cache = GistCache(keys=keys, values=values, num_gist_tokens=num_gist, num_prompt_tokens=num_prompt,
                       prompt_sha256=meta["prompt_sha256"], template=meta["template"],
                       base_fingerprint=meta["base_fingerprint"], run_fingerprint=meta["run_fingerprint"],
-                      prompt_preview=meta.get("prompt_preview", ""), created=meta.get("created", ""))
+                      prompt_preview=meta.get("prompt_preview", ""), created=meta.get("created", ""),
+                      mask=meta.get("mask", "paper"))
     if model is not None:
         check_cache(model, cache, source=f"cache {path}")
     return cache

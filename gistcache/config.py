@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from gistcache.errors import GistError
-from gistcache.masks import check_condition
+from gistcache.masks import check_condition, check_mask
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
@@ -24,6 +24,7 @@ class GistConfig:
     model: str = DEFAULT_MODEL
     num_gist_tokens: int = 1
     condition: str = "gist"
+    mask: str = "prefix"  # "paper": tokens after the gist see nothing before it; "prefix": they also see the template's fixed prefix
     template: str = "auto"
     tune: str = "lora"
     lora_r: int = 16
@@ -37,6 +38,7 @@ class GistConfig:
         if not isinstance(self.num_gist_tokens, int) or self.num_gist_tokens < 1:
             raise GistError(f"--num-gist must be a whole number >= 1, got {self.num_gist_tokens!r}")
         check_condition(self.condition)
+        check_mask(self.mask)
         if self.template not in TEMPLATES:
             raise GistError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
         if self.tune not in TUNE_MODES:
@@ -55,4 +57,5 @@ class GistConfig:
         unknown = set(data) - known
         if unknown:
             raise GistError(f"config has unknown gist fields {sorted(unknown)}: was it written by a newer gistcache?")
-        return cls(**data)
+        # runs written before the mask variants existed were trained with the paper's mask
+        return cls(**{"mask": "paper", **data})

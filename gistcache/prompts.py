@@ -25,6 +25,7 @@ from gistcache.errors import GistError
 
 IGNORE_INDEX = -100
 _SPLIT = "\u0000GISTCACHE-SPLIT\u0000"
+INSTRUCTION_SLOT = "\u0001gistcache-instruction-slot\u0001"
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,31 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
-def encode_prompt(tokenizer, text: PromptText, template: str) -> list[int]:
-    """Token ids of the compressed part (with BOS where the tokenizer adds one to plain text)."""
-    ids = tokenizer(text.prompt, add_special_tokens=False).input_ids
+def prefix_text(tokenizer, template: str) -> str:
+    """The template's text before the instruction: the same for every instruction."""
+    text = format_prompt(tokenizer, INSTRUCTION_SLOT, "", template)
+    return text.prompt.split(INSTRUCTION_SLOT)[0]
+
+
+def fixed_prefix_ids(tokenizer, template: str) -> list[int]:
+    """Token ids of the fixed prefix (BOS where the tokenizer adds one to plain text, then
+    `prefix_text`). Every `encode_prompt` starts with exactly these ids: the `prefix` mask keeps them
+    visible after the gist, and their keys/values are computed once per run."""
+    ids = tokenizer(prefix_text(tokenizer, template), add_special_tokens=False).input_ids
     if resolve_template(tokenizer, template) == "plain" and _adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id, *ids]
     return ids
+
+
+def encode_prompt(tokenizer, text: PromptText, template: str) -> list[int]:
+    """Token ids of the compressed part: the fixed prefix's ids, then the rest tokenized on its own,
+    so the prefix is token for token the same for every instruction."""
+    prefix = prefix_text(tokenizer, template)
+    if not text.prompt.startswith(prefix):
+        raise GistError("the chat template changes the text before the instruction from one instruction to the "
+                        "next: use --template plain")
+    rest = tokenizer(text.prompt[len(prefix):], add_special_tokens=False).input_ids
+    return [*fixed_prefix_ids(tokenizer, template), *rest]
 
 
 def encode_after(tokenizer, text: PromptText) -> list[int]:

@@ -33,6 +33,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+MODEL_CARD_FILE = "README.md"
+# the gist run that ships inside the package, used when no run is named (see its README.md)
+DEFAULT_RUN = "smollm2-135m-gist1"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 WEIGHT_FILES = (GIST_FILE, ADAPTER_FILE, FULL_FILE)
 # the packages whose versions decide a run's numbers: the same flags and seed give the same run only with
 # the same versions (and the same kind of CPU or GPU, see cpu_name)
@@ -65,12 +69,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """A run folder; None names the run shipped with the package (`DEFAULT_RUN`, for the default model)."""
+    if run_dir is not None:
+        return Path(run_dir)
+    path = PRETRAINED_DIR / DEFAULT_RUN
+    if not is_run_dir(path):
+        raise GistError(f"the shipped run {DEFAULT_RUN} is missing from {PRETRAINED_DIR}: reinstall gistcache, or "
+                        f"pass --run RUN (a folder written by `gist train`)")
+    return path
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / GIST_FILE).is_file()
 
 
-def read_run_config(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
+def read_run_config(run_dir: str | Path | None) -> dict:
+    run_dir = resolve_run_dir(run_dir)
     if not run_dir.is_dir():
         raise GistError(f"run folder {run_dir} does not exist: train one with `gist train --out {run_dir}`")
     if not is_run_dir(run_dir):
@@ -86,15 +101,25 @@ def read_run_config(run_dir: str | Path) -> dict:
     return data
 
 
-def run_fingerprint(run_dir: str | Path) -> str:
+def run_fingerprint(run_dir: str | Path | None) -> str:
     """SHA-256 over what the run is (its gist config) and its trained parameter files."""
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     gist = json.dumps(read_run_config(run_dir)["gist"], sort_keys=True)
     files = [run_dir / name for name in WEIGHT_FILES if (run_dir / name).is_file()]
     return hashlib.sha256(f"{gist}\n{hash_files(files)}".encode()).hexdigest()
 
 
-def save_run_weights(model: GistModel, out_dir: str | Path, tune: str) -> None:
+def _name_base_model(adapter_config: Path, base_model: str | None) -> None:
+    """peft records the base model's installed folder; record the name the run was trained with instead
+    (an alias such as smollm2-135m, a hub id or a path as given), so the adapter means the same elsewhere."""
+    if base_model is None or not adapter_config.is_file():
+        return
+    data = json.loads(adapter_config.read_text())
+    data["base_model_name_or_path"] = base_model
+    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_model: str | None = None) -> None:
     """Write the trained parameters of `model` into `out_dir`, each file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +128,7 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str) -> None:
         save_file({"gist_embedding": model.gist_embedding.detach().float().cpu().contiguous()}, tmp / GIST_FILE)
         if tune == "lora":
             model.model.save_pretrained(tmp, safe_serialization=True)
+            _name_base_model(tmp / ADAPTER_CONFIG_FILE, base_model)
         elif tune == "full":
             state = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
             # tied weights share storage; safetensors stores each tensor once
@@ -126,20 +152,21 @@ def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
-    save_run_weights(model, out_dir, gist_config.tune)
+    save_run_weights(model, out_dir, gist_config.tune, gist_config.model)
     config = {"gistcache_version": __import__("gistcache").__version__, "gist": gist_config.to_dict(),
               "train": train_config or {}, "base_fingerprint": base_fingerprint}
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
-def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              attn_implementation: str | None = None, merge: bool = True) -> GistModel:
     """Rebuild the trained gist model of a run folder for inference.
 
     Refuses a base model whose fingerprint differs from the one the run was trained on.
     LoRA adapters are merged into the weights (`merge=True`) for plain-speed inference.
+    `run_dir=None` loads the run shipped with the package (`DEFAULT_RUN`).
     """
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     data = read_run_config(run_dir)
     gist_config = GistConfig.from_dict(data["gist"])
     # fingerprinted in float32, as at training time; cast to `dtype` afterwards
@@ -173,7 +200,8 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: 
     if "gist_embedding" not in gist:
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
     gist_model = GistModel(model.to(dtype), tokenizer, gist_config.num_gist_tokens,
-                           gist_embedding=gist["gist_embedding"], base_fingerprint=fingerprint)
+                           gist_embedding=gist["gist_embedding"], base_fingerprint=fingerprint,
+                           template=gist_config.template, mask=gist_config.mask)
     gist_model.gist_config = gist_config
     gist_model.run_dir = run_dir
     gist_model.run_fingerprint = run_fingerprint(run_dir)

@@ -194,14 +194,20 @@ def test_evaluate_writes_every_output(runs, data_dir, tmp_path):
                         control_runs=f"pos={runs['pos']},neg={runs['neg']}", out=str(out), max_new_tokens=4,
                         batch_size=2, flops_examples=2)
     results = evaluate(config, show_progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "results.json", "results.md",
-                                                     "rouge_by_condition.png", "rouge_vs_compression.png"]
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n != "fidelity.png"] == ["predictions.jsonl", "results.json", "results.md",
+                                                         "rouge_by_condition.png", "rouge_vs_compression.png"]
     assert not list(tmp_path.glob(".eval.tmp-*"))
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["split_files"]["human"].endswith("alpaca_plus_validation_human.json")
-    conditions = ["gist", "full", "none", "truncate", "pos_control", "neg_control"]
+    conditions = ["gist", "full", "none", "truncate", "base", "pos_control", "neg_control"]
     assert [(r["split"], r["condition"]) for r in saved["rows"]] == (
-        [(s, c) for s in ("human", "mine") for c in conditions[:4]] + [(s, c) for c in conditions[4:] for s in ("human", "mine")])
+        [(s, c) for s in ("human", "mine") for c in conditions[:5]] + [(s, c) for c in conditions[5:] for s in ("human", "mine")])
+    assert [(f["split"], f["examples"]) for f in saved["fidelity"]] == [("human", len(ROWS)), ("mine", 3)]
+    for f in saved["fidelity"]:
+        for key in ("agreement_full_rouge_l", "agreement_base_rouge_l", "agreement_full_em", "agreement_base_em"):
+            assert 0 <= f[key]["mean"] <= 100, (key, f[key])
+    assert "## Fidelity" in (out / "results.md").read_text()
     by = {(r["split"], r["condition"]): r for r in results["rows"]}
     assert set(by) == {(s, c) for s in ("human", "mine") for c in conditions}
     gist, full = by["human", "gist"], by["human", "full"]
@@ -220,7 +226,7 @@ def test_evaluate_writes_every_output(runs, data_dir, tmp_path):
     assert lines[0]["reference"] == "cat cat" and lines[0]["split"] == "human"
     md = (out / "results.md").read_text()
     assert "| run | split | condition | n | ROUGE-L [95% CI] | EM | compression | prefill FLOPs | vs full |" in md
-    assert md.count("| human |") == len(conditions)
+    assert md.count("| human |") == len(conditions) + 1  # and its fidelity row
 
 
 def test_evaluate_truncate_alone(runs, data_dir, tmp_path):
@@ -229,6 +235,7 @@ def test_evaluate_truncate_alone(runs, data_dir, tmp_path):
                                   out=str(tmp_path / "e"), max_new_tokens=2, limit=2, flops_examples=1),
                        show_progress=False)
     assert [r["condition"] for r in results["rows"]] == ["gist", "truncate"]
+    assert results["fidelity"][0]["retention"] is None  # no full prompt evaluated: nothing to compare with
     assert all(r["examples"] == 2 and 0 < r["prefill_reduction_vs_full"] < 1 for r in results["rows"])
     assert len((tmp_path / "e" / "predictions.jsonl").read_text().splitlines()) == 2
 
@@ -311,3 +318,21 @@ def test_narrow_terminal_table_keeps_the_compared_columns(runs, data_dir, tmp_pa
         assert shown in result.output, shown
     assert "gen FLOPs" not in result.output.split("(narrow terminal")[0]
     assert "all columns are in results.md" in result.output
+
+
+def test_fidelity_row_metrics():
+    """Retention, gap closed and agreement from known answers: the ratios of the per-condition means."""
+    from gistcache.eval.fidelity import fidelity_row
+
+    refs = ["a b c d", "e f g h"]
+    answers = {"gist": ["a b", "e f g h"], "full": ["a b c d", "e f g h"], "none": ["x", "e"],
+               "base": ["a b c d", "e f"]}
+    row = fidelity_row(answers, refs, resamples=200)
+    # ROUGE-L F of "a b" against "a b c d" is 2/3, of "e" against "e f g h" 0.4
+    gist, full, none, base = (2 / 3 + 1) / 2, 1.0, (0 + 0.4) / 2, (1 + 2 / 3) / 2
+    assert row["retention"]["mean"] == pytest.approx(100 * gist / full, abs=1e-3)
+    assert row["gap_closed"]["mean"] == pytest.approx(100 * (gist - none) / (full - none), abs=1e-3)
+    assert row["retention_vs_base"]["mean"] == pytest.approx(100 * gist / base, abs=1e-3)
+    assert row["agreement_full_em"]["mean"] == 50.0 and row["agreement_base_em"]["mean"] == 0.0
+    assert row["agreement_full_rouge_l"]["mean"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-3)
+    assert row["retention"]["ci_low"] <= row["retention"]["mean"] <= row["retention"]["ci_high"]

@@ -21,13 +21,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gistcache.errors import GistError
+from gistcache.prompts import IGNORE_INDEX
 from gistcache.model import (GistModel, answer_loss_sum, atomic_write_text, fingerprint_model, load_base_model,
                              load_tokenizer)
 from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, cpu_name, package_versions,
                            remove_run_outputs, save_run, save_run_weights)
+from gistcache.train.card import write_model_card
 from gistcache.train.config import TrainConfig
 from gistcache.train.data import (Example, builtin_examples, collate, drop_contaminated, encode_examples, heldout_split,
-                                  load_many, shuffled)
+                                  load_many, shuffled, split_by_instruction)
+from gistcache.train.distill import (Teacher, check_has_inputs, distill_loss, make_teacher, teacher_logits,
+                                     with_teacher_answers)
 
 log = logging.getLogger("gistcache.train")
 CHECKPOINTS = "checkpoints"
@@ -65,13 +69,15 @@ def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example],
     stats: dict = {}
     eval_rows = load_many(config.eval_data) if config.eval_data else []
     if config.data:
-        train_rows = load_many(config.data)
-        train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, eval_rows)
+        train_rows = load_many(config.data, require_output=not config.teacher_answers)
+        if config.teacher_answers:
+            check_has_inputs(config.data, train_rows)
+        excluded = load_many(config.exclude_data) if config.exclude_data else []
+        train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, [*eval_rows, *excluded])
         train_rows = shuffled(train_rows, config.seed)
         if not eval_rows and config.eval_examples:
-            # hold out a slice of the user's data, at most 10%
-            n = min(config.eval_examples, len(train_rows) // 10)
-            eval_rows, train_rows = train_rows[:n], train_rows[n:]
+            # hold out whole instructions of the user's data: at most 10% of the rows
+            eval_rows, train_rows = split_by_instruction(train_rows, config.eval_examples, config.seed)
     else:
         n_train = config.max_examples or 2000
         train_rows = builtin_examples(n_train, seed=config.seed, held_out=False)
@@ -216,8 +222,19 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     base = load_base_model(config.model, attn_implementation=config.attn_implementation)
     base_fingerprint = fingerprint_model(base)
     load_seconds = time.perf_counter() - started
+    if config.teacher_answers:
+        untouched = GistModel(base, tokenizer, config.num_gist_tokens, template=config.template, mask=config.mask)
+        answered = with_teacher_answers([*train_rows, *eval_rows] if not config.eval_data else train_rows, untouched,
+                                        out, max_new_tokens=config.teacher_max_new_tokens,
+                                        batch_size=config.batch_size, base_fingerprint=base_fingerprint)
+        train_rows = answered[:len(train_rows)]
+        if not config.eval_data:
+            eval_rows = answered[len(train_rows):]
+    teacher = make_teacher(base, config.tune, accelerator.device) if config.objective != "labels" else None
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
-                      base_fingerprint=base_fingerprint)
+                      base_fingerprint=base_fingerprint, template=config.template, mask=config.mask)
+    if teacher is not None and teacher.disable_adapter:
+        teacher.module = model.model  # the peft wrapper, whose adapter the teacher switches off
     gist_id = model.gist_token_id
     context = min(config.max_length, model.max_context())
     encoded, too_long = encode_examples(tokenizer, train_rows, num_gist_tokens=config.num_gist_tokens,
@@ -298,8 +315,8 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                     break
                 batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
                 with accelerator.accumulate(model):
-                    loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                                 condition=config.condition).loss
+                    with accelerator.autocast():  # the teacher runs outside the prepared forward
+                        loss = training_loss(model, teacher, batch, config, pad_id)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = float(accelerator.clip_grad_norm_(params, MAX_GRAD_NORM))  # before clipping
@@ -337,7 +354,8 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     by_split = {name: {"before": before.get(name), "after": after.get(name), "examples": len(eval_groups[name])}
                 for name in eval_groups if name != "eval"}
     metrics = {
-        "condition": config.condition, "tune": config.tune, "num_gist_tokens": config.num_gist_tokens,
+        "condition": config.condition, "mask": config.mask, "objective": config.objective, "tune": config.tune,
+        "num_gist_tokens": config.num_gist_tokens,
         "steps": step, "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
         "heldout_loss_by_split": by_split,
         "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
@@ -352,11 +370,37 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
                  base_fingerprint=base_fingerprint)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_model_card(out)
         log.info("held-out loss %s (before %s)", json.dumps(after), json.dumps(before))
     if handler:
         log.removeHandler(handler)
         handler.close()
     return metrics
+
+
+def training_loss(model, teacher: Teacher | None, batch: dict, config: TrainConfig, pad_id: int) -> torch.Tensor:
+    """The objective of one batch: label cross-entropy, KL from the full-prompt teacher, or their sum.
+
+    Rows are left-padded, so every answer sits in the last columns: logits are computed for the last
+    K columns only (K = the longest answer + 1), which spares the output head most positions.
+    """
+    labels = batch["labels"]  # (B, T)
+    answer = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    keep = labels.shape[1] - int(answer[0]) + 1 if len(answer) else 1
+    keep = min(keep, labels.shape[1])
+    logits = model(batch["input_ids"], batch["attention_mask"], condition=config.condition,
+                   logits_to_keep=keep).logits  # (B, K, V)
+    labels = labels[:, -keep:]
+    loss = None
+    if config.objective != "distill":
+        total, count = answer_loss_sum(logits, labels, reduce=False)
+        loss = total / count.clamp(min=1)
+    if teacher is None:
+        return loss
+    student: GistModel = getattr(model, "module", model)  # DDP wraps it
+    target = teacher_logits(teacher, student, batch["input_ids"], batch["attention_mask"], pad_id, keep)
+    kl = distill_loss(logits, target, labels, config.distill_temperature)
+    return kl if loss is None else kl + loss
 
 
 def norm_before_clip(param: torch.nn.Parameter, total_norm: float, max_norm: float = MAX_GRAD_NORM) -> float:

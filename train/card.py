@@ -1,0 +1,99 @@
+"""The model card of a run folder (RUN/README.md): what the run is, how it was made, what it measured.
+
+Generated from the run's own files (config.json, metrics.json), plus sections that other steps
+measured on the run (`gist eval --update-card` adds its fidelity table), so every figure on the card
+is one the run or its evaluation wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from gistcache.model import atomic_write_text
+from gistcache.train.config import TrainConfig
+
+# TrainConfig fields whose flag is not `--field-name`
+FLAG_NAMES = {"num_gist_tokens": "--num-gist", "attn_implementation": "--attn", "exclude_data": "--exclude"}
+# fields that say where and how a run was written, not what it is
+NOT_RECIPE = ("out", "resume", "overwrite", "save_every")
+
+
+def train_command(train: dict) -> str:
+    """The `gist train` command that gives this train config: every flag whose value is not the default."""
+    defaults = TrainConfig(out="RUN", preset=train.get("preset", "test"))
+    parts = ["gist train", f"--out {train.get('out', 'RUN')}"]
+    for f in fields(TrainConfig):
+        if f.name in NOT_RECIPE or f.name not in train:
+            continue
+        value, default = train[f.name], getattr(defaults, f.name)
+        if value == default:
+            continue
+        flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        if isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [f"{flag} {item}" for item in value]
+        else:
+            parts.append(f"{flag} {value}")
+    return " \\\n  ".join(parts)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
+    """Markdown for RUN/README.md; `extra_sections` (markdown) go after the command."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    gist, train = config["gist"], config.get("train", {})
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    tuning = {"lora": f"LoRA rank {gist['lora_r']}, alpha {gist['lora_alpha']}, on "
+                      f"{', '.join(gist['lora_target_modules'])}, plus the gist embedding",
+              "gist": "the gist embedding only (the base model frozen)",
+              "full": "all weights and the gist embedding"}[gist["tune"]]
+    lines = [
+        f"# gist run `{run_dir.name}`", "",
+        f"Compresses an instruction into the keys/values of {gist['num_gist_tokens']} gist token(s) of "
+        f"`{gist['model']}`.", "",
+        "| | |", "| --- | --- |",
+        f"| base model | `{gist['model']}` (fingerprint `{config['base_fingerprint'][:16]}`) |",
+        f"| gist tokens | {gist['num_gist_tokens']} |",
+        f"| mask | `{gist.get('mask', 'paper')}` (condition `{gist['condition']}`) |",
+        f"| template | `{gist['template']}` |",
+        f"| tuned | {tuning} |",
+        f"| objective | `{train.get('objective', 'labels')}` |",
+        f"| data | {', '.join(Path(d).name for d in train.get('data', [])) or 'the built-in instruction set'} |",
+    ]
+    if train.get("exclude_data"):
+        lines.append(f"| instructions excluded | those of {', '.join(Path(d).name for d in train['exclude_data'])} |")
+    if metrics:
+        lines += [
+            f"| training examples | {metrics.get('train_examples')} ({_fmt(metrics.get('dropped_contaminated'))} "
+            f"dropped as contaminated, {_fmt(metrics.get('dropped_too_long'))} as too long) |",
+            f"| steps | {metrics.get('steps')} |",
+            f"| training time | {_fmt(metrics.get('train_seconds', 0) / 60, 1)} min of training, "
+            f"{_fmt(metrics.get('wall_seconds', 0) / 60, 1)} min in all, on {metrics.get('cpu') or metrics.get('device')}"
+            f" ({metrics.get('threads')} threads) |",
+            f"| held-out loss | {_fmt(metrics.get('heldout_loss_before'))} before, "
+            f"{_fmt(metrics.get('heldout_loss'))} after ({metrics.get('eval_examples')} examples) |",
+            f"| versions | {', '.join(f'{k} {v}' for k, v in (metrics.get('versions') or {}).items())} |",
+        ]
+    if train:
+        lines += ["", "## Command", "", "```bash", train_command(train), "```"]
+    for section in extra_sections:
+        lines += ["", section.strip()]
+    lines += ["", "## Use", "", "```bash", f"gist compress \"<instruction>\" --run {run_dir} --out prompt.safetensors",
+              f"gist generate --run {run_dir} --cache prompt.safetensors --input \"<input>\"", "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> Path:
+    path = Path(run_dir) / "README.md"
+    atomic_write_text(path, model_card(run_dir, extra_sections))
+    return path
