@@ -1,4 +1,4 @@
-"""`gist eval`: build an EvalConfig from flags, call gistcache.eval.run.evaluate, print the table."""
+"""`gist eval`: build an EvalConfig from flags, call gistcache.eval.loop.evaluate, print the tables."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ from rich.table import Table
 from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
 from gistcache.errors import GistError
-
+from gistcache.eval import loop
+from gistcache.eval.config import EvalConfig, resolve_config
+from gistcache.eval.fidelity import fidelity_markdown, fidelity_table
+from gistcache.eval.report import table_rows
+from gistcache.model import quiet_transformers
+from gistcache.train.card import write_model_card
 
 # columns left off the screen table on a terminal narrower than the whole table
 NARROW_DROPPED = ("EM", "prefill FLOPs", "gen FLOPs", "compress FLOPs", "wall s")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_)
-    app.command("attention")(attention)
-
-
 @friendly_errors
+@quiet_transformers()
 def eval_(
     run: Annotated[list[str], typer.Option("--run", help="A run folder written by `gist train` (repeatable).")],
     baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) (repeatable). Default: all four.")] = None,
@@ -42,20 +43,16 @@ def eval_(
     json_out: JsonOut = False,
 ) -> None:
     """Compare the gist cache with the full, truncated and no-instruction prompts: ROUGE-L, FLOPs, bytes."""
-    from gistcache.eval.run import EvalConfig, evaluate, table_rows
-
     config = EvalConfig(
         runs=run, baselines=baseline, splits=split, limit=limit, truncate_tokens=truncate_tokens,
         control_runs=control_runs, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size, data_dir=data_dir,
         flops_examples=flops_examples, seed=seed, device=device, dtype=dtype,
     )
+    config = resolve_config(config)  # the run folders and files are checked, and --out chosen, before models load
     if update_card and len(config.runs) != 1:
         raise GistError(f"--update-card writes one run's model card: give one --run, not {len(config.runs)}")
-    results = evaluate(config, show_progress=not json_out)
+    results = loop.evaluate(config, show_progress=not json_out)
     if update_card:
-        from gistcache.eval.fidelity import fidelity_markdown
-        from gistcache.train.card import write_model_card
-
         write_model_card(config.runs[0], [fidelity_markdown(results)])
     if json_out:
         print_json({k: results[k] for k in ("out", "runs", "rows")})
@@ -74,8 +71,6 @@ def eval_(
     if len(keep) < len(headers):
         console.print("(narrow terminal: all columns are in results.md)", highlight=False)
     if results.get("fidelity"):
-        from gistcache.eval.fidelity import fidelity_table
-
         headers, rows = fidelity_table(results["fidelity"])
         table = Table(title="fidelity: what the gist keeps of the full prompt (95% bootstrap)", box=box.SIMPLE_HEAD)
         for i, h in enumerate(headers):
@@ -86,32 +81,3 @@ def eval_(
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)
 
-
-@friendly_errors
-def attention(
-    run: Annotated[Optional[str], typer.Option("--run", help="A run folder written by `gist train`. Default: the untrained --model.")] = None,
-    model: Annotated[str, typer.Option(help="Base model measured when no --run is given.")] = "smollm2-135m",
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format file(s). Default: built-in rows.")] = None,
-    examples: Annotated[int, typer.Option("--examples", help="Rows to measure (batch size 1).")] = 24,
-    seed: Annotated[int, typer.Option(help="Which rows.")] = 1,
-    num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens, when no --run is given.")] = 1,
-    template: Annotated[str, typer.Option(help="auto | chat | plain, when no --run is given.")] = "auto",
-    json_out: JsonOut = False,
-) -> None:
-    """Where tokens after the gist put their attention under each condition's mask, and their answer loss."""
-    from gistcache.eval.attention import AttentionConfig, measure_attention
-
-    config = AttentionConfig(run=run, model=model, data=data or [], examples=examples, seed=seed,
-                             num_gist_tokens=num_gist, template=template)
-    result = measure_attention(config)
-    if json_out:
-        print_json(result)
-        return
-    table = Table(title=f"gist attention: {result['source']}, {result['conditions'][0]['examples']} examples")
-    for name in ("condition", "attention on first visible key", "attention on gist", "answer loss"):
-        table.add_column(name, justify="left" if name == "condition" else "right")
-    for row in result["conditions"]:
-        loss = row["answer_loss"]
-        table.add_row(row["condition"], f"{row['first_visible_share']:.3f}", f"{row['gist_share']:.3f}",
-                      "—" if loss is None else f"{loss:.3f}")
-    console.print(table)

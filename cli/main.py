@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compress_cmd, eval_cmd, generate_cmd,
+                           train_cmd)
+
 app = typer.Typer(
     name="gist",
     help="Compress long prompts into the KV cache of a few trained gist tokens, and generate from it.",
@@ -13,23 +16,18 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def main() -> None:
     """Compress long prompts into the KV cache of a few trained gist tokens, and generate from it."""
 
 
-from gistcache.cli import train_cmd  # noqa: E402
-
-train_cmd.register(app)
-
-from gistcache.cli import eval_cmd  # noqa: E402
-
-eval_cmd.register(app)
-
-from gistcache.cli import cache_cmd  # noqa: E402
-
-cache_cmd.register(app)
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_)
+app.command("attention")(attention_cmd.attention)
+app.command("compress")(compress_cmd.compress)
+app.command("generate")(generate_cmd.generate)
+app.add_typer(cache_cmd.app, name="cache")
+app.add_typer(bench_cmd.app, name="bench")
 
 if __name__ == "__main__":
     app()

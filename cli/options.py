@@ -9,3 +9,7 @@ import typer
 RunDir = Annotated[Optional[str], typer.Option("--run", help="A run folder written by `gist train`. Default: the run "
                                                 "shipped for smollm2-135m (one gist token).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
+StoreDir = Annotated[Optional[str], typer.Option("--store", help="Cache store folder. Default: $GISTCACHE_HOME, "
+                                                 "else $XDG_CACHE_HOME/gistcache, else ~/.cache/gistcache.")]
+Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N.")]
+DType = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 (a cache fits only its dtype).")]

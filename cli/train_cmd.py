@@ -9,13 +9,13 @@ from rich.table import Table
 
 from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+from gistcache.model import quiet_transformers
+from gistcache.train import loop
+from gistcache.train.config import TrainConfig
 
 
 @friendly_errors
+@quiet_transformers()
 def train(
     out: Annotated[str, typer.Option("--out", help="Run folder to write.")],
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format JSON/JSONL file (repeatable). Default: the built-in instruction set.")] = None,
@@ -53,9 +53,6 @@ def train(
     json_out: JsonOut = False,
 ) -> None:
     """Train gist tokens through the masked forward and write a run folder."""
-    from gistcache.train.config import TrainConfig
-    from gistcache.train.loop import train as run_training
-
     config = TrainConfig(
         out=out, data=data or [], eval_data=eval_data or [], exclude_data=exclude_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
         condition=condition, mask=mask, template=template, tune=tune, objective=objective,
@@ -66,7 +63,7 @@ def train(
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
     )
-    metrics = run_training(config, show_progress=not json_out)
+    metrics = loop.train(config, show_progress=not json_out)
     if json_out:
         print_json({k: v for k, v in metrics.items() if not k.endswith("_curve")})
         return

@@ -25,10 +25,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gistcache.config import DEFAULT_MODEL, GistConfig
+from gistcache.data.alpaca import builtin_examples, load_many, shuffled
 from gistcache.errors import GistError
+from gistcache.loss import answer_loss_sum
 from gistcache.masks import CONDITIONS, find_gist_spans, make_gist_mask
-from gistcache.model import GistModel, answer_loss_sum
-from gistcache.prompts import EncodedExample
+from gistcache.model import GistModel, load_base_model, load_tokenizer
+from gistcache.prompts import EncodedExample, encode_examples
+from gistcache.run import load_run
 
 
 @torch.no_grad()
@@ -97,10 +100,6 @@ class AttentionConfig:
 
 def measure_attention(config: AttentionConfig) -> dict:
     """Load the model named by `config` with eager attention and measure every condition."""
-    from gistcache.model import add_gist_token, load_base_model, load_tokenizer
-    from gistcache.run import load_run
-    from gistcache.train.data import builtin_examples, encode_examples, load_many, shuffled
-
     if config.data:
         rows = shuffled(load_many(config.data), config.seed)[: config.examples]
     else:
@@ -111,7 +110,7 @@ def measure_attention(config: AttentionConfig) -> dict:
         model = load_run(config.run, attn_implementation="eager")
         num_gist, template = model.gist_config.num_gist_tokens, model.gist_config.template
     else:
-        tokenizer = add_gist_token(load_tokenizer(config.model))
+        tokenizer = load_tokenizer(config.model)  # with <GIST>
         model = GistModel(load_base_model(config.model, attn_implementation="eager"), tokenizer,
                           config.num_gist_tokens)
         num_gist, template = config.num_gist_tokens, config.template

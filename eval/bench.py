@@ -33,7 +33,16 @@ from typing import Callable
 
 import torch
 
+from gistcache._io import atomic_write_text
+from gistcache.cache import load_cache, save_cache
+from gistcache.compression import compress
+from gistcache.config import torch_dtype
+from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
+from gistcache.generation import generate_ids
+from gistcache.model import (GistModel, cache_kwarg, cache_layers, fingerprint_model, load_base_model, load_tokenizer,
+                             returned_cache)
+from gistcache.prompts import encode_input, encode_instruction, resolve_template
 
 WORDS = (
     "river stone garden lantern copper window autumn signal harbor meadow pencil orbit violet thunder marble "
@@ -68,8 +77,7 @@ class BenchCacheConfig:
             raise GistError(f"--num-gist must be >= 1, got {self.num_gist_tokens}")
         if self.threads is not None and self.threads < 1:
             raise GistError(f"--threads must be >= 1, got {self.threads}")
-        if self.out is not None and Path(self.out).is_dir():
-            raise GistError(f"--out {self.out} is a folder: give a file name such as {Path(self.out) / 'bench.json'}")
+        torch_dtype(self.dtype)
 
 
 class TokenTimer:
@@ -105,8 +113,6 @@ def synth_instruction(tokenizer, n_tokens: int, seed: int = 0) -> str:
 
 
 def machine_info(device: str, dtype: str) -> dict:
-    from gistcache.run import cpu_name, package_versions
-
     info = {"cpu": cpu_name(), "platform": platform.platform(), "python": platform.python_version(),
             **package_versions(), "device": device, "dtype": dtype,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
@@ -130,21 +136,17 @@ def _sync(device: torch.device) -> None:
 
 def bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark of the module docstring; return (and with `config.out`, write) a JSON-able dict."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # deferred: transformers takes seconds to import
 
-    from gistcache.cache import DTYPES, compress, load_cache, save_cache
-    from gistcache.generation import generate_ids
-    from gistcache.model import GistModel, cache_kwarg, fingerprint_model, load_base_model, load_tokenizer
-    from gistcache.prompts import encode_input, encode_instruction, resolve_template
-
+    if config.out is not None and Path(config.out).is_dir():
+        raise GistError(f"--out {config.out} is a folder: give a file name such as {Path(config.out) / 'bench.json'}")
     say = progress or (lambda msg: None)
     load_start = _loadavg()
-    if config.dtype not in DTYPES:
-        raise GistError(f"--dtype {config.dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    dtype = torch_dtype(config.dtype)
     if config.threads:
         torch.set_num_threads(config.threads)
     t = time.perf_counter()
-    base = load_base_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
+    base = load_base_model(config.model, dtype=dtype, device=config.device)
     tokenizer = load_tokenizer(config.model)
     model = GistModel(base, tokenizer, config.num_gist_tokens, base_fingerprint=fingerprint_model(base)).eval()
     model.run_fingerprint = f"untrained-{model.base_fingerprint}"  # as load_run sets it: read, not recomputed
@@ -203,9 +205,9 @@ def bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None
             # (b) prompt prefilled once; each repeat continues a deep copy made outside the timed region
             with torch.no_grad():
                 prefilled = lm(input_ids=full_ids[:, :P], use_cache=True)
-            prefix = prefilled.cache if "cache" in prefilled else prefilled.past_key_values
+            prefix = returned_cache(prefilled)
             full_kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                                for k, v in ((layer.keys, layer.values) for layer in prefix.layers))
+                                for k, v in cache_layers(prefix))
 
             def run_cached(timer, past, cfg=gen_config):
                 out = lm.generate(input_ids=full_ids, attention_mask=full_mask, generation_config=cfg,
@@ -268,9 +270,5 @@ def bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None
         "results": results,
     }
     if config.out:
-        out = Path(config.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        atomic_write_text(config.out, json.dumps(result, indent=2) + "\n")
     return result

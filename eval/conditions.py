@@ -30,14 +30,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from gistcache.compression import compress
 from gistcache.errors import GistError
+from gistcache.generation import generate
 from gistcache.model import GistModel
 from gistcache.prompts import INSTRUCTION_SLOT, PromptText, encode_prompt, format_prompt, resolve_template
 
 BASELINES = ("full", "none", "truncate", "base")
 CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
+
+
+@dataclass
+class Prepared:
+    """One example's token ids for one run: P, I and, for `truncate`, the cut prompt."""
+
+    prompt: list[int]  # P: encode_instruction
+    input: list[int]  # I: encode_input
+    truncated: list[int] | None = None
+    kept: int | None = None
+    instruction_tokens: int | None = None
+
+
+def condition_sequences(condition: str, items: list[Prepared], gist_ids: list[int],
+                        template_ids: list[int]) -> tuple[list[list[int]], list[int] | None]:
+    """(token-id sequences, rotary position offsets or None) that a causal condition generates from (table above)."""
+    if condition == "base":
+        return [[*p.prompt, *p.input] for p in items], None
+    if condition in ("full", "pos_control"):
+        return [[*p.prompt, *gist_ids, *p.input] for p in items], None
+    if condition == "truncate":
+        return [[*p.truncated, *gist_ids, *p.input] for p in items], None
+    if condition == "none":
+        return [[*template_ids, *gist_ids, *p.input] for p in items], None
+    if condition == "neg_control":
+        return [list(p.input) for p in items], [len(p.prompt) + len(gist_ids) for p in items]
+    raise AssertionError(condition)
+
+
+def state_positions(condition: str, p: Prepared, num_gist: int, template_ids: list[int]) -> int:
+    """Positions of prompt state kept before the input (the baselines' gist ids not counted)."""
+    return {"gist": num_gist, "full": len(p.prompt), "base": len(p.prompt), "pos_control": len(p.prompt),
+            "truncate": len(p.truncated or []), "none": len(template_ids), "neg_control": 0}[condition]
 
 
 @dataclass(frozen=True)
@@ -106,19 +139,9 @@ def _instruction_token_span(tokenizer, text: str, start: int, end: int) -> tuple
     return inside[0], inside[-1] + 1
 
 
-def instruction_token_count(tokenizer, instruction: str, template: str) -> int:
-    """Tokens of the instruction itself in its prompt (template text excluded)."""
-    return truncate_prompt(tokenizer, instruction, template, 0).instruction_tokens
-
-
-# --- generation ------------------------------------------------------------------------------------
-
 def generate_gist(model: GistModel, instructions: list[str], inputs: list[str], *, max_new_tokens: int,
                   batch_size: int = 8, on_batch=None) -> list[str]:
     """The gist condition: compress each instruction, then generate each input from its cache."""
-    from gistcache.cache import compress
-    from gistcache.generation import generate
-
     out: list[str] = []
     for start in range(0, len(instructions), batch_size):
         chunk = slice(start, start + batch_size)

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from gistcache.cache import GistCache
+from gistcache.compression import compress
+from gistcache.generation import build_batch, greedy_tokens
 from gistcache.masks import make_position_ids
-from gistcache.generation import suppressed_token_ids
-from gistcache.model import GistModel, cache_kwarg
+from gistcache.model import GistModel, cache_kwarg, returned_cache
 
 aten = torch.ops.aten
 
@@ -58,14 +60,6 @@ class GenerationFlops:
     decode: int  # FLOPs of the one-token forwards after it
     new_tokens: int  # tokens generated (EOS included)
 
-    @property
-    def total(self) -> int:
-        return self.prefill + self.decode
-
-
-def _returned_cache(out):
-    return out["cache"] if "cache" in out else out.past_key_values
-
 
 def greedy_flops(model: GistModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, *, cache=None, max_new_tokens: int) -> GenerationFlops:
@@ -77,32 +71,29 @@ def greedy_flops(model: GistModel, input_ids: torch.Tensor, attention_mask: torc
     """
     lm = model.model
     key = cache_kwarg(lm)
-    eos = model.tokenizer.eos_token_id
-    suppressed = suppressed_token_ids(model)
-    counter = flop_counter()
-    with counter, torch.no_grad():
-        out = lm(inputs_embeds=model.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=True, logits_to_keep=1, **({key: cache} if cache is not None else {}))
-    prefill = int(counter.get_total_flops())
-    decode, new = 0, 0
-    position = position_ids[:, -1:]  # (1, 1)
-    for _ in range(max_new_tokens):
-        logits = out.logits[0, -1].float()  # (V,)
-        if suppressed:
-            logits[suppressed] = float("-inf")
-        token = int(logits.argmax())
-        new += 1
-        if token == eos or new == max_new_tokens:
-            break
-        position = position + 1
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
-        step = torch.tensor([[token]], device=input_ids.device)  # (1, 1)
+    flops = {"prefill": 0, "decode": 0}
+    out, mask, position = None, attention_mask, position_ids[:, -1:]  # position: (1, 1)
+
+    def next_logits(new: list[int]) -> torch.Tensor:
+        nonlocal out, mask, position
+        if new:  # one more token: a one-token forward over the returned cache
+            position = position + 1
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            step = torch.tensor([[new[-1]]], device=input_ids.device)  # (1, 1)
+            kwargs = dict(inputs_embeds=model.embed(step), attention_mask=mask, position_ids=position,
+                          **{key: returned_cache(out)})
+        else:  # prefill: the whole input, after the `cache` given
+            kwargs = dict(inputs_embeds=model.embed(input_ids), attention_mask=mask, position_ids=position_ids,
+                          logits_to_keep=1, **({key: cache} if cache is not None else {}))
         counter = flop_counter()
-        with counter, torch.no_grad():
-            out = lm(inputs_embeds=model.embed(step), attention_mask=attention_mask, position_ids=position,
-                     use_cache=True, **{key: _returned_cache(out)})
-        decode += int(counter.get_total_flops())
-    return GenerationFlops(prefill=prefill, decode=decode, new_tokens=new)
+        with counter:
+            out = lm(use_cache=True, **kwargs)
+        flops["decode" if new else "prefill"] += int(counter.get_total_flops())
+        return out.logits[0, -1]  # (V,)
+
+    with torch.no_grad():
+        new = greedy_tokens(model, next_logits, max_new_tokens)
+    return GenerationFlops(prefill=flops["prefill"], decode=flops["decode"], new_tokens=len(new))
 
 
 def causal_flops(model: GistModel, ids: list[int], *, max_new_tokens: int, position_offset: int = 0) -> GenerationFlops:
@@ -112,10 +103,8 @@ def causal_flops(model: GistModel, ids: list[int], *, max_new_tokens: int, posit
     return greedy_flops(model, x, mask, make_position_ids(mask, position_offset), max_new_tokens=max_new_tokens)
 
 
-def gist_flops(model: GistModel, cache, input_text: str, *, max_new_tokens: int) -> GenerationFlops:
+def gist_flops(model: GistModel, cache: GistCache, input_text: str, *, max_new_tokens: int) -> GenerationFlops:
     """FLOPs of greedy generation of one input continuing from a GistCache (N cached positions)."""
-    from gistcache.generation import build_batch
-
     batch = build_batch(model, cache, [input_text], max_new_tokens=max_new_tokens)
     N = batch.num_cached
     # the N placeholders stand for the cached positions: feed only the input tokens
@@ -125,7 +114,28 @@ def gist_flops(model: GistModel, cache, input_text: str, *, max_new_tokens: int)
 
 def compress_flops(model: GistModel, instruction: str) -> int:
     """FLOPs of compressing one instruction (the forward over prompt + N gist tokens)."""
-    from gistcache.cache import compress
-
     _, flops = count_flops(compress, model, instruction, batch_size=1)
     return flops
+
+
+def add_reductions(rows: list[dict]) -> None:
+    """Add to each evaluation row its FLOP reductions against `full` on the same split: prefill against the
+    same run's full prompt (its `full` row, or the full-prompt prefill counted for runs without one),
+    prefill + generation against the same run's `full` row, else the first run's."""
+    for row in rows:
+        same = [r for r in rows if r["split"] == row["split"] and r["condition"] == "full"]
+        full = next((r for r in same if r["run"] == row["run"]), None) or (same[0] if same else None)
+        if row["full_prefill_flops"] is None and full is not None and full["run"] == row["run"]:
+            row["full_prefill_flops"] = full["prefill_flops"]
+        ref = row["full_prefill_flops"]
+        row["prefill_reduction_vs_full"] = (round(1 - row["prefill_flops"] / ref, 6)
+                                            if ref and row["prefill_flops"] is not None else None)
+        total, ref_total = _total(row), _total(full) if full else None
+        row["total_flops"] = total
+        row["total_reduction_vs_full"] = round(1 - total / ref_total, 6) if total is not None and ref_total else None
+
+
+def _total(row: dict) -> float | None:
+    if row.get("prefill_flops") is None:
+        return None
+    return row["prefill_flops"] + (row.get("generation_flops") or 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     """Write the PNGs for `results` (from `evaluate`) into `out_dir`; return their paths."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import and only the written report needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,11 +49,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     ax.legend(fontsize="small", ncols=min(4, len(labels)))
     top = max([r["rouge_l"]["ci_high"] for r in rows] + [0.0])
     ax.set_ylim(0, min(100.0, max(5.0, top * 1.2)))
-    fig.tight_layout()
-    path = out_dir / "rouge_by_condition.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(plt, fig, out_dir / "rouge_by_condition.png"))
 
     fidelity = [f for f in results.get("fidelity", []) if f.get("retention") and math.isfinite(f["retention"]["mean"])]
     if fidelity:
@@ -74,11 +70,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("% of the full prompt's ROUGE-L")
         ax.set_title("What the gist keeps of the full prompt (95% bootstrap interval)")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / "fidelity.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir / "fidelity.png"))
 
     if len(results.get("runs", [])) > 1:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -100,9 +92,12 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("ROUGE-L (F x100)")
         ax.set_title("ROUGE-L vs compression")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / "rouge_vs_compression.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir / "rouge_vs_compression.png"))
     return paths
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

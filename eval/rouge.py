@@ -21,7 +21,7 @@ from gistcache.errors import GistError
 
 @functools.lru_cache(maxsize=2)
 def _scorer(use_stemmer: bool):
-    from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.rouge_scorer import RougeScorer  # deferred: it loads nltk, slow for `gist --help`
 
     return RougeScorer(["rougeL"], use_stemmer=use_stemmer)
 

@@ -3,10 +3,13 @@
 Mu et al., "Learning to Compress Prompts with Gist Tokens" (NeurIPS 2023).
 """
 
-from gistcache.cache import GistCache, check_cache, compress, load_cache, save_cache
+from gistcache._version import __version__
+from gistcache.cache import GistCache, load_cache, save_cache
+from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.generation import GenerateConfig, generate, generate_masked
+from gistcache.identity import check_cache
 from gistcache.masks import gist_attention_mask, make_gist_mask, make_position_ids
 from gistcache.model import GistModel, load_base_model, load_tokenizer
 from gistcache.run import load_run
@@ -34,4 +37,3 @@ __all__ = [
     "make_position_ids",
     "save_cache",
 ]
-__version__ = "0.1.0"

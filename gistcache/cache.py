@@ -1,15 +1,7 @@
-"""Compress an instruction into the KV cache of its gist tokens, and save or load that cache.
+"""A gist cache and its file: the keys and values of the N gist positions of every layer.
 
-`compress` runs `prompt ids + N gist ids` once through the model. Up to the last gist token the
-gist mask is plain causal, so the gist positions read the whole prompt; everything after the gist
-only ever reads the gist positions' keys and values. Those N positions of every layer are all we
-keep: the prompt's own keys and values are dropped. Generation continues at rotary position
-`offset = num_prompt_tokens + N`, as if the prompt were still there::
-
-    positions   0 .. P-1        P .. P+N-1      P+N ...
-    compress    prompt tokens   gist tokens     -
-    kept        (dropped)       keys/values     -
-    generate    -               cache           input tokens, then new tokens
+`GistCache` holds them with what they were made from (`gistcache.compression` makes one) and the
+rotary position that generation continues at, `offset = num_prompt_tokens + N`.
 
 A cache file is safetensors (never pickle): tensors `layers.{i}.keys` and `layers.{i}.values`,
 each (1, kv_heads, N, head_dim), and string metadata naming the format version, the base model
@@ -22,33 +14,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from gistcache._io import atomic_path
+from gistcache._version import __version__
+from gistcache.config import DTYPES, dtype_name
 from gistcache.errors import GistError
+from gistcache.identity import check_cache
 from gistcache.masks import MASKS
-from gistcache.model import GistModel, cache_layers, fingerprint_model
-from gistcache.prompts import check_instruction, encode_instruction
+from gistcache.model import GistModel
 
 FORMAT = "gistcache-kv"
 FORMAT_VERSION = 1
-PREVIEW_CHARS = 60
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REQUIRED_METADATA = ("format_version", "base_fingerprint", "run_fingerprint", "num_gist_tokens", "input_position",
                      "num_prompt_tokens", "prompt_sha256", "template", "dtype", "num_layers", "key_shapes",
                      "value_shapes", "tensor_sha256")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(eq=False)
@@ -116,8 +102,6 @@ class GistCache:
 
     def metadata(self) -> dict[str, str]:
         """The string metadata written into the safetensors header."""
-        from gistcache import __version__
-
         return {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -157,164 +141,20 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# --- which model a cache belongs to ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a cache must match: the base weights, the trained run, the template."""
-
-    base_fingerprint: str
-    run_fingerprint: str
-    template: str
-    mask: str
-
-
-def model_identity(model: GistModel) -> ModelIdentity:
-    """Fingerprints of a model from `load_run` (read from the run), or of an in-memory GistModel.
-
-    An in-memory model (no run folder) gets a run fingerprint over its current weights, its gist
-    embedding and N, so a cache made from it fits it and nothing else.
-    """
-    template = model.template
-    base = model.base_fingerprint or fingerprint_model(model.model)
-    run = getattr(model, "run_fingerprint", None)
-    if run is None:
-        h = hashlib.sha256(b"gistcache-unsaved-run|")
-        h.update(fingerprint_model(model.model).encode())
-        h.update(str(model.num_gist_tokens).encode())
-        h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
-        run = h.hexdigest()
-    return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask)
-
-
-def model_kv_shape(model: GistModel) -> tuple[int, int, int]:
-    """(num_layers, kv_heads, head_dim) from the model config."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
-
-
-def check_cache(model: GistModel, cache: GistCache, *, identity: ModelIdentity | None = None,
-                source: str = "the cache") -> None:
-    """Refuse a cache that does not fit `model`, naming the first field that differs."""
-    identity = identity or model_identity(model)
-    fix = "compress the prompt again with this run (gist compress ... --run RUN)"
-    if cache.base_fingerprint != identity.base_fingerprint:
-        raise GistError(f"{source} was made with another base model (base_fingerprint {cache.base_fingerprint[:12]} "
-                        f"!= {identity.base_fingerprint[:12]} of this model): {fix}")
-    if cache.mask != identity.mask:
-        raise GistError(f"{source} was made by a run trained with the {cache.mask!r} mask, this run was trained with "
-                        f"the {identity.mask!r} mask: {fix}")
-    if cache.run_fingerprint != identity.run_fingerprint:
-        raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
-                        f"!= {identity.run_fingerprint[:12]} of this run): {fix}")
-    if cache.num_gist_tokens != model.num_gist_tokens:
-        raise GistError(f"{source} has num_gist_tokens {cache.num_gist_tokens}, this run uses "
-                        f"{model.num_gist_tokens}: {fix}")
-    if cache.template != identity.template:
-        raise GistError(f"{source} has template {cache.template!r}, this run uses {identity.template!r}: {fix}")
-    num_layers, kv_heads, head_dim = model_kv_shape(model)
-    if cache.num_layers != num_layers:
-        raise GistError(f"{source} has num_layers {cache.num_layers}, the model has {num_layers}: {fix}")
-    want = (1, kv_heads, cache.num_gist_tokens, head_dim)
-    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-        for kind, t in (("keys", k), ("values", v)):
-            if tuple(t.shape) != want:
-                raise GistError(f"{source} layer {i} {kind} shape {tuple(t.shape)} does not fit the model "
-                                f"(1, kv_heads={kv_heads}, {cache.num_gist_tokens}, head_dim={head_dim}): {fix}")
-    model_dtype = model.model.dtype
-    if cache.dtype != model_dtype:
-        raise GistError(f"{source} has dtype {dtype_name(cache.dtype)}, the model runs in {dtype_name(model_dtype)}: "
-                        f"load the run with --dtype {dtype_name(cache.dtype)} or compress again")
-    if cache.offset >= model.max_context():
-        raise GistError(f"{source} continues at position {cache.offset}, past the model's context of "
-                        f"{model.max_context()}: compress a shorter prompt")
-
-
-# --- compress -------------------------------------------------------------------------------------
-
-def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: int = 8) -> list[list[tuple]]:
-    """Run `prompt + N gist` for each row (left-padded batches) and return the gist KV per row.
-
-    Returns, per row, [(keys, values)] per layer, each (1, kv_heads, N, head_dim) on the CPU.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
-    N = model.num_gist_tokens
-    limit = model.max_context()
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) + N >= limit:
-            raise GistError(f"prompt {i} has {len(ids)} tokens + {N} gist tokens, over the model's context of "
-                            f"{limit}: shorten it")
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
-    out: list = [None] * len(prompt_ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        seqs = [[*prompt_ids[i], *([model.gist_token_id] * N)] for i in rows]
-        T = max(len(s) for s in seqs)
-        input_ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=model.device)  # (B, T)
-        attention_mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=model.device)
-        with torch.no_grad():
-            if bool(attention_mask.all()):
-                # No padding: over prompt + gist the gist mask is plain causal, so the stock causal
-                # forward (fast sdpa path) computes exactly the masked forward's keys and values.
-                res = model.model(inputs_embeds=model.embed(input_ids), use_cache=True, logits_to_keep=1)
-            else:
-                # Left padding: the masked forward hides it (a padding query sees only itself, so no
-                # softmax row is empty and no NaN reaches real rows); positions count real tokens.
-                res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
-        kv = cache_layers(res.cache if "cache" in res else res.past_key_values)
-        for b, i in enumerate(rows):
-            # left padding puts every row's gist tokens in the last N columns
-            out[i] = [(k[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone(),
-                       v[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone()) for k, v in kv]
-    return out
-
-
-def compress(model: GistModel, instructions: str | list[str], *, batch_size: int = 8) -> GistCache | list[GistCache]:
-    """Compress one instruction (-> GistCache) or many (-> list, batched with left padding)."""
-    single = isinstance(instructions, str)
-    texts = [instructions] if single else list(instructions)
-    if not texts:
-        raise GistError("no instructions to compress: give at least one")
-    for i, text in enumerate(texts):
-        try:
-            check_instruction(text)
-        except GistError as exc:
-            raise GistError(f"instruction {i}: {exc}") from None
-    identity = model_identity(model)
-    prompt_ids = [encode_instruction(model.tokenizer, text, identity.template) for text in texts]
-    kvs = compress_ids(model, prompt_ids, batch_size=batch_size)
-    caches = [
-        GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=model.num_gist_tokens,
-                  num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
-                  base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
-                  prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask)
-        for text, ids, kv in zip(texts, prompt_ids, kvs)
-    ]
-    return caches[0] if single else caches
-
-
-# --- save / load ----------------------------------------------------------------------------------
-
-def save_cache(cache: GistCache, path: str | Path) -> Path:
-    """Write `cache` as safetensors at `path`, atomically (temp file, then os.replace)."""
-    from safetensors.torch import save_file
-
+def check_cache_path(path: str | Path) -> Path:
+    """Refuse a folder where a cache file is to be written (checked before anything is computed)."""
     path = Path(path)
     if path.is_dir():
         raise GistError(f"--out {path} is a folder: give a file name such as {path / 'prompt.safetensors'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_cache(cache: GistCache, path: str | Path) -> Path:
+    """Write `cache` as safetensors at `path`, atomically (temp file, then os.replace)."""
+    path = check_cache_path(path)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in cache.tensors().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=cache.metadata())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -327,8 +167,6 @@ def read_cache_metadata(path: str | Path) -> dict[str, str]:
 
 
 def _open(path: Path, fn):
-    from safetensors import safe_open
-
     if not path.is_file():
         raise GistError(f"cache file {path} does not exist: make one with `gist compress \"...\" --out {path}`")
     try:

@@ -1,14 +1,19 @@
-"""Configuration shared by training, caching and evaluation: what a gist run *is*.
+"""Configuration shared by training, caching and evaluation: what a gist run *is*, and the values
+several verbs accept.
 
 `GistConfig` names the base model, how many gist tokens stand for a prompt, the attention
 condition the run was trained under, the prompt template and how the base model was tuned.
 It is saved in a run folder's `config.json` under the key "gist" and read back by every later
 step. Checks live in `__post_init__`, so a Python caller gets the same refusal as the CLI.
+
+`DTYPES` is the one table of compute dtypes (`--dtype`, and the dtype a cache file records).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+
+import torch
 
 from gistcache.errors import GistError
 from gistcache.masks import check_condition, check_mask
@@ -17,6 +22,24 @@ DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
 TUNE_MODES = ("gist", "lora", "full")
 GIST_TOKEN = "<GIST>"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named `name` (a key of DTYPES); refuse any other name."""
+    if name not in DTYPES:
+        raise GistError(f"--dtype {name!r} is not supported: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    return batch_size
 
 
 @dataclass

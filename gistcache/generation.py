@@ -20,17 +20,22 @@ also what transformers versions that derive cache positions from the input lengt
 module is tested on 5.24 only.
 
 `generate_masked` is the definition: greedy decoding that re-runs the whole masked forward
-(instruction, gist, input, tokens so far) every step, with no cache at all.
+(instruction, gist, input, tokens so far) every step, with no cache at all. `generate_causal`
+continues plain token sequences under a causal mask, for the full-prompt baselines.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from gistcache.cache import GistCache, check_cache, model_identity
+from gistcache._io import left_pad, pad_token_id
+from gistcache.cache import GistCache
+from gistcache.config import check_batch_size
 from gistcache.errors import GistError
+from gistcache.identity import check_cache, model_identity
 from gistcache.masks import make_position_ids
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction
@@ -88,9 +93,32 @@ def suppressed_token_ids(model: GistModel) -> list[int]:
     return [model.gist_token_id] if model.gist_token_id < vocab else []
 
 
-def _decode(model: GistModel, rows: list[list[int]]) -> list[str]:
+def _until_eos(model: GistModel, rows: list[list[int]], *, keep_eos: bool = True) -> list[list[int]]:
+    """Cut each row at its first EOS (kept unless `keep_eos=False`), dropping the padding that follows."""
     eos = model.tokenizer.eos_token_id
-    return [model.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids in rows]
+    return [ids[:ids.index(eos) + keep_eos] if eos in ids else ids for ids in rows]
+
+
+def _decode(model: GistModel, rows: list[list[int]]) -> list[str]:
+    """The text of each row of new token ids, up to its first EOS."""
+    return [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in _until_eos(model, rows, keep_eos=False)]
+
+
+def greedy_tokens(model: GistModel, next_logits: Callable[[list[int]], torch.Tensor], max_new_tokens: int) -> list[int]:
+    """Greedy decoding written out: `next_logits(new)` gives the (V,) logits that follow the tokens generated
+    so far (`new`; [] first, always called once). Stops after EOS (kept) or `max_new_tokens`; the gist token
+    is never chosen."""
+    suppressed = suppressed_token_ids(model)
+    new: list[int] = []
+    logits = next_logits(new)
+    while len(new) < max_new_tokens:
+        logits = logits.float()  # (V,)
+        logits[suppressed] = float("-inf")
+        new.append(int(logits.argmax()))
+        if new[-1] == model.tokenizer.eos_token_id or len(new) == max_new_tokens:
+            break
+        logits = next_logits(new)
+    return new
 
 
 def check_context(model: GistModel, offsets: list[int], input_ids: list[list[int]], max_new_tokens: int,
@@ -119,7 +147,7 @@ class GenerationBatch:
 def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
                 max_new_tokens: int = 0) -> GenerationBatch:
     """Check the caches against `model`, tokenize the inputs and lay out one left-padded batch."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # deferred: transformers takes seconds to import
 
     caches, inputs = _pair(caches, inputs, "cache")
     identity = model_identity(model)
@@ -134,10 +162,8 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
     N, B, device = model.num_gist_tokens, len(inputs), model.device
     prefix = model.prefix_kv()  # [] under the paper's mask
     F = model.num_prefix_tokens
-    L = max(len(ids) for ids in input_ids)
-    pad_id = pad_token_id(model)
-    input_mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids in input_ids], device=device)  # (B, L)
-    padded = torch.tensor([[pad_id] * (L - len(ids)) + ids for ids in input_ids], device=device)  # (B, L)
+    pad_id = pad_token_id(model.tokenizer)
+    padded, input_mask = left_pad(input_ids, pad_id, device)  # (B, L) each
     offset = torch.tensor(offsets, device=device)  # (B,)
     gist_pos = offset.view(B, 1) - N + torch.arange(N, device=device).view(1, N)  # (B, N)
     prefix_pos = torch.arange(F, device=device).view(1, F).expand(B, F)  # (B, F)
@@ -157,23 +183,12 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
                            cache=DynamicCache(ddp_cache_data=kv), num_cached=F + N)
 
 
-def pad_token_id(model: GistModel) -> int:
-    tok = model.tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _until_eos(model: GistModel, rows: list[list[int]]) -> list[list[int]]:
-    """Cut each row after its first EOS (kept), dropping the padding that follows."""
-    eos = model.tokenizer.eos_token_id
-    return [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in rows]
-
-
 def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
                  max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  streamer=None) -> list[list[int]]:
     """Like `generate`, returning each row's new token ids (up to and including EOS)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # deferred: transformers takes seconds to import
 
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -185,8 +200,8 @@ def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: 
     gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
                                   do_sample=cfg.do_sample, num_beams=1, repetition_penalty=1.0,
                                   no_repeat_ngram_size=0, eos_token_id=model.tokenizer.eos_token_id,
-                                  pad_token_id=pad_token_id(model), suppress_tokens=suppressed_token_ids(model) or None,
-                                  **sampling)
+                                  pad_token_id=pad_token_id(model.tokenizer),
+                                  suppress_tokens=suppressed_token_ids(model) or None, **sampling)
     device = model.device
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=cfg.seed is not None):
@@ -230,23 +245,18 @@ def generate_masked_ids(model: GistModel, instructions: str | list[str], inputs:
     instructions, inputs = _pair(instructions, inputs, "instruction")
     identity = model_identity(model)
     tok, N = model.tokenizer, model.num_gist_tokens
-    suppressed = suppressed_token_ids(model)
     rows = []
     for instruction, text in zip(instructions, inputs):
         ids = [*encode_instruction(tok, instruction, identity.template), *([model.gist_token_id] * N),
                *encode_input(tok, text, identity.template)]
         check_context(model, [0], [ids], max_new_tokens)
-        new: list[int] = []
+
+        def next_logits(new: list[int], ids: list[int] = ids) -> torch.Tensor:
+            x = torch.tensor([ids + new], device=model.device)  # (1, T)
+            return model(x, torch.ones_like(x), condition="gist").logits[0, -1]  # (V,)
+
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                x = torch.tensor([ids + new], device=model.device)  # (1, T)
-                logits = model(x, torch.ones_like(x), condition="gist").logits[0, -1].float()  # (V,)
-                logits[suppressed] = float("-inf")
-                token = int(logits.argmax())
-                new.append(token)
-                if token == tok.eos_token_id:
-                    break
-        rows.append(new)
+            rows.append(greedy_tokens(model, next_logits, max_new_tokens))
     return rows
 
 
@@ -273,36 +283,29 @@ def generate_causal(model: GistModel, sequences: list[list[int]], *, max_new_tok
     first real token gets that position; default 0). Stops at EOS; the gist token is never
     generated. `on_batch(n)` is called after each batch.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     if not sequences:
         return []
     if any(not ids for ids in sequences):
         raise GistError("an empty token sequence cannot be continued: every row needs at least one token")
     offsets = list(position_offsets) if position_offsets is not None else [0] * len(sequences)
     check_context(model, offsets, sequences, max_new_tokens, what="sequence")
-    tok, device, pad_id = model.tokenizer, model.device, pad_token_id(model)
-    eos = tok.eos_token_id
+    device, pad_id = model.device, pad_token_id(model.tokenizer)
     suppressed = suppressed_token_ids(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[str | None] = [None] * len(sequences)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        T = max(len(sequences[i]) for i in rows)
-        ids = torch.tensor([[pad_id] * (T - len(sequences[i])) + sequences[i] for i in rows], device=device)  # (B, T)
-        mask = torch.tensor([[0] * (T - len(sequences[i])) + [1] * len(sequences[i]) for i in rows],
-                            device=device)  # (B, T)
+        ids, mask = left_pad([sequences[i] for i in rows], pad_id, device)  # (B, T) each
         position_ids = make_position_ids(mask, torch.tensor([offsets[i] for i in rows], device=device))  # (B, T)
         with torch.no_grad():
             new = model.model.generate(inputs_embeds=model.embed(ids), attention_mask=mask, position_ids=position_ids,
                                        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                       eos_token_id=eos, pad_token_id=pad_id, suppress_tokens=suppressed or None)
+                                       eos_token_id=model.tokenizer.eos_token_id, pad_token_id=pad_id,
+                                       suppress_tokens=suppressed or None)
         # with inputs_embeds and no input_ids, generate returns only the new tokens: (B, <= max_new_tokens)
-        for b, i in enumerate(rows):
-            row = new[b].tolist()
-            if eos in row:
-                row = row[:row.index(eos)]
-            out[i] = tok.decode(row, skip_special_tokens=True)
+        for i, text in zip(rows, _decode(model, new.tolist())):
+            out[i] = text
         if on_batch is not None:
             on_batch(len(rows))
     return out  # type: ignore[return-value]

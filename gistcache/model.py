@@ -9,6 +9,10 @@ The gist token is one `<GIST>` special token added to the tokenizer. Its embeddi
 parameter (the mean of the vocabulary's embeddings at the start) that replaces the embedding of
 every gist position, so the model's vocabulary and output head are never resized: the gist token
 can never be a training target and never be generated.
+
+Also here, for everything that calls the stock model: the name this transformers version gives
+the KV-cache argument and output (`cache_kwarg`, `returned_cache`), and `quiet_transformers`, which
+silences transformers' progress bars and chatter for the duration of one call.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import importlib.util
 import inspect
 import io
 import json
-import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,25 +66,35 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _quiet_transformers() -> None:
-    """No per-tensor progress bars or deprecation chatter from transformers/peft on our console."""
-    import warnings
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-tensor progress bars or deprecation chatter from transformers/peft inside the block.
 
-    from transformers.utils import logging as hf_logging
+    Verbosity, progress bars and warning filters are put back as they were when the block ends.
+    """
+    from transformers.utils import logging as hf_logging  # deferred: transformers takes seconds to import
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
 
-    _quiet_transformers()
     source, gguf_file = resolve_model(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     except Exception as exc:  # transformers raises many kinds for a missing or broken model
         raise GistError(f"cannot load the tokenizer of {spec!r} ({type(exc).__name__}): "
                         f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
@@ -88,7 +103,7 @@ def load_tokenizer(spec: str):
 
 def add_gist_token(tokenizer):
     """Add the `<GIST>` special token (once) and a padding token if the tokenizer has none."""
-    from transformers import AddedToken
+    from transformers import AddedToken  # deferred: transformers takes seconds to import
 
     if GIST_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(GIST_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -100,14 +115,13 @@ def add_gist_token(tokenizer):
 def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     attn_implementation: str | None = None):
     """Load the base causal LM named by `spec` (see `resolve_model`)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers takes seconds to import
 
-    _quiet_transformers()
     source, gguf_file = resolve_model(spec)
     # transformers' GGUF loader draws a tqdm bar of its own on stderr, past its logging switches
     quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
     try:
-        with quiet:
+        with quiet, quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
             )
@@ -151,27 +165,16 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def returned_cache(output):
+    """The KV cache a stock forward returned, under either name (see `cache_kwarg`)."""
+    return output["cache"] if "cache" in output else output.past_key_values
+
+
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(keys, values)] per layer, each (B, kv_heads, T, head_dim), of a transformers Cache."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))  # older transformers
-
-
-def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reduce: bool = True):
-    """Summed next-token cross-entropy over the labelled (answer) positions, and how many there are.
-
-    logits: (B, T, V); labels: (B, T), IGNORE_INDEX where unlabelled. Divide the sums of several
-    batches by the summed counts for the token-weighted mean that the held-out loss reports.
-    `reduce=False` returns both as tensors (the sum keeps its graph, for training).
-    """
-    from gistcache.prompts import IGNORE_INDEX
-
-    labels = labels[:, 1:]
-    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (labels != IGNORE_INDEX).sum()
-    return (loss, count) if not reduce else (float(loss), int(count))
 
 
 class GistModel(nn.Module):
@@ -241,7 +244,7 @@ class GistModel(nn.Module):
         if self._prefix_kv is None:
             ids = torch.tensor([self.prefix_ids], device=self.device)  # (1, F)
             out = self.model(inputs_embeds=self.embed(ids), use_cache=True, logits_to_keep=1)
-            layers = cache_layers(out.cache if "cache" in out else out.past_key_values)
+            layers = cache_layers(returned_cache(out))
             self._prefix_kv = [(k.detach().clone(), v.detach().clone()) for k, v in layers]
         return self._prefix_kv
 
@@ -258,19 +261,3 @@ class GistModel(nn.Module):
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
-
-def hash_files(paths: list[Path]) -> str:
-    """SHA-256 over the names and bytes of files, in the given order."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -142,3 +142,21 @@ def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token
         ids += answer
         labels += answer
     return EncodedExample(input_ids=ids, labels=labels, num_prompt_tokens=len(prompt_ids))
+
+
+def encode_examples(tokenizer, examples: list, *, num_gist_tokens: int, gist_token_id: int, template: str,
+                    max_length: int) -> tuple[list[EncodedExample], int]:
+    """Tokenize examples (anything with `instruction`, `input`, `output`, such as `gistcache.data.Example`).
+
+    Rows longer than `max_length` are dropped, never cut (a cut could cut the gist); returns the
+    encoded rows and how many were dropped.
+    """
+    encoded, too_long = [], 0
+    for ex in examples:
+        text = format_prompt(tokenizer, ex.instruction, ex.input, template)
+        enc = encode_example(tokenizer, text, num_gist_tokens, gist_token_id, template, output=ex.output)
+        if len(enc.input_ids) > max_length:
+            too_long += 1
+            continue
+        encoded.append(enc)
+    return encoded, too_long

@@ -5,7 +5,7 @@
     RUN/adapter_model.safetensors    LoRA adapter (+ adapter_config.json), for --tune lora
     RUN/model.safetensors            full weights, for --tune full only
     RUN/tokenizer/                   the tokenizer with <GIST>
-    RUN/metrics.json, RUN/train.log, RUN/checkpoints/step-N/
+    RUN/metrics.json, RUN/train.log, RUN/README.md (the model card), RUN/checkpoints/step-N/
 
 Tensors are read only from safetensors; nothing is ever unpickled.
 """
@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gistcache._io import atomic_write_text, hash_files
+from gistcache._version import __version__
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.model import (GistModel, add_gist_token, atomic_write_text, fingerprint_model, hash_files,
-                             load_base_model)
+from gistcache.model import GistModel, add_gist_token, fingerprint_model, load_base_model, quiet_transformers
 
 CONFIG_FILE = "config.json"
 GIST_FILE = "gist_embedding.safetensors"
@@ -34,39 +35,13 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 MODEL_CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train.log"
+CHECKPOINTS_DIR = "checkpoints"
 # the gist run that ships inside the package, used when no run is named (see its README.md)
 DEFAULT_RUN = "smollm2-135m-gist1"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 WEIGHT_FILES = (GIST_FILE, ADAPTER_FILE, FULL_FILE)
-# the packages whose versions decide a run's numbers: the same flags and seed give the same run only with
-# the same versions (and the same kind of CPU or GPU, see cpu_name)
-RECORDED_PACKAGES = ("gistcache", "torch", "transformers", "peft", "accelerate", "safetensors")
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of RECORDED_PACKAGES (None: not installed), for metrics and benchmarks."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def cpu_name() -> str:
-    """The CPU model (`/proc/cpuinfo`, else `platform`): float results of training differ across CPU kinds."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -127,7 +102,8 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_mode
         tmp = Path(tmp)
         save_file({"gist_embedding": model.gist_embedding.detach().float().cpu().contiguous()}, tmp / GIST_FILE)
         if tune == "lora":
-            model.model.save_pretrained(tmp, safe_serialization=True)
+            with quiet_transformers():
+                model.model.save_pretrained(tmp, safe_serialization=True)
             _name_base_model(tmp / ADAPTER_CONFIG_FILE, base_model)
         elif tune == "full":
             state = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
@@ -153,7 +129,7 @@ def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
     save_run_weights(model, out_dir, gist_config.tune, gist_config.model)
-    config = {"gistcache_version": __import__("gistcache").__version__, "gist": gist_config.to_dict(),
+    config = {"gistcache_version": __version__, "gist": gist_config.to_dict(),
               "train": train_config or {}, "base_fingerprint": base_fingerprint}
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
@@ -178,11 +154,12 @@ def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = 
                         f"(fingerprint {fingerprint[:12]} != {data['base_fingerprint'][:12]})")
     model = base
     if gist_config.tune == "lora":
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: peft takes seconds to import
 
         if not (run_dir / ADAPTER_FILE).is_file():
             raise GistError(f"run {run_dir} was tuned with LoRA but has no {ADAPTER_FILE}")
-        model = PeftModel.from_pretrained(base, str(run_dir), use_safetensors=True)
+        with quiet_transformers():
+            model = PeftModel.from_pretrained(base, str(run_dir), use_safetensors=True)
         if merge:
             model = model.merge_and_unload()
     elif gist_config.tune == "full":
@@ -210,13 +187,11 @@ def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = 
 
 def load_run_tokenizer(run_dir: str | Path):
     """The tokenizer a run was trained with (its `<GIST>` token included)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
 
-    from gistcache.model import _quiet_transformers
-
-    _quiet_transformers()
     try:
-        return add_gist_token(AutoTokenizer.from_pretrained(Path(run_dir) / TOKENIZER_DIR))
+        with quiet_transformers():
+            return add_gist_token(AutoTokenizer.from_pretrained(Path(run_dir) / TOKENIZER_DIR))
     except Exception as exc:
         raise GistError(f"cannot load the tokenizer of run {run_dir} ({type(exc).__name__}): is the run complete?") from exc
 
@@ -228,9 +203,16 @@ def _tied_names(model) -> set[str]:
     return names
 
 
+def load_untouched_base(model: GistModel, *, dtype: torch.dtype, device: str | torch.device) -> GistModel:
+    """The base model of a run from `load_run` before any tuning (no adapter, no trained weights), with the
+    run's tokenizer and template: what a user runs without gistcache, for full-prompt comparisons."""
+    base = load_base_model(model.gist_config.model, dtype=dtype, device=device)
+    return GistModel(base, model.tokenizer, model.num_gist_tokens, template=model.template).eval()
+
+
 def remove_run_outputs(run_dir: Path) -> None:
-    """Clear a previous run's files (used with --overwrite), leaving unrelated files alone."""
-    for name in (*WEIGHT_FILES, CONFIG_FILE, ADAPTER_CONFIG_FILE, "metrics.json", "train.log", "README.md"):
+    """Clear a previous run's files (used with --overwrite), its model card included; leave unrelated files alone."""
+    for name in (*WEIGHT_FILES, CONFIG_FILE, ADAPTER_CONFIG_FILE, METRICS_FILE, LOG_FILE, MODEL_CARD_FILE):
         (run_dir / name).unlink(missing_ok=True)
-    for name in (TOKENIZER_DIR, "checkpoints"):
+    for name in (TOKENIZER_DIR, CHECKPOINTS_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)

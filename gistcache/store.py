@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gistcache.cache import (GistCache, ModelIdentity, compress, check_cache, load_cache, model_identity,
-                             read_cache_metadata, save_cache, sha256_text)
+from gistcache._io import sha256_text
+from gistcache.cache import GistCache, load_cache, read_cache_metadata, save_cache
+from gistcache.compression import compress
 from gistcache.errors import GistError
+from gistcache.identity import ModelIdentity, check_cache, model_identity
 from gistcache.model import GistModel
 
 SUFFIX = ".safetensors"
@@ -80,6 +81,16 @@ class CompressResult:
     key: str
     path: Path
     hit: bool
+
+    def summary(self, path: str | Path | None = None) -> dict:
+        """What `gist compress` reports: sizes and ratios, read from the file at `path` (default: the store entry)."""
+        path = self.path if path is None else Path(path)
+        c, size = self.cache, path.stat().st_size
+        return {"key": self.key, "store": "hit" if self.hit else "compressed", "path": str(path),
+                "prompt_preview": c.prompt_preview, "prompt_tokens": c.num_prompt_tokens,
+                "gist_tokens": c.num_gist_tokens, "compression_ratio": round(c.compression_ratio, 2),
+                "bytes_on_disk": size, "full_prompt_kv_bytes": c.full_prompt_kv_bytes,
+                "bytes_ratio": round(c.full_prompt_kv_bytes / size, 2), "input_position": c.offset}
 
 
 class CacheStore:
@@ -200,8 +211,3 @@ def compress_cached(model: GistModel, instructions: str | list[str], store: Cach
             found[key] = cache
     return [CompressResult(cache=found[k], key=k, path=store.path_for(k), hit=k in hits) for k in keys]
 
-
-def touch(path: Path, when: float | None = None) -> None:
-    """Set an entry's last-use time (tests and tools)."""
-    when = time.time() if when is None else when
-    os.utime(path, (when, when))

@@ -8,12 +8,14 @@ import torch
 from safetensors.torch import save_file
 
 import tiny
-from gistcache.cache import (FORMAT_VERSION, GistCache, check_cache, compress, load_cache, model_identity,
-                             read_cache_metadata, save_cache, sha256_text)
+from gistcache._io import sha256_text
+from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
+from gistcache.compression import compress
 from gistcache.errors import GistError
+from gistcache.identity import check_cache, model_identity
 from gistcache.model import GistModel
 from gistcache.prompts import encode_instruction
-from gistcache.store import CacheStore, cache_key, compress_cached, default_store_dir, key_of, touch
+from gistcache.store import CacheStore, cache_key, compress_cached, default_store_dir, key_of
 
 INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
 
@@ -269,7 +271,8 @@ def test_prune_removes_least_recently_used(gm, tmp_path):
     store = CacheStore(tmp_path)
     results = compress_cached(gm, INSTRUCTIONS, store)
     for age, res in zip((300, 200, 100), results):  # 0 oldest, 2 newest
-        touch(res.path, os.path.getmtime(res.path) - age)
+        when = os.path.getmtime(res.path) - age
+        os.utime(res.path, (when, when))  # the entry's last use, which prune orders by
     assert store.get(results[0].key) is not None  # a hit makes 0 the most recent
     sizes = {r.key: r.path.stat().st_size for r in results}
     removed = store.prune(sizes[results[0].key] + sizes[results[2].key])

@@ -6,10 +6,10 @@ import pytest
 
 from gistcache.errors import GistError
 from gistcache.train.config import TrainConfig
-from gistcache.train.data import collate, drop_contaminated, encode_examples, heldout_split, load_examples
-from gistcache.train.loop import prepare_examples
-from gistcache.train.tasks import HELD_OUT_FAMILIES
-from gistcache.prompts import IGNORE_INDEX
+from gistcache.data.alpaca import Example, drop_contaminated, heldout_split, load_examples
+from gistcache.data.tasks import HELD_OUT_FAMILIES
+from gistcache.prompts import IGNORE_INDEX, encode_examples
+from gistcache.train.data import collate, prepare_examples
 
 
 def write(path, text):
@@ -53,8 +53,6 @@ def test_bad_files_name_file_and_line(tmp_path, content, message):
 
 def test_contamination_filter():
     """Training rows whose instruction appears (case and spaces aside) in the evaluation rows are dropped."""
-    from gistcache.train.data import Example
-
     train = [Example("Say  Hi", "", "hi", "t:1"), Example("Count", "a", "1", "t:2")]
     evaluation = [Example("say hi", "x", "y", "e:1")]
     kept, dropped = drop_contaminated(train, evaluation)
@@ -63,8 +61,6 @@ def test_contamination_filter():
 
 def test_encode_and_collate_left_pads(tokenizer):
     """Rows are left-padded; only answers are labelled; too-long rows are dropped, not cut."""
-    from gistcache.train.data import Example
-
     gid = tokenizer.convert_tokens_to_ids("<GIST>")
     ex = [Example("Reverse", "ab", "ba", "x"), Example("Uppercase the text", "abc def", "ABC DEF", "y"),
           Example("Long " * 200, "", "z", "z")]

@@ -15,7 +15,8 @@ from gistcache.eval import flops as F
 from gistcache.eval.conditions import template_only_ids, truncate_prompt
 from gistcache.generation import generate_causal
 from gistcache.eval.rouge import bootstrap_ci, exact_match, rouge_l, summarize
-from gistcache.eval.run import EvalConfig, evaluate
+from gistcache.eval.config import EvalConfig
+from gistcache.eval.loop import evaluate
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
 from gistcache.prompts import encode_input, encode_instruction
 from gistcache.run import save_run
@@ -126,7 +127,7 @@ def test_causal_generation_matches_masked_reference(gm):
 def test_flops_scale_with_prompt_but_not_for_gist(gm):
     """A longer instruction costs more full-prompt prefill (and decode: attention is counted), while
     the gist prefill over the same input is the same; only the one-time compress grows."""
-    from gistcache.cache import compress
+    from gistcache.compression import compress
 
     tok, G = gm.tokenizer, [gm.gist_token_id] * 2
     inp = encode_input(tok, "a cat and a dog", "chat")
@@ -267,13 +268,13 @@ def test_named_split_needs_data(runs, tmp_path, monkeypatch):
     monkeypatch.delenv("GISTCACHE_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(GistError, match="pass --data-dir"):
-        EvalConfig(runs=[runs["run"]], splits=["seen"])
+        evaluate(EvalConfig(runs=[runs["run"]], splits=["seen"]), show_progress=False)
 
 
 def test_cli_flags_reach_the_config(runs, data_dir, tmp_path):
     """`gist eval` turns its flags into one EvalConfig and calls the library once."""
     fake = {"out": str(tmp_path / "o"), "runs": [], "rows": [], "plots": []}
-    with mock.patch("gistcache.eval.run.evaluate", return_value=fake) as evaluate_:
+    with mock.patch("gistcache.eval.loop.evaluate", return_value=fake) as evaluate_:
         result = runner.invoke(app, ["eval", "--run", runs["run"], "--baseline", "truncate", "--split", "human",
                                      "--data-dir", str(data_dir), "--limit", "3", "--truncate-tokens", "4",
                                      "--control-runs", f"neg={runs['neg']}", "--max-new-tokens", "16", "--json"])
@@ -309,7 +310,7 @@ def test_narrow_terminal_table_keeps_the_compared_columns(runs, data_dir, tmp_pa
            "generation_flops": 2e9, "compress_flops": 3e9, "prompt_state_bytes_mean": 46080, "wall_s": 1.5}
     fake = {"out": str(tmp_path / "o"), "runs": [], "rows": [row], "plots": []}
     monkeypatch.setattr(common.console, "width", 80)
-    with mock.patch("gistcache.eval.run.evaluate", return_value=fake):
+    with mock.patch("gistcache.eval.loop.evaluate", return_value=fake):
         result = runner.invoke(app, ["eval", "--run", runs["run"], "--split", "human", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import tiny
-from gistcache.cache import compress, load_cache, save_cache
+from gistcache.cache import load_cache, save_cache
+from gistcache.compression import compress
 from gistcache.errors import GistError
 from gistcache.generation import (GenerateConfig, build_batch, generate, generate_ids, generate_masked,
                                   generate_masked_ids)

@@ -66,25 +66,40 @@ def test_position_ids_continue_after_padding():
     assert make_position_ids(attn, torch.tensor([5, 7])).tolist() == [[5, 5, 5, 6], [7, 8, 9, 10]]
 
 
-def reference_mask(ids, attn, gist_id, condition):
-    """The rule spelled out with loops, for comparison."""
+def reference_mask(ids, attn, gist_id, condition, num_prefix=0):
+    """The rule spelled out with loops, for comparison: causal, padding hidden, and after the gist the prompt
+    (gist) or the prompt and the gist (neg_control) hidden, except the row's first `num_prefix` real tokens."""
     B, T = ids.shape
     out = torch.zeros(B, T, T, dtype=torch.bool)
     for b in range(B):
         where = [t for t in range(T) if ids[b, t] == gist_id]
         start, end = where[0], where[-1] + 1
+        first = next(t for t in range(T) if attn[b, t])
+        hidden_until = {"gist": start, "neg_control": end}.get(condition, 0)
         for q in range(T):
             for k in range(T):
                 if not attn[b, q]:
                     out[b, q, k] = q == k
                     continue
                 ok = k <= q and bool(attn[b, k])
-                if condition == "gist" and q >= end and k < start:
-                    ok = False
-                if condition == "neg_control" and q >= end and k < end:
+                if q >= end and first + num_prefix <= k < hidden_until:
                     ok = False
                 out[b, q, k] = ok
     return out
+
+
+def random_rows(data, batch, *, longest=4, prefix=()):
+    """`batch` rows of 12 ids (B, T) and their mask: left padding, `prefix`, a prompt of 0..`longest` tokens,
+    1 to 3 gist tokens, 0..`longest` tokens after."""
+    rows_ids, rows_attn = [], []
+    for _ in range(batch):
+        n_prompt = data.draw(st.integers(0, longest))
+        n_gist = data.draw(st.integers(1, 3))
+        n_after = data.draw(st.integers(0, longest))
+        real = [*prefix, *[1] * n_prompt, *[G] * n_gist, *[2] * n_after]
+        rows_ids.append([0] * (12 - len(real)) + real)
+        rows_attn.append([0] * (12 - len(real)) + [1] * len(real))
+    return torch.tensor(rows_ids), torch.tensor(rows_attn)
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,17 +110,7 @@ def reference_mask(ids, attn, gist_id, condition):
 )
 def test_mask_matches_reference(data, batch, condition):
     """On random rows (random prompt, gist count, suffix and left padding) the builder equals the loops."""
-    rows_ids, rows_attn = [], []
-    T = 12
-    for _ in range(batch):
-        n_prompt = data.draw(st.integers(0, 4))
-        n_gist = data.draw(st.integers(1, 3))
-        n_after = data.draw(st.integers(0, 4))
-        real = [1] * n_prompt + [G] * n_gist + [2] * n_after
-        pad = T - len(real)
-        rows_ids.append([0] * pad + real)
-        rows_attn.append([0] * pad + [1] * len(real))
-    ids, attn = torch.tensor(rows_ids), torch.tensor(rows_attn)
+    ids, attn = random_rows(data, batch)
     assert torch.equal(make_gist_mask(ids, attn, G, condition), reference_mask(ids, attn, G, condition))
 
 

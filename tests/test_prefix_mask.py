@@ -6,13 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tiny
-from gistcache.cache import compress, load_cache, save_cache
+from gistcache.cache import load_cache, save_cache
+from gistcache.compression import compress
 from gistcache.errors import GistError
 from gistcache.generation import build_batch, generate_ids, generate_masked_ids
 from gistcache.masks import make_gist_mask
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction, fixed_prefix_ids
-from test_masks import G, rows
+from test_masks import G, random_rows, reference_mask, rows
 
 INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
 INPUTS = ["stone", "41", "abc de fgh ijk"]
@@ -52,44 +53,14 @@ def test_prefix_reaching_the_gist_is_refused():
         make_gist_mask(torch.tensor([[7, 1, G, 4]]), None, G, "gist", num_prefix_tokens=3)
 
 
-def reference_prefix_mask(ids, attn, gist_id, condition, num_prefix):
-    """The rule with loops: causal, padding hidden, and after the gist the prompt hidden except the prefix."""
-    B, T = ids.shape
-    out = torch.zeros(B, T, T, dtype=torch.bool)
-    for b in range(B):
-        where = [t for t in range(T) if ids[b, t] == gist_id]
-        start, end = where[0], where[-1] + 1
-        first = next(t for t in range(T) if attn[b, t])
-        for q in range(T):
-            for k in range(T):
-                if not attn[b, q]:
-                    out[b, q, k] = q == k
-                    continue
-                ok = k <= q and bool(attn[b, k])
-                hidden_until = start if condition == "gist" else end
-                if q >= end and k < hidden_until and not k < first + num_prefix:
-                    ok = False
-                out[b, q, k] = ok
-    return out
-
-
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), batch=st.integers(1, 3), condition=st.sampled_from(["gist", "neg_control"]))
 def test_prefix_mask_matches_reference(data, batch, condition):
     """On random left-padded rows the builder equals the loops, for prefixes of 0 to 2 tokens."""
     num_prefix = data.draw(st.integers(0, 2))
-    rows_ids, rows_attn = [], []
-    T = 12
-    for _ in range(batch):
-        n_prompt = data.draw(st.integers(0, 3))
-        n_gist = data.draw(st.integers(1, 3))
-        n_after = data.draw(st.integers(0, 3))
-        real = [7] * num_prefix + [1] * n_prompt + [G] * n_gist + [2] * n_after
-        rows_ids.append([0] * (T - len(real)) + real)
-        rows_attn.append([0] * (T - len(real)) + [1] * len(real))
-    ids, attn = torch.tensor(rows_ids), torch.tensor(rows_attn)
+    ids, attn = random_rows(data, batch, longest=3, prefix=[7] * num_prefix)
     assert torch.equal(make_gist_mask(ids, attn, G, condition, num_prefix_tokens=num_prefix),
-                       reference_prefix_mask(ids, attn, G, condition, num_prefix))
+                       reference_mask(ids, attn, G, condition, num_prefix))
 
 
 @pytest.mark.parametrize("template", ["chat", "plain"])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gistcache.cache import compress, load_cache, save_cache
+from gistcache.cache import load_cache, save_cache
+from gistcache.compression import compress
 from gistcache.generation import generate_ids, generate_masked_ids
 from gistcache.masks import make_position_ids
 from gistcache.run import load_run

@@ -1,4 +1,4 @@
-"""Tests for the built-in offline instruction-tuning tasks (train/tasks.py)."""
+"""Tests for the built-in offline instruction-tuning tasks (gistcache/data/tasks.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from gistcache.train.tasks import FAMILIES, make_builtin_tasks
+    from gistcache.data.tasks import FAMILIES, make_builtin_tasks
 except ImportError:  # package not installed yet: load the file by path
-    _path = Path(__file__).resolve().parents[1] / "train" / "tasks.py"
-    _spec = importlib.util.spec_from_file_location("_gistcache_train_tasks", _path)
+    _path = Path(__file__).resolve().parents[1] / "gistcache" / "data" / "tasks.py"
+    _spec = importlib.util.spec_from_file_location("_gistcache_data_tasks", _path)
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _mod  # dataclasses need the module registered
     _spec.loader.exec_module(_mod)

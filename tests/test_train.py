@@ -158,7 +158,7 @@ def test_run_loads_in_bfloat16_and_fingerprint_covers_config(tmp_path, tiny_mode
 
 def test_norm_before_clip_undoes_the_global_clip():
     """The gist embedding's gradient norm is recovered after clip_grad_norm_ scaled it down."""
-    from gistcache.train.loop import norm_before_clip
+    from gistcache.train.tuning import norm_before_clip
 
     gist, rest = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))
     gist.grad, rest.grad = torch.full((4,), 50.0), torch.tensor([3.0, 0.0, 4.0])  # norms 100 and 5

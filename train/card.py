@@ -11,7 +11,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from gistcache.model import atomic_write_text
+from gistcache._io import atomic_write_text
 from gistcache.train.config import TrainConfig
 
 # TrainConfig fields whose flag is not `--field-name`

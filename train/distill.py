@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gistcache._io import atomic_write_text
 from gistcache.errors import GistError
+from gistcache.generation import generate_causal
 from gistcache.masks import make_position_ids
-from gistcache.model import GistModel, atomic_write_text
+from gistcache.model import GistModel
 from gistcache.prompts import IGNORE_INDEX, encode_after, encode_prompt, format_prompt
 
 TEACHER_ANSWERS_FILE = "teacher_answers.jsonl"
@@ -152,8 +154,6 @@ def with_teacher_answers(rows: list, model: GistModel, out_dir: Path, *, max_new
     reuses them; new ones are appended after each batch. The key covers the base model's
     fingerprint, the template and `max_new_tokens`, so answers of another teacher are never reused.
     """
-    from gistcache.generation import generate_causal
-
     path = out_dir / TEACHER_ANSWERS_FILE
     teacher_id = f"{base_fingerprint}|{model.template}|{max_new_tokens}"
     cached: dict[str, str] = {}

@@ -1,8 +1,9 @@
 """The training loop: gist tokens learned through the masked forward.
 
 accelerate handles devices (one CPU process here; `accelerate launch` for DDP over many GPUs),
-gradient accumulation and bf16 on GPU. Checkpoints and the final run are written with
-safetensors only (the optimizer state too), each folder atomically.
+gradient accumulation and bf16 on GPU. `train` prepares the data and the models, runs the
+optimizer steps (`_run_steps`), then writes the run folder: weights, config.json, metrics.json,
+train.log and the model card.
 """
 
 from __future__ import annotations
@@ -10,202 +11,35 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gistcache._io import atomic_write_text, pad_token_id
+from gistcache.data.alpaca import Example, heldout_split, shuffled
+from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
-from gistcache.prompts import IGNORE_INDEX
-from gistcache.model import (GistModel, answer_loss_sum, atomic_write_text, fingerprint_model, load_base_model,
-                             load_tokenizer)
-from gistcache.run import (ADAPTER_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, cpu_name, package_versions,
-                           remove_run_outputs, save_run, save_run_weights)
+from gistcache.loss import answer_loss_sum
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.prompts import IGNORE_INDEX, EncodedExample, encode_examples
+from gistcache.run import LOG_FILE, METRICS_FILE, remove_run_outputs, save_run
 from gistcache.train.card import write_model_card
+from gistcache.train.checkpoint import check_out_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from gistcache.train.config import TrainConfig
-from gistcache.train.data import (Example, builtin_examples, collate, drop_contaminated, encode_examples, heldout_split,
-                                  load_many, shuffled, split_by_instruction)
-from gistcache.train.distill import (Teacher, check_has_inputs, distill_loss, make_teacher, teacher_logits,
-                                     with_teacher_answers)
+from gistcache.train.data import collate, prepare_examples
+from gistcache.train.distill import Teacher, distill_loss, make_teacher, teacher_logits, with_teacher_answers
+from gistcache.train.tuning import (MAX_GRAD_NORM, make_optimizer, make_scheduler, norm_before_clip,
+                                    trainable_parameters, wrap_for_tuning)
 
 log = logging.getLogger("gistcache.train")
-CHECKPOINTS = "checkpoints"
-MAX_GRAD_NORM = 1.0  # over all trainable parameters together, as Hugging Face's Trainer does by default
 
-
-# --- the run folder before training -------------------------------------------------------------
-
-def check_out_dir(config: TrainConfig) -> Path:
-    """Refuse an output folder that holds another run, unless --overwrite or --resume."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise GistError(f"--out {out} is a file: give a folder for the run")
-    holds_run = (out / CONFIG_FILE).is_file() or (out / CHECKPOINTS).is_dir()
-    if config.resume:
-        if not (out / CHECKPOINTS).is_dir() or latest_checkpoint(out) is None:
-            raise GistError(f"--resume: {out} has no checkpoint to continue from (train with --save-every N)")
-    elif holds_run and not config.overwrite:
-        raise GistError(f"{out} holds another run: pass --overwrite to replace it, or --resume to continue it")
-    return out
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = []
-    for path in (out / CHECKPOINTS).glob("step-*"):
-        if (path / "state.json").is_file() and path.name[5:].isdigit():
-            steps.append((int(path.name[5:]), path))
-    return max(steps)[1] if steps else None
-
-
-# --- data -----------------------------------------------------------------------------------------
-
-def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example], dict]:
-    """Training and held-out examples, after the contamination filter; counts for the report."""
-    stats: dict = {}
-    eval_rows = load_many(config.eval_data) if config.eval_data else []
-    if config.data:
-        train_rows = load_many(config.data, require_output=not config.teacher_answers)
-        if config.teacher_answers:
-            check_has_inputs(config.data, train_rows)
-        excluded = load_many(config.exclude_data) if config.exclude_data else []
-        train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, [*eval_rows, *excluded])
-        train_rows = shuffled(train_rows, config.seed)
-        if not eval_rows and config.eval_examples:
-            # hold out whole instructions of the user's data: at most 10% of the rows
-            eval_rows, train_rows = split_by_instruction(train_rows, config.eval_examples, config.seed)
-    else:
-        n_train = config.max_examples or 2000
-        train_rows = builtin_examples(n_train, seed=config.seed, held_out=False)
-        if eval_rows:
-            train_rows, stats["dropped_contaminated"] = drop_contaminated(train_rows, eval_rows)
-        else:
-            # as the paper's seen/unseen splits: new inputs for the training tasks, and tasks never trained on
-            seen_pairs = {(ex.instruction, ex.input) for ex in train_rows}
-            half = config.eval_examples // 2
-            seen = [ex for ex in builtin_examples(4 * half, seed=config.seed + 1, held_out=False)
-                    if (ex.instruction, ex.input) not in seen_pairs][:half]
-            unseen = builtin_examples(config.eval_examples - len(seen), seed=config.seed + 1, held_out=True)
-            eval_rows = seen + unseen
-            stats["dropped_contaminated"] = 0
-    if config.max_examples:
-        train_rows = train_rows[: config.max_examples]
-    eval_rows = shuffled(eval_rows, config.seed)[: config.eval_examples]
-    if not train_rows:
-        raise GistError("no training examples left after the contamination filter: check --data and --eval-data")
-    return train_rows, eval_rows, stats
-
-
-# --- tuning modes ---------------------------------------------------------------------------------
-
-def wrap_for_tuning(base, config: TrainConfig):
-    """Freeze or wrap the base model as --tune asks; the gist embedding always learns."""
-    if config.tune == "gist":
-        base.requires_grad_(False)
-        return base
-    if config.tune == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        gc = config.gist_config()
-        targets = [m for m in gc.lora_target_modules if any(n.endswith(m) for n, _ in base.named_modules())]
-        if not targets:
-            raise GistError(f"--tune lora: the model has none of the modules {gc.lora_target_modules}")
-        lora = LoraConfig(r=gc.lora_r, lora_alpha=gc.lora_alpha, lora_dropout=gc.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
-        return get_peft_model(base, lora)
-    base.requires_grad_(True)
-    return base
-
-
-def trainable_parameters(model: GistModel) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# --- checkpoints (safetensors and JSON only) ------------------------------------------------------
-
-def save_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, out: Path, step: int,
-                    state: dict, tune: str) -> None:
-    ckpt_root = out / CHECKPOINTS
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
-    save_run_weights(model, tmp, tune)
-    tensors = {}
-    params = trainable_parameters(model)
-    for i, p in enumerate(params):
-        for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
-    save_file(tensors, tmp / "optimizer.safetensors")
-    state = {**state, "step": step, "scheduler": scheduler.state_dict(), "num_params": len(params)}
-    (tmp / "state.json").write_text(json.dumps(state))
-    final = ckpt_root / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    log.info("checkpoint %s", final)
-
-
-def load_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, ckpt: Path, tune: str) -> dict:
-    state = json.loads((ckpt / "state.json").read_text())
-    with torch.no_grad():
-        model.gist_embedding.copy_(load_file(ckpt / GIST_FILE)["gist_embedding"])
-    if tune == "lora":
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model.model, load_file(ckpt / ADAPTER_FILE))
-    elif tune == "full":
-        model.model.load_state_dict(load_file(ckpt / FULL_FILE), strict=False)
-        model.model.tie_weights()
-    params = trainable_parameters(model)
-    if state["num_params"] != len(params):
-        raise GistError(f"checkpoint {ckpt} has {state['num_params']} trainable tensors, this run {len(params)}: "
-                        f"resume with the same --tune and model")
-    tensors = load_file(ckpt / "optimizer.safetensors")
-    for name, value in tensors.items():
-        i, key = name.split(".", 1)
-        p = params[int(i)]
-        optimizer.state[p][key] = value.to(p.device) if key != "step" else value
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler does not restore it
-        group["lr"] = lr
-    return state
-
-
-# --- evaluation -----------------------------------------------------------------------------------
-
-@torch.no_grad()
-def heldout_losses(model: GistModel, groups: dict[str, list], *, batch_size: int, pad_token_id: int, condition: str,
-                   device: torch.device) -> dict[str, float]:
-    """Token-weighted mean cross-entropy on the answers of held-out examples, under `condition`:
-    one value per group of encoded examples, and "all" over every group together. Empty: {}."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, tuple[float, int]] = {}
-    for name, encoded in groups.items():
-        total, count = 0.0, 0
-        for i in range(0, len(encoded), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
-            logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits
-            batch_total, batch_count = answer_loss_sum(logits, batch["labels"])
-            total, count = total + batch_total, count + batch_count
-        if count:
-            sums[name] = (total, count)
-    model.train(was_training)
-    losses = {name: total / count for name, (total, count) in sums.items()}
-    if sums:
-        losses["all"] = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
-    return losses
-
-
-# --- the loop -------------------------------------------------------------------------------------
 
 def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     """Train gist tokens as `config` says and write the run folder. Returns the metrics."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # deferred: accelerate is needed only when training runs
     from accelerate.utils import set_seed
 
     out = check_out_dir(config)
@@ -235,73 +69,107 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask)
     if teacher is not None and teacher.disable_adapter:
         teacher.module = model.model  # the peft wrapper, whose adapter the teacher switches off
-    gist_id = model.gist_token_id
-    context = min(config.max_length, model.max_context())
-    encoded, too_long = encode_examples(tokenizer, train_rows, num_gist_tokens=config.num_gist_tokens,
-                                        gist_token_id=gist_id, template=config.template, max_length=context)
-    eval_groups, eval_too_long = {}, 0
-    for row in eval_rows:  # the built-in set is scored per split: seen task families and held-out ones
-        eval_groups.setdefault(heldout_split(row), []).append(row)
-    for name, rows in eval_groups.items():
-        eval_groups[name], dropped = encode_examples(tokenizer, rows, num_gist_tokens=config.num_gist_tokens,
-                                                     gist_token_id=gist_id, template=config.template,
-                                                     max_length=context)
-        eval_too_long += dropped
-    if not encoded:
-        raise GistError(f"every training example is longer than {context} tokens: raise --max-length")
-    stats.update(train_examples=len(encoded), eval_examples=sum(len(g) for g in eval_groups.values()),
-                 dropped_too_long=too_long + eval_too_long)
+    encoded, eval_groups = encode_rows(model, train_rows, eval_rows, config, stats)
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if config.overwrite:
             remove_run_outputs(out)
     accelerator.wait_for_everyone()
-    handler = _log_to(out / "train.log") if main else None
+    handler = _log_to(out / LOG_FILE) if main else None
     log.info("config %s", json.dumps(config.to_dict()))
     log.info("data %s", json.dumps(stats))
 
     batches_per_epoch = math.ceil(len(encoded) / (config.batch_size * accelerator.num_processes))
     steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    warmup = int(total_steps * config.warmup_ratio)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, int(total_steps * config.warmup_ratio), total_steps)
 
-    params = trainable_parameters(model)
-    # the gist embedding is one vector learned from scratch, like a soft prompt: it gets its own rate
-    others = [p for p in params if p is not model.gist_embedding]
-    groups = [{"params": [model.gist_embedding], "lr": config.gist_lr or config.lr, "weight_decay": 0.0}]
-    if others:
-        groups.append({"params": others, "lr": config.lr, "weight_decay": config.weight_decay})
-    optimizer = torch.optim.AdamW(groups)
-    gist_param = model.gist_embedding
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
-
-    state = {"loss_curve": [], "grad_norm_curve": [], "tokens": 0, "train_seconds": 0.0}
-    step = 0
+    state = {"loss_curve": [], "grad_norm_curve": [], "tokens": 0, "train_seconds": 0.0, "step": 0}
     if config.resume:
         ckpt = latest_checkpoint(out)
         state = load_checkpoint(model, optimizer, scheduler, ckpt, config.tune)
-        step = state["step"]
         state.setdefault("grad_norm_curve", [])  # checkpoints from before it was recorded
         log.info("resumed from %s", ckpt)
 
     device = accelerator.device
     model.to(device)
-    if step == 0:
+    pad_id = pad_token_id(tokenizer)
+    if state["step"] == 0:
         state["heldout_before"] = heldout_losses(model, eval_groups, batch_size=config.batch_size,
-                                                 pad_token_id=tokenizer.pad_token_id, condition=config.condition,
-                                                 device=device)
+                                                 pad_token_id=pad_id, condition=config.condition, device=device)
+    _run_steps(accelerator, model, optimizer, scheduler, teacher, encoded, config, out, state, total_steps,
+               pad_id=pad_id, show_progress=show_progress and main)
+    accelerator.wait_for_everyone()
+    unwrapped: GistModel = accelerator.unwrap_model(model)
+    after = heldout_losses(unwrapped, eval_groups, batch_size=config.batch_size, pad_token_id=pad_id,
+                           condition=config.condition, device=device)
+    before = state.get("heldout_before", {})
+    by_split = {name: {"before": before.get(name), "after": after.get(name), "examples": len(eval_groups[name])}
+                for name in eval_groups if name != "eval"}
+    metrics = {
+        "condition": config.condition, "mask": config.mask, "objective": config.objective, "tune": config.tune,
+        "num_gist_tokens": config.num_gist_tokens,
+        "steps": state["step"], "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
+        "heldout_loss_by_split": by_split,
+        "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
+        "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "train_seconds": round(state["train_seconds"], 2), "model_load_seconds": round(load_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2), "device": str(device),
+        "mixed_precision": mixed, "processes": accelerator.num_processes, **stats, "versions": package_versions(),
+        "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "loss_curve": state["loss_curve"], "grad_norm_curve": state["grad_norm_curve"],
+    }
+    if main:
+        save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
+                 base_fingerprint=base_fingerprint)
+        atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        write_model_card(out)
+        log.info("held-out loss %s (before %s)", json.dumps(after), json.dumps(before))
+    if handler:
+        log.removeHandler(handler)
+        handler.close()
+    return metrics
+
+
+def encode_rows(model: GistModel, train_rows: list[Example], eval_rows: list[Example], config: TrainConfig,
+                stats: dict) -> tuple[list[EncodedExample], dict[str, list[EncodedExample]]]:
+    """Tokenize the training rows, and the held-out rows per split (the built-in set is scored per split:
+    seen task families and held-out ones); too-long rows are dropped and counted into `stats`."""
+    context = min(config.max_length, model.max_context())
+    settings = dict(num_gist_tokens=config.num_gist_tokens, gist_token_id=model.gist_token_id,
+                    template=config.template, max_length=context)
+    encoded, too_long = encode_examples(model.tokenizer, train_rows, **settings)
+    eval_groups: dict[str, list] = {}
+    for row in eval_rows:
+        eval_groups.setdefault(heldout_split(row), []).append(row)
+    for name, rows in eval_groups.items():
+        eval_groups[name], dropped = encode_examples(model.tokenizer, rows, **settings)
+        too_long += dropped
+    if not encoded:
+        raise GistError(f"every training example is longer than {context} tokens: raise --max-length")
+    stats.update(train_examples=len(encoded), eval_examples=sum(len(g) for g in eval_groups.values()),
+                 dropped_too_long=too_long)
+    return encoded, eval_groups
+
+
+def _run_steps(accelerator, model: GistModel, optimizer, scheduler, teacher: Teacher | None,
+               encoded: list[EncodedExample], config: TrainConfig, out: Path, state: dict, total_steps: int, *,
+               pad_id: int, show_progress: bool) -> None:
+    """Optimizer steps from `state["step"]` to `total_steps`; `state` gathers the step, curves, tokens and time."""
+    params = trainable_parameters(model)
+    gist_param = model.gist_embedding
     # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-
-    progress = _progress(show_progress and main)
+    step, device = state["step"], accelerator.device
+    progress = _progress(show_progress)
     task = progress.add_task("training", total=total_steps, completed=step, loss=float("nan"), tps=0.0)
     micro = step * config.grad_accum  # micro-batches already consumed (for --resume)
-    pad_id = tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
     running, t0 = [], time.perf_counter()
-    with progress if show_progress and main else nullcontext():
+    with progress if show_progress else nullcontext():
         epoch = 0
         while step < total_steps:
             order = shuffled(encoded, config.seed + epoch)
@@ -330,6 +198,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                 running.append(float(loss.detach()))
                 if accelerator.sync_gradients:
                     step += 1
+                    state["step"] = step
                     mean = sum(running) / len(running)
                     running = []
                     state["loss_curve"].append([step, round(mean, 5)])
@@ -339,43 +208,13 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                     progress.update(task, completed=step, loss=mean, tps=tps)
                     log.info("step %d loss %.4f grad_norm %.3f (gist %.3f) lr %.2e tokens/s %.1f", step, mean,
                              grad_norm, gist_grad_norm, scheduler.get_last_lr()[0], tps)
-                    if config.save_every and step % config.save_every == 0 and main:
+                    if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
                         state["train_seconds"] = elapsed
                         t0 = time.perf_counter()
                         save_checkpoint(accelerator.unwrap_model(model), optimizer.optimizer, scheduler,
                                         out, step, state, config.tune)
             epoch += 1
     state["train_seconds"] += time.perf_counter() - t0
-    accelerator.wait_for_everyone()
-    unwrapped: GistModel = accelerator.unwrap_model(model)
-    after = heldout_losses(unwrapped, eval_groups, batch_size=config.batch_size, pad_token_id=pad_id,
-                           condition=config.condition, device=device)
-    before = state.get("heldout_before", {})
-    by_split = {name: {"before": before.get(name), "after": after.get(name), "examples": len(eval_groups[name])}
-                for name in eval_groups if name != "eval"}
-    metrics = {
-        "condition": config.condition, "mask": config.mask, "objective": config.objective, "tune": config.tune,
-        "num_gist_tokens": config.num_gist_tokens,
-        "steps": step, "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
-        "heldout_loss_by_split": by_split,
-        "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
-        "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
-        "train_seconds": round(state["train_seconds"], 2), "model_load_seconds": round(load_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - started, 2), "device": str(device),
-        "mixed_precision": mixed, "processes": world, **stats, "versions": package_versions(),
-        "cpu": cpu_name(), "threads": torch.get_num_threads(),
-        "loss_curve": state["loss_curve"], "grad_norm_curve": state["grad_norm_curve"],
-    }
-    if main:
-        save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
-                 base_fingerprint=base_fingerprint)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_model_card(out)
-        log.info("held-out loss %s (before %s)", json.dumps(after), json.dumps(before))
-    if handler:
-        log.removeHandler(handler)
-        handler.close()
-    return metrics
 
 
 def training_loss(model, teacher: Teacher | None, batch: dict, config: TrainConfig, pad_id: int) -> torch.Tensor:
@@ -403,24 +242,28 @@ def training_loss(model, teacher: Teacher | None, batch: dict, config: TrainConf
     return kl if loss is None else kl + loss
 
 
-def norm_before_clip(param: torch.nn.Parameter, total_norm: float, max_norm: float = MAX_GRAD_NORM) -> float:
-    """The norm `param.grad` had before a global clip to `max_norm` that found `total_norm`.
-
-    Recorded for the gist embedding: one vector that every token after the gist reads, in every
-    layer, whose gradient can outweigh all the model's weights together (docs/results.md, 1d).
-    """
-    if param.grad is None:
-        return 0.0
-    coef = min(1.0, max_norm / (total_norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s factor
-    return float(param.grad.norm()) / coef
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup, then linear decay to 10% of the peak."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return max(0.1, 1.0 - 0.9 * frac)
+@torch.no_grad()
+def heldout_losses(model: GistModel, groups: dict[str, list], *, batch_size: int, pad_token_id: int, condition: str,
+                   device: torch.device) -> dict[str, float]:
+    """Token-weighted mean cross-entropy on the answers of held-out examples, under `condition`:
+    one value per group of encoded examples, and "all" over every group together. Empty: {}."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, tuple[float, int]] = {}
+    for name, encoded in groups.items():
+        total, count = 0.0, 0
+        for i in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
+            logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits
+            batch_total, batch_count = answer_loss_sum(logits, batch["labels"])
+            total, count = total + batch_total, count + batch_count
+        if count:
+            sums[name] = (total, count)
+    model.train(was_training)
+    losses = {name: total / count for name, (total, count) in sums.items()}
+    if sums:
+        losses["all"] = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
+    return losses
 
 
 def _log_to(path: Path) -> logging.Handler:
@@ -432,9 +275,7 @@ def _log_to(path: Path) -> logging.Handler:
     return handler
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),

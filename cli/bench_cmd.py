@@ -1,0 +1,86 @@
+"""`gist bench cache`: gist cache vs full prompt, timed on this machine (gistcache.eval.bench)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gistcache._io import format_bytes
+from gistcache.cli.common import console, err_console, friendly_errors, print_json
+from gistcache.cli.options import Device, DType, JsonOut
+from gistcache.errors import GistError
+from gistcache.eval import bench
+from gistcache.eval.bench import BenchCacheConfig
+from gistcache.model import quiet_transformers
+
+app = typer.Typer(help="Benchmarks (not tests): timings on this machine.", no_args_is_help=True)
+
+
+@app.callback()
+def _bench() -> None:
+    """Benchmarks (not tests): timings on this machine."""
+
+
+@app.command("cache", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly_errors
+@quiet_transformers()
+def bench_cache(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", help="Base model: HF folder, .gguf, or smollm2-135m.")] = (
+        "smollm2-135m"),
+    lengths: Annotated[Optional[list[str]], typer.Option("--lengths", help="Instruction lengths in tokens: "
+                                                         "--lengths 128 512 2048 (or 128,512,2048).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per measurement (median).")] = 5,
+    new_tokens: Annotated[int, typer.Option("--new-tokens")] = 64,
+    num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens.")] = 1,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's).")] = None,
+    device: Device = "cpu",
+    dtype: DType = "float32",
+    out: Annotated[Optional[str], typer.Option("--out", help="Write the results as JSON here.")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Gist cache vs full prompt: bytes, compress time, time to first token and total time."""
+    values = [*(lengths or []), *ctx.args]  # `--lengths 128 512 2048` leaves 512 2048 as extra args
+    parsed = []
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            if not part.isdigit():
+                raise GistError(f"--lengths takes token counts, got {part!r}: e.g. --lengths 128 512 2048")
+            parsed.append(int(part))
+    config = BenchCacheConfig(model=model, lengths=parsed or [128, 512, 2048], repeats=repeats,
+                              new_tokens=new_tokens, num_gist_tokens=num_gist, threads=threads, device=device,
+                              dtype=dtype, out=out)
+    progress = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    result = bench.bench_cache(config, progress=progress)
+    if json_out:
+        print_json(result)
+        return
+    print_bench_table(result)
+    if out:
+        console.print(f"wrote {out}", style="dim")
+
+
+def print_bench_table(result: dict) -> None:
+    m, cfg = result["machine"], result["config"]
+    where = f"{m['device']} ({m['cpu']}), {m['dtype']}, {m['threads']} threads, torch {m['torch']}"
+    size = Table(title=f"gist bench cache: {cfg['model']} on {where}")
+    for col in ("instruction tokens", "prompt tokens", "gist file", "full-prompt KV", "smaller", "compress"):
+        size.add_column(col, justify="right")
+    speed = Table(title="time to first token (TTFT) and total time, median; full = no cache, cached = prefilled "
+                        "prompt, gist = gist cache loaded from disk")
+    for col in ("instruction tokens", "TTFT full", "TTFT cached", "TTFT gist", "total full", "total cached",
+                "total gist", "TTFT full/gist"):
+        speed.add_column(col, justify="right")
+    for r in result["results"]:
+        size.add_row(str(r["instruction_tokens"]), str(r["prompt_tokens"]), format_bytes(r["gist_file_bytes"]),
+                     format_bytes(r["full_prompt_kv_bytes"]), f"{r['bytes_ratio']:.0f}x", f"{r['compress_s']:.3f} s")
+        f, c, g = r["full"], r["cached"], r["gist"]
+        speed.add_row(str(r["instruction_tokens"]), f"{f['ttft_s']:.3f} s", f"{c['ttft_s']:.3f} s",
+                      f"{g['ttft_s']:.3f} s", f"{f['total_s']:.2f} s", f"{c['total_s']:.2f} s", f"{g['total_s']:.2f} s",
+                      f"{f['ttft_s'] / g['ttft_s']:.1f}x")
+    console.print(size)
+    console.print(speed)
+    for note in result["notes"]:
+        console.print(f"- {note}", style="dim", highlight=False)

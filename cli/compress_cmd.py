@@ -1,0 +1,96 @@
+"""`gist compress`: instructions into gist caches, through the store (a second compress is a lookup)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gistcache._io import format_bytes
+from gistcache.cache import check_cache_path, save_cache
+from gistcache.cli.common import console, friendly_errors, print_json
+from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
+from gistcache.config import check_batch_size, torch_dtype
+from gistcache.data.alpaca import load_instructions
+from gistcache.errors import GistError
+from gistcache.model import quiet_transformers
+from gistcache.run import load_run
+from gistcache.store import CacheStore, compress_cached
+
+NOTE = "full KV = (prompt tokens + gist tokens) x layers x 2 x kv_heads x head_dim x dtype bytes"
+
+
+@friendly_errors
+@quiet_transformers()
+def compress(
+    prompt: Annotated[Optional[str], typer.Argument(help="The instruction to compress.")] = None,
+    run: RunDir = None,
+    file: Annotated[Optional[str], typer.Option("--file", help="JSONL of instructions, compressed in batches.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Also write the cache here (a folder with "
+                                               "--file).")] = None,
+    store: StoreDir = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward (left-padded).")] = 8,
+    device: Device = "cpu",
+    dtype: DType = "float32",
+    json_out: JsonOut = False,
+) -> None:
+    """Compress instructions into gist KV caches (a second compress of the same prompt is a store hit)."""
+    if (prompt is None) == (file is None):
+        raise GistError("give one instruction as an argument or --file prompts.jsonl, not both or neither")
+    check_batch_size(batch_size)
+    dtype_ = torch_dtype(dtype)
+    texts = [prompt] if file is None else load_instructions(file)
+    if file is not None and out is not None and Path(out).is_file():
+        raise GistError(f"--out {out} is a file: with --file, --out is a folder for one cache per line")
+    if file is None and out is not None:
+        check_cache_path(out)
+    cache_store = CacheStore(store)
+    model = load_run(run, device=device, dtype=dtype_)
+    rows = []
+    for i, res in enumerate(compress_cached(model, texts, cache_store, batch_size=batch_size)):
+        path = res.path
+        if out is not None:  # one file, or with --file one file per line in the folder --out
+            path = Path(out) if file is None else Path(out) / f"{i:04d}-{res.key[:12]}.safetensors"
+            save_cache(res.cache, path)
+        rows.append({"index": i, **res.summary(path)})
+    if json_out:
+        print_json(rows if file is not None else rows[0])
+    elif file is None:
+        print_one(rows[0], cache_store.root)
+    else:
+        print_many(rows)
+
+
+def print_one(r: dict, store_root: Path) -> None:
+    table = Table(title="gist compress", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in (
+        ("prompt", r["prompt_preview"]),
+        ("store", f"{r['store']} ({r['key'][:16]} in {store_root})"),
+        ("tokens", f"{r['prompt_tokens']} prompt -> {r['gist_tokens']} gist ({r['compression_ratio']:.1f}x fewer)"),
+        ("bytes", f"{format_bytes(r['bytes_on_disk'])} on disk vs {format_bytes(r['full_prompt_kv_bytes'])} full KV "
+                  f"({r['bytes_ratio']:.1f}x smaller)"),
+        ("input position", str(r["input_position"])),
+        ("file", r["path"]),
+    ):
+        table.add_row(name, value)
+    console.print(table, highlight=False)
+    console.print(NOTE, style="dim")
+
+
+def print_many(rows: list[dict]) -> None:
+    table = Table(title=f"gist compress: {len(rows)} prompts ({sum(r['store'] == 'hit' for r in rows)} hits)")
+    table.add_column("#", justify="right", min_width=2)
+    table.add_column("prompt", no_wrap=True, max_width=20, overflow="ellipsis")
+    for col in ("store", "tokens", "on disk", "full KV", "smaller"):
+        table.add_column(col, justify="left" if col == "store" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["index"]), r["prompt_preview"], "hit" if r["store"] == "hit" else "new",
+                      f"{r['prompt_tokens']} -> {r['gist_tokens']}",
+                      format_bytes(r["bytes_on_disk"]), format_bytes(r["full_prompt_kv_bytes"]),
+                      f"{r['bytes_ratio']:.1f}x")
+    console.print(table, highlight=False)
+    console.print(f"files in {Path(rows[0]['path']).parent}; {NOTE}", style="dim", highlight=False)

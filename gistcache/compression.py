@@ -1,0 +1,88 @@
+"""Compress an instruction into the KV cache of its gist tokens.
+
+`compress` runs `prompt ids + N gist ids` once through the model. Up to the last gist token the
+gist mask is plain causal, so the gist positions read the whole prompt; everything after the gist
+only ever reads the gist positions' keys and values. Those N positions of every layer are all we
+keep: the prompt's own keys and values are dropped. Generation continues at rotary position
+`offset = num_prompt_tokens + N`, as if the prompt were still there::
+
+    positions   0 .. P-1        P .. P+N-1      P+N ...
+    compress    prompt tokens   gist tokens     -
+    kept        (dropped)       keys/values     -
+    generate    -               cache           input tokens, then new tokens
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gistcache._io import left_pad, pad_token_id, sha256_text
+from gistcache.cache import GistCache
+from gistcache.config import check_batch_size
+from gistcache.errors import GistError
+from gistcache.identity import model_identity
+from gistcache.model import GistModel, cache_layers, returned_cache
+from gistcache.prompts import check_instruction, encode_instruction
+
+PREVIEW_CHARS = 60
+
+
+def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: int = 8) -> list[list[tuple]]:
+    """Run `prompt + N gist` for each row (left-padded batches) and return the gist KV per row.
+
+    Returns, per row, [(keys, values)] per layer, each (1, kv_heads, N, head_dim) on the CPU.
+    """
+    check_batch_size(batch_size)
+    N = model.num_gist_tokens
+    limit = model.max_context()
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + N >= limit:
+            raise GistError(f"prompt {i} has {len(ids)} tokens + {N} gist tokens, over the model's context of "
+                            f"{limit}: shorten it")
+    pad_id = pad_token_id(model.tokenizer)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
+    out: list = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, attention_mask = left_pad([[*prompt_ids[i], *([model.gist_token_id] * N)] for i in rows], pad_id,
+                                             model.device)  # (B, T) each
+        T = input_ids.shape[1]
+        with torch.no_grad():
+            if bool(attention_mask.all()):
+                # No padding: over prompt + gist the gist mask is plain causal, so the stock causal
+                # forward (fast sdpa path) computes exactly the masked forward's keys and values.
+                res = model.model(inputs_embeds=model.embed(input_ids), use_cache=True, logits_to_keep=1)
+            else:
+                # Left padding: the masked forward hides it (a padding query sees only itself, so no
+                # softmax row is empty and no NaN reaches real rows); positions count real tokens.
+                res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
+        kv = cache_layers(returned_cache(res))
+        for b, i in enumerate(rows):
+            # left padding puts every row's gist tokens in the last N columns
+            out[i] = [(k[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone(),
+                       v[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone()) for k, v in kv]
+    return out
+
+
+def compress(model: GistModel, instructions: str | list[str], *, batch_size: int = 8) -> GistCache | list[GistCache]:
+    """Compress one instruction (-> GistCache) or many (-> list, batched with left padding)."""
+    single = isinstance(instructions, str)
+    texts = [instructions] if single else list(instructions)
+    if not texts:
+        raise GistError("no instructions to compress: give at least one")
+    for i, text in enumerate(texts):
+        try:
+            check_instruction(text)
+        except GistError as exc:
+            raise GistError(f"instruction {i}: {exc}") from None
+    identity = model_identity(model)
+    prompt_ids = [encode_instruction(model.tokenizer, text, identity.template) for text in texts]
+    kvs = compress_ids(model, prompt_ids, batch_size=batch_size)
+    caches = [
+        GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=model.num_gist_tokens,
+                  num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
+                  base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
+                  prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask)
+        for text, ids, kv in zip(texts, prompt_ids, kvs)
+    ]
+    return caches[0] if single else caches

@@ -1,0 +1,93 @@
+"""Which model a gist cache belongs to, and the check that a cache fits a model.
+
+A cache is only meaningful for the base weights, the trained run, the template and the mask variant
+that made it, and only fits a model of the same layer count, shapes and dtype. `check_cache`
+compares field by field and names the first that differs, with how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gistcache.config import dtype_name
+from gistcache.errors import GistError
+from gistcache.model import GistModel, fingerprint_model
+
+if TYPE_CHECKING:  # cache.py imports this module to check what it loads
+    from gistcache.cache import GistCache
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a cache must match: the base weights, the trained run, the template."""
+
+    base_fingerprint: str
+    run_fingerprint: str
+    template: str
+    mask: str
+
+
+def model_identity(model: GistModel) -> ModelIdentity:
+    """Fingerprints of a model from `load_run` (read from the run), or of an in-memory GistModel.
+
+    An in-memory model (no run folder) gets a run fingerprint over its current weights, its gist
+    embedding and N, so a cache made from it fits it and nothing else.
+    """
+    template = model.template
+    base = model.base_fingerprint or fingerprint_model(model.model)
+    run = getattr(model, "run_fingerprint", None)
+    if run is None:
+        h = hashlib.sha256(b"gistcache-unsaved-run|")
+        h.update(fingerprint_model(model.model).encode())
+        h.update(str(model.num_gist_tokens).encode())
+        h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
+        run = h.hexdigest()
+    return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask)
+
+
+def model_kv_shape(model: GistModel) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) from the model config."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def check_cache(model: GistModel, cache: GistCache, *, identity: ModelIdentity | None = None,
+                source: str = "the cache") -> None:
+    """Refuse a cache that does not fit `model`, naming the first field that differs."""
+    identity = identity or model_identity(model)
+    fix = "compress the prompt again with this run (gist compress ... --run RUN)"
+    if cache.base_fingerprint != identity.base_fingerprint:
+        raise GistError(f"{source} was made with another base model (base_fingerprint {cache.base_fingerprint[:12]} "
+                        f"!= {identity.base_fingerprint[:12]} of this model): {fix}")
+    if cache.mask != identity.mask:
+        raise GistError(f"{source} was made by a run trained with the {cache.mask!r} mask, this run was trained with "
+                        f"the {identity.mask!r} mask: {fix}")
+    if cache.run_fingerprint != identity.run_fingerprint:
+        raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
+                        f"!= {identity.run_fingerprint[:12]} of this run): {fix}")
+    if cache.num_gist_tokens != model.num_gist_tokens:
+        raise GistError(f"{source} has num_gist_tokens {cache.num_gist_tokens}, this run uses "
+                        f"{model.num_gist_tokens}: {fix}")
+    if cache.template != identity.template:
+        raise GistError(f"{source} has template {cache.template!r}, this run uses {identity.template!r}: {fix}")
+    num_layers, kv_heads, head_dim = model_kv_shape(model)
+    if cache.num_layers != num_layers:
+        raise GistError(f"{source} has num_layers {cache.num_layers}, the model has {num_layers}: {fix}")
+    want = (1, kv_heads, cache.num_gist_tokens, head_dim)
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        for kind, t in (("keys", k), ("values", v)):
+            if tuple(t.shape) != want:
+                raise GistError(f"{source} layer {i} {kind} shape {tuple(t.shape)} does not fit the model "
+                                f"(1, kv_heads={kv_heads}, {cache.num_gist_tokens}, head_dim={head_dim}): {fix}")
+    model_dtype = model.model.dtype
+    if cache.dtype != model_dtype:
+        raise GistError(f"{source} has dtype {dtype_name(cache.dtype)}, the model runs in {dtype_name(model_dtype)}: "
+                        f"load the run with --dtype {dtype_name(cache.dtype)} or compress again")
+    if cache.offset >= model.max_context():
+        raise GistError(f"{source} continues at position {cache.offset}, past the model's context of "
+                        f"{model.max_context()}: compress a shorter prompt")
