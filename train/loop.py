@@ -56,6 +56,8 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     base = load_base_model(config.model, attn_implementation=config.attn_implementation)
     base_fingerprint = fingerprint_model(base)
     load_seconds = time.perf_counter() - started
+    # before anything is written: a teacher copy that does not fit is refused here
+    teacher = make_teacher(base, config.tune, accelerator.device) if config.objective != "labels" else None
     if config.teacher_answers:
         untouched = GistModel(base, tokenizer, config.num_gist_tokens, template=config.template, mask=config.mask)
         answered = with_teacher_answers([*train_rows, *eval_rows] if not config.eval_data else train_rows, untouched,
@@ -64,7 +66,6 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         train_rows = answered[:len(train_rows)]
         if not config.eval_data:
             eval_rows = answered[len(train_rows):]
-    teacher = make_teacher(base, config.tune, accelerator.device) if config.objective != "labels" else None
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask)
     if teacher is not None and teacher.disable_adapter:
