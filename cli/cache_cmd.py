@@ -1,4 +1,4 @@
-"""`gist cache ls|rm|prune`: the stored gist caches."""
+"""`gist cache ls|rm|prune|upgrade`: the stored gist caches, and version 1 files made position-free."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from rich.table import Table
 
 from gistcache._io import format_bytes
 from gistcache.cli.common import console, friendly_errors, print_json
-from gistcache.cli.options import JsonOut, StoreDir
+from gistcache.cli.options import JsonOut, RunDir, StoreDir
 from gistcache.errors import GistError
+from gistcache.model import quiet_transformers
 from gistcache.store import CacheStore
+from gistcache.upgrade import upgrade_caches
 
-app = typer.Typer(help="List, remove and prune the stored gist caches.", no_args_is_help=True)
+app = typer.Typer(help="List, remove and prune the stored gist caches; upgrade version 1 files.",
+                  no_args_is_help=True)
 
 
 def parse_bytes(text: str) -> int:
@@ -86,3 +89,24 @@ def cache_prune(
     for e in removed:
         console.print(f"removed {e.key[:16]}  {format_bytes(e.bytes)}  {e.prompt_preview}", highlight=False)
     console.print(f"removed {len(removed)}; {format_bytes(left)} left in {cache_store.root}", style="dim")
+
+
+@app.command("upgrade")
+@friendly_errors
+@quiet_transformers()
+def cache_upgrade(
+    files: Annotated[list[str], typer.Argument(help="Version 1 cache files, rewritten in place.")],
+    run: RunDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Make version 1 cache files position-free (version 2): their keys are moved in place, atomically."""
+    done = upgrade_caches(files, run)
+    if json_out:
+        print_json([u.to_dict() for u in done])
+        return
+    for u in done:
+        if u.upgraded:
+            console.print(f"upgraded {u.path}: keys moved from position {u.moved_from} to {u.moved_to}",
+                          highlight=False)
+        else:
+            console.print(f"{u.path} is already version 2: left as it was", highlight=False)

@@ -14,7 +14,7 @@ from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
-from gistcache.generation import GenerateConfig, generate_full_prompt
+from gistcache.generation import GREEDY, GenerateConfig, generate_full_prompt
 from gistcache.generation import generate as run_generate
 from gistcache.model import GistModel, quiet_transformers
 from gistcache.run import load_run, load_untouched_base
@@ -54,6 +54,7 @@ def generate(
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=seed)
     GenerateConfig(**settings)  # refuse bad settings before loading anything
+    settings = {**GREEDY, **settings}  # the flags decide, not the model's generation_config
     dtype_ = torch_dtype(dtype)
     gist_cache = load_cache(cache) if cache is not None else None  # the file is checked before the model loads
     model = load_run(run, device=device, dtype=dtype_)

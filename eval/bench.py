@@ -39,7 +39,7 @@ from gistcache.compression import compress
 from gistcache.config import torch_dtype
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
-from gistcache.generation import generate_ids
+from gistcache.generation import GREEDY, generate_ids
 from gistcache.model import (GistModel, cache_kwarg, cache_layers, fingerprint_model, load_base_model, load_tokenizer,
                              returned_cache)
 from gistcache.prompts import encode_input, encode_instruction, resolve_template
@@ -217,7 +217,8 @@ def bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None
             # (c) gist cache loaded from disk inside the timed region
             def run_gist(timer, n=config.new_tokens):
                 loaded = load_cache(path, model)
-                rows = generate_ids(model, loaded, INPUT, max_new_tokens=n, min_new_tokens=n, streamer=timer)
+                rows = generate_ids(model, loaded, INPUT, max_new_tokens=n, min_new_tokens=n, streamer=timer,
+                                    **GREEDY)
                 return len(rows[0])
 
             timings: dict[str, list[tuple[float, float]]] = {"full": [], "cached": [], "gist": []}

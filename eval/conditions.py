@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from gistcache.compression import compress
 from gistcache.errors import GistError
-from gistcache.generation import generate
+from gistcache.generation import GREEDY, generate
 from gistcache.model import GistModel
 from gistcache.prompts import INSTRUCTION_SLOT, PromptText, encode_prompt, format_prompt, resolve_template
 
@@ -146,7 +146,7 @@ def generate_gist(model: GistModel, instructions: list[str], inputs: list[str], 
     for start in range(0, len(instructions), batch_size):
         chunk = slice(start, start + batch_size)
         caches = compress(model, instructions[chunk], batch_size=batch_size)
-        out += generate(model, caches, inputs[chunk], max_new_tokens=max_new_tokens)
+        out += generate(model, caches, inputs[chunk], max_new_tokens=max_new_tokens, **GREEDY)
         if on_batch is not None:
             on_batch(len(caches))
     return out

@@ -8,26 +8,35 @@ from gistcache.cache import GistCache, load_cache, save_cache
 from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.generation import GenerateConfig, generate, generate_masked
+from gistcache.generation import (GREEDY, GenerateConfig, GenerationBatch, build_batch, generate, generate_ids,
+                                  generate_masked, generate_masked_ids)
 from gistcache.identity import check_cache
 from gistcache.masks import gist_attention_mask, make_gist_mask, make_position_ids
 from gistcache.model import GistModel, load_base_model, load_tokenizer
 from gistcache.run import load_run
+from gistcache.rotary import check_shift_invariant, move_keys
 from gistcache.store import CacheStore, cache_key, compress_cached
+from gistcache.upgrade import upgrade_caches
 
 __all__ = [
+    "GREEDY",
     "CacheStore",
     "GenerateConfig",
+    "GenerationBatch",
     "GistCache",
     "GistConfig",
     "GistError",
     "GistModel",
+    "build_batch",
     "cache_key",
     "check_cache",
+    "check_shift_invariant",
     "compress",
     "compress_cached",
     "generate",
+    "generate_ids",
     "generate_masked",
+    "generate_masked_ids",
     "gist_attention_mask",
     "load_base_model",
     "load_cache",
@@ -35,5 +44,7 @@ __all__ = [
     "load_tokenizer",
     "make_gist_mask",
     "make_position_ids",
+    "move_keys",
     "save_cache",
+    "upgrade_caches",
 ]

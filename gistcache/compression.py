@@ -2,14 +2,19 @@
 
 `compress` runs `prompt ids + N gist ids` once through the model. Up to the last gist token the
 gist mask is plain causal, so the gist positions read the whole prompt; everything after the gist
-only ever reads the gist positions' keys and values. Those N positions of every layer are all we
-keep: the prompt's own keys and values are dropped. Generation continues at rotary position
-`offset = num_prompt_tokens + N`, as if the prompt were still there::
+only ever reads the gist positions' keys and values (and, under the prefix mask, the template's
+fixed prefix of F tokens). Those N positions of every layer are all we keep: the prompt's own keys
+and values are dropped. The kept keys are then turned from positions P..P+N-1 to F..F+N-1
+(`gistcache.rotary.move_keys`): attention depends only on the distance between query and key, so
+generation continuing at F+N reads exactly what it would have read at P+N, and the prompt's
+length no longer counts against the model's context::
 
-    positions   0 .. P-1        P .. P+N-1      P+N ...
-    compress    prompt tokens   gist tokens     -
-    kept        (dropped)       keys/values     -
-    generate    -               cache           input tokens, then new tokens
+    positions   0 .. F-1        F .. P-1        P .. P+N-1      P+N ...
+    compress    fixed prefix    instruction     gist tokens     -
+    kept        (run's prefix)  (dropped)       keys/values, moved to F .. F+N-1
+    generate    prefix KV       -               cache at F ..   input tokens from F+N, then new tokens
+
+Under the paper's mask F = 0: the cache holds positions 0..N-1 and the input starts at N.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from gistcache.errors import GistError
 from gistcache.identity import model_identity
 from gistcache.model import GistModel, cache_layers, returned_cache
 from gistcache.prompts import check_instruction, encode_instruction
+from gistcache.rotary import model_inv_freq, move_keys
 
 PREVIEW_CHARS = 60
 
@@ -30,10 +36,12 @@ PREVIEW_CHARS = 60
 def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: int = 8) -> list[list[tuple]]:
     """Run `prompt + N gist` for each row (left-padded batches) and return the gist KV per row.
 
-    Returns, per row, [(keys, values)] per layer, each (1, kv_heads, N, head_dim) on the CPU.
+    Returns, per row, [(keys, values)] per layer, each (1, kv_heads, N, head_dim) on the CPU, the keys
+    moved to positions F..F+N-1 (F = `model.num_prefix_tokens`).
     """
     check_batch_size(batch_size)
-    N = model.num_gist_tokens
+    inv_freq = model_inv_freq(model.model)  # refuses rotary scaling that is not shift-invariant, before any work
+    N, F = model.num_gist_tokens, model.num_prefix_tokens
     limit = model.max_context()
     for i, ids in enumerate(prompt_ids):
         if len(ids) + N >= limit:
@@ -58,8 +66,9 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
                 res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
         kv = cache_layers(returned_cache(res))
         for b, i in enumerate(rows):
-            # left padding puts every row's gist tokens in the last N columns
-            out[i] = [(k[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone(),
+            # left padding puts every row's gist tokens in the last N columns, at positions P..P+N-1
+            P = len(prompt_ids[i])
+            out[i] = [(move_keys(k[b:b + 1, :, T - N:, :].detach(), inv_freq, P, inv_freq, F).to("cpu").contiguous(),
                        v[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone()) for k, v in kv]
     return out
 
@@ -82,7 +91,8 @@ def compress(model: GistModel, instructions: str | list[str], *, batch_size: int
         GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=model.num_gist_tokens,
                   num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
                   base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
-                  prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask)
+                  prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask,
+                  key_start=model.num_prefix_tokens)
         for text, ids, kv in zip(texts, prompt_ids, kvs)
     ]
     return caches[0] if single else caches

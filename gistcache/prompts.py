@@ -100,6 +100,11 @@ def fixed_prefix_ids(tokenizer, template: str) -> list[int]:
     return ids
 
 
+def visible_prefix_ids(tokenizer, template: str, mask: str) -> list[int]:
+    """The fixed prefix that stays visible after the gist: `fixed_prefix_ids` under the prefix mask, else []."""
+    return fixed_prefix_ids(tokenizer, template) if mask == "prefix" else []
+
+
 def encode_prompt(tokenizer, text: PromptText, template: str) -> list[int]:
     """Token ids of the compressed part: the fixed prefix's ids, then the rest tokenized on its own,
     so the prefix is token for token the same for every instruction."""

@@ -90,7 +90,8 @@ class CompressResult:
                 "prompt_preview": c.prompt_preview, "prompt_tokens": c.num_prompt_tokens,
                 "gist_tokens": c.num_gist_tokens, "compression_ratio": round(c.compression_ratio, 2),
                 "bytes_on_disk": size, "full_prompt_kv_bytes": c.full_prompt_kv_bytes,
-                "bytes_ratio": round(c.full_prompt_kv_bytes / size, 2), "input_position": c.offset}
+                "bytes_ratio": round(c.full_prompt_kv_bytes / size, 2), "key_start": c.key_start,
+                "input_position": c.offset, "context_used": c.context_used}
 
 
 class CacheStore:

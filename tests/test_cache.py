@@ -47,13 +47,14 @@ def assert_same_cache(a: GistCache, b: GistCache):
 # --- compress --------------------------------------------------------------------------------------
 
 def test_compress_keeps_only_gist_positions(arch):
-    """Each layer keeps (1, kv_heads, N, head_dim); the input continues at prompt tokens + N."""
+    """Each layer keeps (1, kv_heads, N, head_dim); position-free, the input continues at N (paper mask)."""
     model = make_gist_model(arch, 5)
     cache = compress(model, INSTRUCTIONS[0])
     n_prompt = len(encode_instruction(model.tokenizer, INSTRUCTIONS[0], "auto"))
     assert cache.num_layers == 2 and cache.num_gist_tokens == 5
     assert all(tuple(k.shape) == (1, 2, 5, 8) for k in cache.keys + cache.values)
-    assert cache.num_prompt_tokens == n_prompt and cache.offset == n_prompt + 5
+    assert cache.num_prompt_tokens == n_prompt and cache.key_start == 0 and cache.offset == 5
+    assert cache.context_used == 5 and cache.input_ids().tolist() == [[0] * 5]
     assert cache.prompt_sha256 == sha256_text(INSTRUCTIONS[0]) and cache.template == "chat"
     assert cache.full_prompt_kv_bytes == (n_prompt + 5) * 2 * 2 * 2 * 8 * 4
 

@@ -1,0 +1,123 @@
+"""Cache format version 2: its metadata, version 1 files refused with the fix, `gist cache upgrade` in place."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import tiny
+from clitools import one_line_error
+from gistcache.cache import GistCache, load_cache, read_cache_metadata, save_cache, tensor_sha256
+from gistcache.cli.main import app
+from gistcache.compression import compress
+from gistcache.config import GistConfig
+from gistcache.errors import GistError
+from gistcache.generation import generate_ids, generate_masked_ids
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.rotary import model_inv_freq, move_keys
+from gistcache.run import load_run, save_run
+from gistcache.upgrade import upgrade_caches
+
+runner = CliRunner()
+PROMPT = "Reverse the word you are given"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run folders on one tiny Llama: `prefix` and `paper` (mask variants), `other` (another gist embedding)."""
+    root = tmp_path_factory.mktemp("upgrade")
+    base_dir = tiny.save_model_folder(root / "model", "llama")
+
+    def make_run(name, mask, shift):
+        base, tok = load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
+        fp = fingerprint_model(base)
+        gm = GistModel(base, tok, 2, base_fingerprint=fp, mask=mask)
+        with torch.no_grad():
+            gm.gist_embedding.add_(shift)
+        save_run(gm, root / name, GistConfig(model=str(base_dir), num_gist_tokens=2, tune="gist", mask=mask),
+                 base_fingerprint=fp)
+        return root / name
+
+    return {"prefix": make_run("prefix", "prefix", 1.0), "paper": make_run("paper", "paper", 1.0),
+            "other": make_run("other", "prefix", -1.0)}
+
+
+def write_version_1(cache: GistCache, model: GistModel, path):
+    """The file version 1 wrote for `cache`: keys at the prompt's positions P..P+N-1, no position-free fields."""
+    inv_freq = model_inv_freq(model.model)
+    keys = [move_keys(k, inv_freq, cache.key_start, inv_freq, cache.num_prompt_tokens) for k in cache.keys]
+    v1 = GistCache(**{**vars(cache), "keys": keys})
+    meta = {k: v for k, v in v1.metadata().items() if k not in ("position_free", "key_start", "prefix_start")}
+    meta.update(format_version="1", input_position=str(cache.num_prompt_tokens + cache.num_gist_tokens),
+                tensor_sha256=tensor_sha256(v1.tensors()))
+    save_file(v1.tensors(), str(path), metadata=meta)
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_version_2_metadata_says_where_the_keys_start(runs, tmp_path):
+    """format_version 2, position_free, key_start (the run's fixed prefix) and prefix_start = key_start - P."""
+    model = load_run(runs["prefix"])
+    cache = compress(model, PROMPT)
+    meta = read_cache_metadata(save_cache(cache, tmp_path / "c.safetensors"))
+    P, F = cache.num_prompt_tokens, model.num_prefix_tokens
+    assert F == 6 and meta["format_version"] == "2" and meta["position_free"] == "true"
+    assert (meta["key_start"], meta["prefix_start"], meta["input_position"]) == (str(F), str(F - P), str(F + 2))
+    meta["prefix_start"] = "0"
+    save_file(cache.tensors(), str(tmp_path / "altered.safetensors"), metadata=meta)
+    with pytest.raises(GistError, match="prefix_start 0 != key_start 6 - num_prompt_tokens"):
+        load_cache(tmp_path / "altered.safetensors")
+
+
+def test_version_1_is_refused_with_the_fix(runs, tmp_path):
+    """A version 1 file is refused in one line that names `gist cache upgrade`, in Python and at the CLI (exit 2)."""
+    model = load_run(runs["prefix"])
+    path = write_version_1(compress(model, PROMPT), model, tmp_path / "v1.safetensors")
+    with pytest.raises(GistError, match="is a version 1 gist cache .*gist cache upgrade .*v1.safetensors --run RUN"):
+        load_cache(path)
+    result = invoke("generate", "--run", runs["prefix"], "--cache", path, "--input", "stone")
+    one_line_error(result, "gist cache upgrade")
+
+
+@pytest.mark.parametrize("mask", ["prefix", "paper"])
+def test_upgrade_moves_the_keys_in_place(runs, tmp_path, mask):
+    """`gist cache upgrade` rewrites a version 1 file as the cache compress makes now (1e-5), which generates
+    the masked definition's tokens; a second upgrade leaves the file as it is."""
+    model = load_run(runs[mask])
+    fresh = compress(model, PROMPT)
+    path = write_version_1(fresh, model, tmp_path / "c.safetensors")
+    result = invoke("cache", "upgrade", path, "--run", runs[mask])
+    assert result.exit_code == 0, result.output
+    assert f"keys moved from position {fresh.num_prompt_tokens} to {model.num_prefix_tokens}" in result.stdout
+    upgraded = load_cache(path, model)
+    assert upgraded.key_start == fresh.key_start and upgraded.created == fresh.created
+    for x, y in zip(upgraded.keys, fresh.keys):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    assert all(torch.equal(x, y) for x, y in zip(upgraded.values, fresh.values))
+    assert generate_ids(model, upgraded, "stone", max_new_tokens=8) == generate_masked_ids(
+        model, PROMPT, "stone", max_new_tokens=8)
+    before = path.read_bytes()
+    again = json.loads(invoke("cache", "upgrade", path, "--run", runs[mask], "--json").stdout)
+    assert again == [{"path": str(path), "upgraded": False, "moved_from": model.num_prefix_tokens,
+                      "moved_to": model.num_prefix_tokens}]
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_upgrade_refuses_before_writing_anything(runs, tmp_path):
+    """A file of another run among the files, or a folder that is not a run: one line, exit 2, no file changed."""
+    model, other = load_run(runs["prefix"]), load_run(runs["other"])
+    mine = write_version_1(compress(model, PROMPT), model, tmp_path / "mine.safetensors")
+    theirs = write_version_1(compress(other, PROMPT), other, tmp_path / "theirs.safetensors")
+    before = mine.read_bytes()
+    one_line_error(invoke("cache", "upgrade", mine, theirs, "--run", runs["prefix"]),
+                   "theirs.safetensors was made with another run (run_fingerprint")
+    one_line_error(invoke("cache", "upgrade", mine, "--run", tmp_path), "is not a gist run")
+    assert mine.read_bytes() == before
+    with pytest.raises(GistError, match="give at least one cache file"):
+        upgrade_caches([], runs["prefix"])
