@@ -30,14 +30,14 @@ class ModelIdentity:
 
 
 def model_identity(model: GistModel) -> ModelIdentity:
-    """Fingerprints of a model from `load_run` (read from the run), or of an in-memory GistModel.
+    """Fingerprints of a model from `GistModel.from_pretrained` (read from the run), or of an in-memory GistModel.
 
     An in-memory model (no run folder) gets a run fingerprint over its current weights, its gist
     embedding and N, so a cache made from it fits it and nothing else.
     """
     template = model.template
     base = model.base_fingerprint or fingerprint_model(model.model)
-    run = getattr(model, "run_fingerprint", None)
+    run = model.run_fingerprint
     if run is None:
         h = hashlib.sha256(b"gistcache-unsaved-run|")
         h.update(fingerprint_model(model.model).encode())

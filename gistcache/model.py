@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gistcache.config import GIST_TOKEN
+from gistcache.config import GIST_TOKEN, GistConfig
 from gistcache.errors import GistError
 from gistcache.masks import check_mask, gist_attention_mask, make_position_ids
 from gistcache.prompts import resolve_template, visible_prefix_ids
@@ -113,23 +113,38 @@ def add_gist_token(tokenizer):
 
 
 def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    attn_implementation: str | None = None):
-    """Load the base causal LM named by `spec` (see `resolve_model`)."""
+                    attn_implementation: str | None = None, device_map=None, for_training: bool = False):
+    """Load the base causal LM named by `spec` (see `resolve_model`), in `dtype`.
+
+    The weights are materialised once, in `dtype`: on `device`, or where `device_map` (transformers'
+    argument: "auto", "cuda:0", a dict) puts them. `for_training` refuses attention backends that
+    ignore the gist mask.
+    """
     from transformers import AutoModelForCausalLM  # deferred: transformers takes seconds to import
 
+    if for_training:
+        check_masked_attention(attn_implementation)
     source, gguf_file = resolve_model(spec)
     # transformers' GGUF loader draws a tqdm bar of its own on stderr, past its logging switches
     quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         with quiet, quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
+                source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation, **placement
             )
     except Exception as exc:
         raise GistError(f"cannot load model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
                         f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
     check_architecture(model)
-    return model.to(device)
+    return model if device_map is not None else model.to(device)
+
+
+def check_masked_attention(attn_implementation: str | None) -> None:
+    """Refuse an attention backend that ignores a 4D mask (flash attention): the gist mask would not apply."""
+    if attn_implementation and attn_implementation.startswith("flash_attention"):
+        raise GistError(f"attention {attn_implementation!r} ignores the 4D gist mask, so tokens after the gist "
+                        f"would read the prompt: use sdpa or eager")
 
 
 def load_base_config(spec: str):
@@ -152,11 +167,15 @@ def check_architecture(model: nn.Module) -> None:
         raise GistError(f"model type {config.model_type!r} is encoder-decoder: gistcache needs a decoder-only LM")
 
 
-def fingerprint_model(model: nn.Module) -> str:
+def fingerprint_model(model: nn.Module, *, as_dtype: torch.dtype | None = None) -> str:
     """A SHA-256 over the architecture and a strided sample of every weight.
 
-    Cheap for large models (it reads at most 4096 values a tensor) yet different for any other
-    checkpoint, so a cache or run made with one base model is refused by another.
+    Cheap for large models (it reads at most 4096 values a tensor, in the weights' own dtype and on
+    their own device; only the sample is upcast to float32) yet different for any other
+    checkpoint, so a cache or run made with one base model is refused by another. Float32 weights
+    and weights stored in the dtype they are loaded in give the same value. `as_dtype` rounds the
+    sample to that dtype first: computed on float32 weights, it is the fingerprint the same weights
+    have once loaded in `as_dtype` (what a run records for its other dtypes).
     """
     h = hashlib.sha256()
     cfg = model.config
@@ -166,7 +185,10 @@ def fingerprint_model(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to(device="cpu", dtype=torch.float32).contiguous()
+        sample = flat[::step][:4096]
+        if as_dtype is not None:
+            sample = sample.to(as_dtype)
+        sample = sample.to(device="cpu", dtype=torch.float32).contiguous()
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
         h.update(sample.numpy().tobytes())
@@ -198,11 +220,17 @@ class GistModel(nn.Module):
     `condition` and of the run's mask variant (`mask`: "paper" or "prefix", see masks.py),
     passing the stock model a 4D additive mask and explicit position ids. `template` is the
     prompt template the run uses ("auto" resolves by the tokenizer).
+
+    A run folder loads with `GistModel.from_pretrained(RUN)` and is written with
+    `save_pretrained(DIR)`; a model loaded so knows its run: `gist_config`, `run_dir` and
+    `run_fingerprint` (None for a model built in memory, whose caches get a fingerprint of its
+    weights instead, see identity.py).
     """
 
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
                  gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None,
-                 template: str = "auto", mask: str = "paper"):
+                 template: str = "auto", mask: str = "paper", gist_config: GistConfig | None = None,
+                 run_dir: str | Path | None = None, run_fingerprint: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -220,6 +248,29 @@ class GistModel(nn.Module):
             raise GistError(f"gist embedding has shape {tuple(gist_embedding.shape)}, the model needs (1, {weight.shape[1]})")
         self.gist_embedding = nn.Parameter(gist_embedding.detach().clone().to(weight.device, torch.float32))
         self.base_fingerprint = base_fingerprint
+        self.gist_config = gist_config  # what the run is, for a model from a run folder
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_fingerprint = run_fingerprint
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device_map=None,
+                        attn_implementation: str | None = None, merge: bool = True) -> "GistModel":
+        """Load the trained gist model of a run folder (None: the run shipped with the package).
+
+        The base weights are loaded once, in `dtype`, where `device_map` puts them (default: the
+        CPU), and refused if their fingerprint is not the one the run was trained on. LoRA
+        adapters are merged (`merge=True`) for plain-speed inference. See `gistcache.run`.
+        """
+        from gistcache.run import load_gist_model  # deferred: run.py imports this module to build GistModels
+
+        return load_gist_model(run_dir, dtype=dtype, device_map=device_map,
+                               attn_implementation=attn_implementation, merge=merge)
+
+    def save_pretrained(self, out_dir: str | Path, *, train_config: dict | None = None) -> Path:
+        """Write this model as a run folder that `from_pretrained` loads; see `gistcache.run.save_gist_model`."""
+        from gistcache.run import save_gist_model  # deferred: run.py imports this module to build GistModels
+
+        return save_gist_model(self, out_dir, train_config=train_config)
 
     @property
     def config(self):
@@ -265,6 +316,7 @@ class GistModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 condition: str = "gist", **kwargs):
         """Masked forward over (B, T) ids; `attention_mask` (B, T) marks real tokens (left padding)."""
+        check_masked_attention(getattr(self.config, "_attn_implementation", None))
         embeds = self.embed(input_ids)
         mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype,
                                    self.num_prefix_tokens)
@@ -274,4 +326,3 @@ class GistModel(nn.Module):
 
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 2048))
-

@@ -1,13 +1,17 @@
 """A run folder: what training leaves behind and every later step reads.
 
-    RUN/config.json                  {"gist": GistConfig, "train": TrainConfig, "base_fingerprint": ...}
+    RUN/config.json                  {"gist": GistConfig, "train": TrainConfig, "base_fingerprint": ...,
+                                      "base_fingerprints": {"bfloat16": ..., "float16": ...}}
     RUN/gist_embedding.safetensors   the trained gist embedding (1, H)
     RUN/adapter_model.safetensors    LoRA adapter (+ adapter_config.json), for --tune lora
     RUN/model.safetensors            full weights, for --tune full only
     RUN/tokenizer/                   the tokenizer with <GIST>
     RUN/metrics.json, RUN/train.log, RUN/README.md (the model card), RUN/checkpoints/step-N/
 
-Tensors are read only from safetensors; nothing is ever unpickled.
+`load_gist_model` (`GistModel.from_pretrained`) and `save_gist_model` (`GistModel.save_pretrained`)
+are the life cycle; `load_run` is the older name of the first. The base model is loaded once, in
+the dtype asked for, and checked by its fingerprint (see `check_base_fingerprint`). Tensors are
+read only from safetensors; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from gistcache._io import atomic_write_text, hash_files
 from gistcache._version import __version__
-from gistcache.config import GistConfig
+from gistcache.config import DTYPES, GistConfig, dtype_name
 from gistcache.errors import GistError
 from gistcache.model import GistModel, add_gist_token, fingerprint_model, load_base_model, quiet_transformers
 
@@ -123,35 +127,70 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_mode
 
 
 def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, train_config: dict | None = None,
-             base_fingerprint: str) -> None:
-    """Write a complete run folder: tokenizer, weights, then config.json last (its presence marks a run)."""
+             base_fingerprint: str, base_fingerprints: dict[str, str] | None = None) -> None:
+    """Write a complete run folder: tokenizer, weights, then config.json last (its presence marks a run).
+
+    `base_fingerprints` maps other dtype names to the fingerprint of the base weights loaded in that
+    dtype (`fingerprint_model(base, as_dtype=...)`), so that a load in that dtype is checked without
+    a float32 copy.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
     save_run_weights(model, out_dir, gist_config.tune, gist_config.model)
     config = {"gistcache_version": __version__, "gist": gist_config.to_dict(),
               "train": train_config or {}, "base_fingerprint": base_fingerprint}
+    if base_fingerprints:
+        config["base_fingerprints"] = base_fingerprints
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
-def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             attn_implementation: str | None = None, merge: bool = True) -> GistModel:
-    """Rebuild the trained gist model of a run folder for inference.
+def dtype_fingerprints(base) -> dict[str, str]:
+    """{dtype name: fingerprint of `base`'s float32 weights once cast to it} for the dtypes other than float32."""
+    return {name: fingerprint_model(base, as_dtype=dtype) for name, dtype in DTYPES.items()
+            if dtype not in (torch.float32, torch.float64)}
 
-    Refuses a base model whose fingerprint differs from the one the run was trained on.
-    LoRA adapters are merged into the weights (`merge=True`) for plain-speed inference.
-    `run_dir=None` loads the run shipped with the package (`DEFAULT_RUN`).
+
+def check_base_fingerprint(base, data: dict, spec: str, run_dir: Path, *, attn_implementation: str | None = None) -> None:
+    """Refuse a base model whose weights are not the ones the run was trained on.
+
+    The fingerprint is computed in the weights' own dtype on their own device. It equals the run's
+    float32 `base_fingerprint` for float32 weights and for a checkpoint stored in the dtype it was
+    loaded in; else the run's `base_fingerprints` entry for that dtype decides. A run written before
+    those entries existed, loaded from a float32 checkpoint in another dtype, is checked once
+    against a float32 load on the CPU (the only case that still materialises float32 weights).
+    """
+    expected = data["base_fingerprint"]
+    fingerprint = fingerprint_model(base)
+    dtype = dtype_name(base.dtype)
+    if fingerprint == expected or fingerprint == data.get("base_fingerprints", {}).get(dtype):
+        return
+    if base.dtype != torch.float32 and dtype not in data.get("base_fingerprints", {}):
+        reference = load_base_model(spec, dtype=torch.float32, attn_implementation=attn_implementation)
+        fingerprint = fingerprint_model(reference)
+        del reference
+        if fingerprint == expected:
+            return
+    raise GistError(f"base model {spec!r} is not the one run {run_dir} was trained on "
+                    f"(fingerprint {fingerprint[:12]} != {expected[:12]})")
+
+
+def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device_map=None,
+                    attn_implementation: str | None = None, merge: bool = True) -> GistModel:
+    """Rebuild the trained gist model of a run folder for inference (`GistModel.from_pretrained`).
+
+    Refuses a folder that is not a run, a base model that cannot be loaded, and one whose
+    fingerprint differs from the one the run was trained on; nothing is written. LoRA adapters are
+    merged into the weights (`merge=True`) for plain-speed inference. `run_dir=None` loads the run
+    shipped with the package (`DEFAULT_RUN`). The weights are loaded once, in `dtype`, on the CPU or
+    where `device_map` puts them.
     """
     run_dir = resolve_run_dir(run_dir)
     data = read_run_config(run_dir)
     gist_config = GistConfig.from_dict(data["gist"])
-    # fingerprinted in float32, as at training time; cast to `dtype` afterwards
-    base = load_base_model(gist_config.model, dtype=torch.float32, device="cpu",
-                           attn_implementation=attn_implementation)
-    fingerprint = fingerprint_model(base)
-    if fingerprint != data["base_fingerprint"]:
-        raise GistError(f"base model {gist_config.model!r} is not the one run {run_dir} was trained on "
-                        f"(fingerprint {fingerprint[:12]} != {data['base_fingerprint'][:12]})")
+    base = load_base_model(gist_config.model, dtype=dtype, attn_implementation=attn_implementation,
+                           device_map=device_map)
+    check_base_fingerprint(base, data, gist_config.model, run_dir, attn_implementation=attn_implementation)
     model = base
     if gist_config.tune == "lora":
         from peft import PeftModel  # deferred: peft takes seconds to import
@@ -176,13 +215,42 @@ def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = 
     gist = load_file(run_dir / GIST_FILE)
     if "gist_embedding" not in gist:
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
-    gist_model = GistModel(model.to(dtype), tokenizer, gist_config.num_gist_tokens,
-                           gist_embedding=gist["gist_embedding"], base_fingerprint=fingerprint,
-                           template=gist_config.template, mask=gist_config.mask)
-    gist_model.gist_config = gist_config
-    gist_model.run_dir = run_dir
-    gist_model.run_fingerprint = run_fingerprint(run_dir)
-    return gist_model.to(device).eval()
+    return GistModel(model, tokenizer, gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
+                     base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
+                     gist_config=gist_config, run_dir=run_dir, run_fingerprint=run_fingerprint(run_dir)).eval()
+
+
+def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             attn_implementation: str | None = None, merge: bool = True) -> GistModel:
+    """`GistModel.from_pretrained` under its older name, with `device` (a device name) for `device_map`."""
+    device_map = None if torch.device(device).type == "cpu" else str(device)
+    return GistModel.from_pretrained(run_dir, dtype=dtype, device_map=device_map,
+                                     attn_implementation=attn_implementation, merge=merge)
+
+
+def save_gist_model(model: GistModel, out_dir: str | Path, *, train_config: dict | None = None) -> Path:
+    """Write `model` as a run folder (`GistModel.save_pretrained`): its weights, tokenizer and config.json.
+
+    The model must know its run (`gist_config`, set by `from_pretrained`) and its base fingerprint; a
+    LoRA run must have been loaded with `merge=False`, so the adapter can be written as an adapter.
+    The model card and metrics of the run it was loaded from are copied along.
+    """
+    out_dir = Path(out_dir)
+    if model.gist_config is None or model.base_fingerprint is None:
+        raise GistError("save_pretrained needs a model that knows its run (gist_config and base_fingerprint): load "
+                        "it with GistModel.from_pretrained(RUN), or write a trained one with `gist train`")
+    if model.gist_config.tune == "lora" and not hasattr(model.model, "peft_config"):
+        raise GistError("this model's LoRA adapter was merged into its weights when it was loaded: load it with "
+                        "GistModel.from_pretrained(RUN, merge=False) to save it")
+    if model.run_dir is not None and out_dir.resolve() == model.run_dir.resolve():
+        raise GistError(f"{out_dir} is the run this model was loaded from: give another folder")
+    source = read_run_config(model.run_dir) if model.run_dir is not None else {}
+    save_run(model, out_dir, model.gist_config, train_config=train_config or source.get("train"),
+             base_fingerprint=model.base_fingerprint, base_fingerprints=source.get("base_fingerprints"))
+    for name in (MODEL_CARD_FILE, METRICS_FILE):
+        if model.run_dir is not None and (model.run_dir / name).is_file():
+            shutil.copy2(model.run_dir / name, out_dir / name)
+    return out_dir
 
 
 def load_run_tokenizer(run_dir: str | Path):

@@ -72,3 +72,35 @@ def test_untrained_gist_is_no_attention_sink_on_default_model():
     assert rows["neg_control"]["first_visible_share"] > 1.5 * rows["gist"]["first_visible_share"]
     assert rows["pos_control"]["first_visible_share"] > 1.5 * rows["gist"]["first_visible_share"]
     assert rows["gist"]["answer_loss"] > rows["neg_control"]["answer_loss"] > rows["pos_control"]["answer_loss"]
+
+
+def test_position_free_cache_on_default_model(model):
+    """On the real model (issue 13): the stock model over to_dynamic_cache(model), with no position ids, gives the
+    masked forward's logits (1e-4) and its greedy tokens; a cache moved one position off does not."""
+    from gistcache.cache import GistCache
+    from gistcache.generation import GREEDY
+    from gistcache.model import cache_kwarg
+    from gistcache.prompts import encode_input, encode_instruction
+    from gistcache.rotary import model_inv_freq, move_keys
+
+    instruction, text = "Reverse the order of the letters in the given word.", "garden"
+    cache = compress(model, instruction)
+    tok, N = model.tokenizer, model.num_gist_tokens
+    after = encode_input(tok, text, model.template)
+    full = torch.tensor([encode_instruction(tok, instruction, model.template) + [model.gist_token_id] * N + after])
+    ids = torch.tensor([after])
+    inv_freq = model_inv_freq(model.model)
+    off = GistCache(**{**vars(cache), "keys": [move_keys(k, inv_freq, cache.key_start, inv_freq, cache.key_start + 1)
+                                               for k in cache.keys]})
+    with torch.no_grad():
+        want = model(full, torch.ones_like(full)).logits[0, -len(after):]
+        got = model.model(input_ids=ids, **{cache_kwarg(model.model): cache.to_dynamic_cache(model)}).logits[0]
+        wrong = model.model(input_ids=ids, **{cache_kwarg(model.model): off.to_dynamic_cache(model)}).logits[0]
+        out = model.model.generate(input_ids=torch.cat([cache.input_ids(), ids], dim=1), max_new_tokens=8,
+                                   cache=cache.to_dynamic_cache(model), eos_token_id=tok.eos_token_id, **GREEDY)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (wrong - want).abs().max() > 1e-4
+    new = out[0, cache.offset + len(after):].tolist()
+    eos = tok.eos_token_id
+    new = new[:new.index(eos) + 1] if eos in new else new
+    assert new == generate_masked_ids(model, instruction, text, max_new_tokens=8)[0]

@@ -25,7 +25,7 @@ from gistcache.errors import GistError
 from gistcache.loss import answer_loss_sum
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
 from gistcache.prompts import IGNORE_INDEX, EncodedExample, encode_examples
-from gistcache.run import LOG_FILE, METRICS_FILE, remove_run_outputs, save_run
+from gistcache.run import LOG_FILE, METRICS_FILE, dtype_fingerprints, remove_run_outputs, save_run
 from gistcache.train.card import write_model_card
 from gistcache.train.checkpoint import check_out_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from gistcache.train.config import TrainConfig
@@ -53,8 +53,9 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.model)
-    base = load_base_model(config.model, attn_implementation=config.attn_implementation)
+    base = load_base_model(config.model, attn_implementation=config.attn_implementation, for_training=True)
     base_fingerprint = fingerprint_model(base)
+    base_fingerprints = dtype_fingerprints(base)  # so the run loads in bfloat16/float16 without a float32 copy
     load_seconds = time.perf_counter() - started
     # before anything is written: a teacher copy that does not fit is refused here
     teacher = make_teacher(base, config.tune, accelerator.device) if config.objective != "labels" else None
@@ -124,7 +125,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     }
     if main:
         save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
-                 base_fingerprint=base_fingerprint)
+                 base_fingerprint=base_fingerprint, base_fingerprints=base_fingerprints)
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         write_model_card(out)
         log.info("held-out loss %s (before %s)", json.dumps(after), json.dumps(before))
