@@ -247,11 +247,11 @@ def save_cache(cache: GistCache, path: str | Path) -> Path:
     return path
 
 
-def read_cache_metadata(path: str | Path) -> dict[str, str]:
-    """The header metadata of a cache file, checked for format and version (tensors not read)."""
+def read_cache_metadata(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> dict[str, str]:
+    """The header metadata of a cache file, checked for format and one of `versions` (tensors not read)."""
     path = Path(path)
     meta = _open(path, lambda f: f.metadata())
-    _check_format(path, meta)
+    _check_format(path, meta, versions=versions)
     return meta
 
 

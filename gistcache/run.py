@@ -223,7 +223,10 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
 def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              attn_implementation: str | None = None, merge: bool = True) -> GistModel:
     """`GistModel.from_pretrained` under its older name, with `device` (a device name) for `device_map`."""
-    device_map = None if torch.device(device).type == "cpu" else str(device)
+    try:
+        device_map = None if torch.device(device).type == "cpu" else str(device)
+    except RuntimeError as exc:
+        raise GistError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
     return GistModel.from_pretrained(run_dir, dtype=dtype, device_map=device_map,
                                      attn_implementation=attn_implementation, merge=merge)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gistcache._io import sha256_text
-from gistcache.cache import GistCache, load_cache, read_cache_metadata, save_cache
+from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
 from gistcache.compression import compress
 from gistcache.errors import GistError
 from gistcache.identity import ModelIdentity, check_cache, model_identity
@@ -131,7 +131,8 @@ class CacheStore:
         out = []
         for path in self.root.glob(f"*{SUFFIX}"):
             try:
-                meta = read_cache_metadata(path)
+                # a version 1 entry is listed, pruned and removed like any; a lookup misses it and replaces it
+                meta = read_cache_metadata(path, versions=(1, FORMAT_VERSION))
                 st = path.stat()
                 out.append(StoreEntry(key=path.name[:-len(SUFFIX)], path=path,
                                       prompt_preview=meta.get("prompt_preview", ""),

@@ -70,6 +70,8 @@ def test_from_pretrained_knows_its_run(base_dir, tmp_path):
     assert gistcache.load_run is load_run and "GistModel" in gistcache.__all__
     again = load_run(run)
     assert torch.equal(again.gist_embedding, model.gist_embedding) and again.run_fingerprint == model.run_fingerprint
+    with pytest.raises(GistError, match="--device 'bogus' is not a device"):
+        load_run(run, device="bogus")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

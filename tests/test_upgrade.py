@@ -121,3 +121,16 @@ def test_upgrade_refuses_before_writing_anything(runs, tmp_path):
     assert mine.read_bytes() == before
     with pytest.raises(GistError, match="give at least one cache file"):
         upgrade_caches([], runs["prefix"])
+
+
+def test_store_lists_a_version_1_entry_and_replaces_it_on_lookup(runs, tmp_path):
+    """An old store entry still shows in `gist cache ls` (so prune and rm reach it); a compress replaces it."""
+    from gistcache.store import CacheStore, compress_cached
+
+    model = load_run(runs["prefix"])
+    store = CacheStore(tmp_path / "store")
+    (first,) = compress_cached(model, [PROMPT], store)
+    write_version_1(first.cache, model, first.path)
+    assert [e.key for e in store.entries()] == [first.key]
+    (again,) = compress_cached(model, [PROMPT], store)
+    assert not again.hit and read_cache_metadata(again.path)["format_version"] == "2"
