@@ -7,6 +7,7 @@ from gistcache.cache import load_cache, save_cache
 from gistcache.compression import compress
 from gistcache.generation import generate_ids, generate_masked_ids
 from gistcache.masks import make_position_ids
+from gistcache.prompts import encode_instruction
 from gistcache.run import load_run
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
@@ -51,7 +52,8 @@ def test_cache_path_equals_masked_forward_on_default_model(model, tmp_path):
 def test_gist_mask_changes_the_real_model(model):
     """Teeth on the real model: hiding the prompt changes the logits after the gist (the mask is applied)."""
     gid = model.gist_token_id
-    ids = model.tokenizer("Translate to French: the cat", add_special_tokens=False).input_ids + [gid, gid]
+    # the run's own prompt layout: under its prefix mask the template's fixed prefix comes first
+    ids = encode_instruction(model.tokenizer, "Translate to French: the cat", model.template) + [gid, gid]
     ids = torch.tensor([ids + model.tokenizer(" ok", add_special_tokens=False).input_ids])
     attn = torch.ones_like(ids)
     with torch.no_grad():
