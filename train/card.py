@@ -28,6 +28,8 @@ def train_command(train: dict) -> str:
         if f.name in NOT_RECIPE or f.name not in train:
             continue
         value, default = train[f.name], getattr(defaults, f.name)
+        if f.name == "preset":  # the preset's own sizes are left out below, so the preset itself must show
+            default = f.default
         if value == default:
             continue
         flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
@@ -44,6 +46,13 @@ def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "—"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _training_time(metrics: dict) -> str:
+    train, wall = metrics.get("train_seconds") or 0.0, metrics.get("wall_seconds") or 0.0
+    if train > wall:  # resumed: the optimizer steps of every segment, the wall time of the last
+        return f"{train / 60:.1f} min of optimizer steps over resumed segments (the last took {wall / 60:.1f} min)"
+    return f"{train / 60:.1f} min of optimizer steps, {wall / 60:.1f} min in all"
 
 
 def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
@@ -77,9 +86,8 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
             f"| training examples | {metrics.get('train_examples')} ({_fmt(metrics.get('dropped_contaminated'))} "
             f"dropped as contaminated, {_fmt(metrics.get('dropped_too_long'))} as too long) |",
             f"| steps | {metrics.get('steps')} |",
-            f"| training time | {_fmt(metrics.get('train_seconds', 0) / 60, 1)} min of training, "
-            f"{_fmt(metrics.get('wall_seconds', 0) / 60, 1)} min in all, on {metrics.get('cpu') or metrics.get('device')}"
-            f" ({metrics.get('threads')} threads) |",
+            f"| training time | {_training_time(metrics)} on {metrics.get('cpu') or metrics.get('device')} "
+            f"({metrics.get('threads')} threads in the last segment) |",
             f"| held-out loss | {_fmt(metrics.get('heldout_loss_before'))} before, "
             f"{_fmt(metrics.get('heldout_loss'))} after ({metrics.get('eval_examples')} examples) |",
             f"| versions | {', '.join(f'{k} {v}' for k, v in (metrics.get('versions') or {}).items())} |",
