@@ -32,7 +32,7 @@ def test_shipped_files_are_small_and_complete():
     gist = json.loads((SHIPPED / "config.json").read_text())["gist"]
     assert gist["tune"] in ("lora", "gist") and gist["model"] == "smollm2-135m"
     card = (SHIPPED / "README.md").read_text()
-    assert "gist train" in card and "retention" in card
+    assert "gist train" in card and "--objective distill" in card and "retention" in card
 
 
 def test_shipped_run_fits_the_installed_base_model(model):
