@@ -94,7 +94,12 @@ def fixed_prefix_ids(tokenizer, template: str) -> list[int]:
     """Token ids of the fixed prefix (BOS where the tokenizer adds one to plain text, then
     `prefix_text`). Every `encode_prompt` starts with exactly these ids: the `prefix` mask keeps them
     visible after the gist, and their keys/values are computed once per run."""
-    ids = tokenizer(prefix_text(tokenizer, template), add_special_tokens=False).input_ids
+    return _prefix_ids(tokenizer, template, prefix_text(tokenizer, template))
+
+
+def _prefix_ids(tokenizer, template: str, prefix: str) -> list[int]:
+    """`prefix` (the template's text before the instruction) as ids, BOS first where plain text gets one."""
+    ids = tokenizer(prefix, add_special_tokens=False).input_ids
     if resolve_template(tokenizer, template) == "plain" and _adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id, *ids]
     return ids
@@ -113,7 +118,7 @@ def encode_prompt(tokenizer, text: PromptText, template: str) -> list[int]:
         raise GistError("the chat template changes the text before the instruction from one instruction to the "
                         "next: use --template plain")
     rest = tokenizer(text.prompt[len(prefix):], add_special_tokens=False).input_ids
-    return [*fixed_prefix_ids(tokenizer, template), *rest]
+    return [*_prefix_ids(tokenizer, template, prefix), *rest]  # the template is rendered once, not twice
 
 
 def encode_after(tokenizer, text: PromptText) -> list[int]:

@@ -34,10 +34,10 @@ from torch import nn
 
 from gistcache._io import atomic_write_text
 from gistcache.errors import GistError
-from gistcache.generation import generate_causal
+from gistcache.generation import generate_full_prompt
 from gistcache.masks import make_position_ids
 from gistcache.model import GistModel
-from gistcache.prompts import IGNORE_INDEX, encode_after, encode_prompt, format_prompt
+from gistcache.prompts import IGNORE_INDEX
 
 TEACHER_ANSWERS_FILE = "teacher_answers.jsonl"
 
@@ -151,7 +151,7 @@ def with_teacher_answers(rows: list, model: GistModel, out_dir: Path, *, max_new
 
     `model` wraps the untouched base model (before any tuning). Answers are cached in
     `out_dir/teacher_answers.jsonl` (one {"key", "output"} per row), so a resumed or repeated run
-    reuses them; new ones are appended after each batch. The key covers the base model's
+    reuses them; the file is rewritten atomically after each batch. The key covers the base model's
     fingerprint, the template and `max_new_tokens`, so answers of another teacher are never reused.
     """
     path = out_dir / TEACHER_ANSWERS_FILE
@@ -164,25 +164,22 @@ def with_teacher_answers(rows: list, model: GistModel, out_dir: Path, *, max_new
                 cached[item["key"]] = item["output"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by a kill: answer that row again
-    todo = [ex for ex in dict.fromkeys(rows) if _row_key(teacher_id, ex.instruction, ex.input) not in cached]
-    tok = model.tokenizer
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        seqs = []
-        for ex in chunk:
-            text = format_prompt(tok, ex.instruction, ex.input, model.template)
-            seqs.append([*encode_prompt(tok, text, model.template), *encode_after(tok, text)])
-        answers = generate_causal(model, seqs, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        for ex, answer in zip(chunk, answers):
-            cached[_row_key(teacher_id, ex.instruction, ex.input)] = answer.strip()
+    todo = {}  # one generation per (instruction, input), however many rows repeat it
+    for ex in rows:
+        key = _row_key(teacher_id, ex.instruction, ex.input)
+        if key not in cached:
+            todo.setdefault(key, ex)
+    pending = list(todo.items())
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        answers = generate_full_prompt(model, [ex.instruction for _, ex in chunk], [ex.input for _, ex in chunk],
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+        for (key, _), answer in zip(chunk, answers):
+            cached[key] = answer.strip()
         lines = [json.dumps({"key": k, "output": v}, ensure_ascii=False) for k, v in cached.items()]
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "\n".join(lines) + "\n")
         if on_batch is not None:
             on_batch(len(chunk))
     return [replace(ex, output=cached[_row_key(teacher_id, ex.instruction, ex.input)]) for ex in rows]
-
-
-def remove_teacher_answers(out_dir: Path) -> None:
-    (out_dir / TEACHER_ANSWERS_FILE).unlink(missing_ok=True)
 
