@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from gistcache._io import format_bytes
-from gistcache.cli.common import console, err_console, friendly_errors, print_json
+from gistcache.cli.common import check_output_file, console, err_console, friendly_errors, print_json
 from gistcache.cli.options import Device, DType, JsonOut
 from gistcache.errors import GistError
 from gistcache.eval import bench
@@ -52,6 +52,8 @@ def bench_cache(
     config = BenchCacheConfig(model=model, lengths=parsed or [128, 512, 2048], repeats=repeats,
                               new_tokens=new_tokens, num_gist_tokens=num_gist, threads=threads, device=device,
                               dtype=dtype, out=out)
+    if out is not None:
+        check_output_file(out, "--out")  # before the timings, not after them
     progress = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
     result = bench.bench_cache(config, progress=progress)
     if json_out:

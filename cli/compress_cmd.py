@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from gistcache._io import format_bytes
-from gistcache.cache import check_cache_path, save_cache
-from gistcache.cli.common import console, friendly_errors, print_json
+from gistcache.cache import FORMAT_VERSION, check_cache_path, read_cache_metadata, save_cache
+from gistcache.cli.common import (check_output_file, check_parent_not_file, check_writable_folder, console,
+                                  friendly_errors, print_json)
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
 from gistcache.config import check_batch_size, torch_dtype
 from gistcache.data.alpaca import load_instructions
@@ -31,6 +32,8 @@ def compress(
     out: Annotated[Optional[str], typer.Option("--out", help="Also write the cache here (a folder with "
                                                "--file).")] = None,
     store: StoreDir = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file that is not a gist "
+                                            "cache (a gist cache there is always replaced).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per forward (left-padded).")] = 8,
     device: Device = "cpu",
     dtype: DType = "float32",
@@ -45,14 +48,19 @@ def compress(
     if file is not None and out is not None and Path(out).is_file():
         raise GistError(f"--out {out} is a file: with --file, --out is a folder for one cache per line")
     if file is None and out is not None:
-        check_cache_path(out)
+        check_replaceable(check_output_file(check_cache_path(out), "--out"), overwrite)
+    elif out is not None:
+        check_writable_folder(out, "--out")
     cache_store = CacheStore(store)
+    check_parent_not_file(cache_store.root, "--store")
     model = load_run(run, device=device, dtype=dtype_)
     rows = []
     for i, res in enumerate(compress_cached(model, texts, cache_store, batch_size=batch_size)):
         path = res.path
         if out is not None:  # one file, or with --file one file per line in the folder --out
             path = Path(out) if file is None else Path(out) / f"{i:04d}-{res.key[:12]}.safetensors"
+            if file is not None:
+                check_replaceable(path, overwrite)
             save_cache(res.cache, path)
         rows.append({"index": i, **res.summary(path)})
     if json_out:
@@ -61,6 +69,17 @@ def compress(
         print_one(rows[0], cache_store.root)
     else:
         print_many(rows)
+
+
+def check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing file that is not a gist cache (a run's config.json, say) unless --overwrite."""
+    if overwrite or not path.exists():
+        return
+    try:
+        read_cache_metadata(path, versions=(1, FORMAT_VERSION))
+    except GistError:
+        raise GistError(f"--out {path} exists and is not a gist cache: give another path, or add --overwrite to "
+                        f"replace it") from None
 
 
 def print_one(r: dict, store_root: Path) -> None:

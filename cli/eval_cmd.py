@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from gistcache.cli.common import console, friendly_errors, print_json
+from gistcache.cli.common import check_writable_folder, console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
 from gistcache.errors import GistError
 from gistcache.eval import loop
@@ -49,6 +49,7 @@ def eval_(
         flops_examples=flops_examples, seed=seed, device=device, dtype=dtype,
     )
     config = resolve_config(config)  # the run folders and files are checked, and --out chosen, before models load
+    check_writable_folder(config.out, "--out")
     if update_card and len(config.runs) != 1:
         raise GistError(f"--update-card writes one run's model card: give one --run, not {len(config.runs)}")
     results = loop.evaluate(config, show_progress=not json_out)

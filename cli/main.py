@@ -6,9 +6,11 @@ import typer
 
 from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compress_cmd, eval_cmd, generate_cmd,
                            train_cmd)
+from gistcache.cli.common import OneLineUsage
 
 app = typer.Typer(
     name="gist",
+    cls=OneLineUsage,  # a usage error is one line and exit code 2, like every other refusal
     help="Compress long prompts into the KV cache of a few trained gist tokens, and generate from it.",
     no_args_is_help=True,
     add_completion=False,

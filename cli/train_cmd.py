@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from gistcache.cli.common import console, friendly_errors, print_json
+from gistcache.cli.common import check_writable_folder, console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
 from gistcache.model import quiet_transformers
 from gistcache.train import loop
@@ -63,6 +63,7 @@ def train(
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
     )
+    check_writable_folder(out, "--out")  # before the model loads, not after training
     metrics = loop.train(config, show_progress=not json_out)
     if json_out:
         print_json({k: v for k, v in metrics.items() if not k.endswith("_curve")})

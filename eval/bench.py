@@ -78,6 +78,10 @@ class BenchCacheConfig:
         if self.threads is not None and self.threads < 1:
             raise GistError(f"--threads must be >= 1, got {self.threads}")
         torch_dtype(self.dtype)
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise GistError(f"--device {self.device!r} is not a device: use cpu, cuda or cuda:N") from exc
 
 
 class TokenTimer:

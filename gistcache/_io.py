@@ -7,8 +7,10 @@ then `os.replace`); padding goes on the left with the tokenizer's pad id, else i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,21 +23,49 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write (an empty folder with `folder=True`).
 
     When the block ends without an error it replaces `path` (a folder already there is removed
-    first); otherwise it is deleted and `path` is left as it was.
+    first); otherwise it is deleted and `path` is left as it was. An OS error (a full or read-only
+    disk, also inside a safetensors write) names `path`, so the one line a user sees says where.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if file_in_the_way(path) is not None:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    if folder:
-        tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        if folder:
+            tmp.mkdir()
         yield tmp
         if folder and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except Exception as exc:
+        # a full or read-only disk: the error names `path`, not the temporary sibling (or no file at all)
+        os_error = _as_os_error(exc)
+        if os_error is not None and os_error.filename in (None, str(tmp)):
+            raise OSError(os_error.errno, os_error.strerror, str(path)) from exc
+        raise
     finally:
         _remove(tmp)
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is a file (so `path` can never be written), else None."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """`exc` as an OSError: itself, or the OS error inside a safetensors write error ("... (os error 28) ...")."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _remove(path: Path) -> None:

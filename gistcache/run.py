@@ -16,11 +16,15 @@ read only from safetensors; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import types
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,13 +75,75 @@ def read_run_config(run_dir: str | Path | None) -> dict:
         raise GistError(f"{run_dir} is not a gist run (no {CONFIG_FILE} and {GIST_FILE}): "
                         f"give the --out folder of a finished `gist train`")
     try:
-        data = json.loads((run_dir / CONFIG_FILE).read_text())
+        data = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise GistError(f"{run_dir / CONFIG_FILE} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise GistError(f"{run_dir / CONFIG_FILE} is not UTF-8 JSON ({exc.reason} at byte {exc.start}): it was "
+                        f"not written by `gist train`") from exc
+    check_run_config_types(data, run_dir / CONFIG_FILE)
     for key in ("gist", "base_fingerprint"):
         if key not in data:
             raise GistError(f"{run_dir / CONFIG_FILE} lacks {key!r}: it was not written by `gist train`")
     return data
+
+
+# the JSON kinds a run config's values may have, for one-line refusals of hand-edited files
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list",
+          dict: "an object", type(None): "null"}
+
+
+def check_run_config_types(data: object, path: Path) -> None:
+    """Refuse a config.json whose sections or gist fields are not of the types `gist train` writes.
+
+    Each field of the "gist" section is checked against GistConfig's annotation (a hand-edited
+    `"gist": null` or `"lora_r": "8"` is named here instead of failing later as a TypeError);
+    values and unknown fields are GistConfig's own checks.
+    """
+    if not isinstance(data, dict):
+        raise GistError(f"{path} holds {_kind(data)}, not a JSON object: it was not written by `gist train`")
+    for key, kind in (("gist", dict), ("train", dict), ("base_fingerprint", str), ("base_fingerprints", dict)):
+        if key in data and not isinstance(data[key], kind):
+            raise GistError(f"{path}: {key!r} is {_kind(data[key])}, not {_KINDS[kind]}: it was not written by "
+                            f"`gist train`; train the run again")
+    if not all(isinstance(v, str) for v in data.get("base_fingerprints", {}).values()):
+        raise GistError(f"{path}: 'base_fingerprints' must map dtype names to text")
+    hints = typing.get_type_hints(GistConfig)
+    for name, value in data.get("gist", {}).items():
+        if name in hints and not _fits(value, hints[name]):
+            raise GistError(f"{path}: gist field {name!r} is {_kind(value)} ({value!r}), not "
+                            f"{_describe(hints[name])}: fix it or train the run again")
+
+
+def _fits(value: object, annotation) -> bool:
+    """Whether a JSON value has the type of a dataclass annotation (int, float, str, bool, list[...], X | None)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    return True  # a kind this check does not know: GistConfig decides
+
+
+def _kind(value: object) -> str:
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _describe(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ')}" if args else "a list"
+    return _KINDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def run_fingerprint(run_dir: str | Path | None) -> str:
@@ -197,14 +263,15 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
 
         if not (run_dir / ADAPTER_FILE).is_file():
             raise GistError(f"run {run_dir} was tuned with LoRA but has no {ADAPTER_FILE}")
-        with quiet_transformers():
+        with quiet_transformers(), reading_run_file(run_dir / ADAPTER_CONFIG_FILE, run_dir / ADAPTER_FILE):
             model = PeftModel.from_pretrained(base, str(run_dir), use_safetensors=True)
         if merge:
             model = model.merge_and_unload()
     elif gist_config.tune == "full":
         if not (run_dir / FULL_FILE).is_file():
             raise GistError(f"run {run_dir} was fully tuned but has no {FULL_FILE}")
-        state = load_file(run_dir / FULL_FILE)
+        with reading_run_file(run_dir / FULL_FILE):
+            state = load_file(run_dir / FULL_FILE)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in _tied_names(model)]
         if missing or unexpected:
@@ -212,12 +279,26 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
                             f"unexpected {unexpected[:3]})")
         model.tie_weights()
     tokenizer = load_run_tokenizer(run_dir)
-    gist = load_file(run_dir / GIST_FILE)
+    with reading_run_file(run_dir / GIST_FILE):
+        gist = load_file(run_dir / GIST_FILE)
     if "gist_embedding" not in gist:
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
     return GistModel(model, tokenizer, gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
                      base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
                      gist_config=gist_config, run_dir=run_dir, run_fingerprint=run_fingerprint(run_dir)).eval()
+
+
+@contextlib.contextmanager
+def reading_run_file(*paths: Path) -> Iterator[None]:
+    """A run's weight file (or the adapter's config beside it) that cannot be read is refused naming it."""
+    try:
+        yield
+    except GistError:
+        raise
+    except Exception as exc:  # safetensors' and peft's own errors for truncated or hand-edited files
+        reason = type(exc).__name__ + (f": {str(exc).strip().splitlines()[0][:160]}" if str(exc).strip() else "")
+        raise GistError(f"cannot read {' or '.join(map(str, paths))} ({reason}): the run is damaged or incomplete; "
+                        f"copy it again or train it again") from exc
 
 
 def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -137,8 +137,12 @@ def load_instructions(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise GistError(f"--file {path} does not exist: give a JSONL file, one {{\"instruction\": ...}} per line")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GistError(f"--file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from exc
     texts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
