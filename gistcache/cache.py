@@ -8,15 +8,17 @@ the cache is a plain prefix of F+N slots: `to_dynamic_cache` and `input_ids` han
 transformers `generate`, with no position ids.
 
 Rotary attention sees only distances, so this changes no output as long as every distance the
-input reads stays what it was in the masked forward (prompt at 0..P-1, gist at P..P+N-1, input
-from P+N). Under the paper's mask the input reads only the gist: the prompt's P positions drop out
-of the model's context entirely (`context_used` = N). Under the prefix mask it also reads the
-fixed prefix, which sat P+N positions before it: the prefix keys (computed once per run, never
-stored here) are turned to positions `prefix_start = F - P ..` for this cache, so the slots hold
-[prefix at F-P.., gist at F..F+N-1] and `context_used` stays P+N::
+input reads stays what it was in the run's forward. Under the paper's mask the input reads only
+the gist: the prompt's P positions drop out of the model's context entirely (`context_used` = N).
+Under the prefix mask it also reads the fixed prefix (its keys/values are computed once per run,
+never stored here). In the `compact` positions (masks.py; the default) the run was trained with
+the input reading the prefix right before the gist, so the cache is a plain prefix of F+N slots
+and `context_used` = F+N. A run in the `original` positions read the prefix P+N positions back,
+so its caches turn the prefix keys to `prefix_start = F - P` and use P+N positions::
 
-    masked forward   prefix 0..F-1   instruction F..P-1   gist P..P+N-1   input P+N ..
-    this cache       prefix F-P..    (dropped)            gist F..F+N-1   input F+N ..
+    run's forward     prefix 0..F-1   instruction F..P-1   gist P..P+N-1   input P+N ..
+    compact cache     prefix 0..F-1   (dropped)            gist F..F+N-1   input F+N ..
+    original cache    prefix F-P..    (dropped)            gist F..F+N-1   input F+N ..
 
 A cache file is safetensors (never pickle): tensors `layers.{i}.keys` and `layers.{i}.values`,
 each (1, kv_heads, N, head_dim), and string metadata naming the format version, the base model
@@ -43,7 +45,7 @@ from gistcache._version import __version__
 from gistcache.config import DTYPES, dtype_name
 from gistcache.errors import GistError
 from gistcache.identity import check_cache
-from gistcache.masks import MASKS
+from gistcache.masks import MASKS, POSITIONS
 from gistcache.model import GistModel
 from gistcache.rotary import model_inv_freq, move_keys
 
@@ -73,6 +75,7 @@ class GistCache:
     prompt_preview: str = ""
     mask: str = "paper"  # the mask variant of the run that made it ("prefix": add the run's fixed-prefix keys/values)
     key_start: int = 0  # rotary position of the first gist key: the run's fixed-prefix tokens (prefix mask), else 0
+    positions: str = "compact"  # the run's position layout (masks.py): where the input reads the fixed prefix
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class GistCache:
         if self.num_gist_tokens < 1 or self.num_prompt_tokens < 0 or not 0 <= self.key_start <= self.num_prompt_tokens:
             raise GistError(f"num_gist_tokens {self.num_gist_tokens} must be >= 1, num_prompt_tokens "
                             f"{self.num_prompt_tokens} >= 0 and key_start {self.key_start} between 0 and it")
+        if self.positions not in POSITIONS:
+            raise GistError(f"unknown positions {self.positions!r}: known are {', '.join(POSITIONS)}")
         dtype = self.keys[0].dtype
         for i, t in enumerate([*self.keys, *self.values]):
             layer, kind = i % len(self.keys), "keys" if i < len(self.keys) else "values"
@@ -99,15 +104,17 @@ class GistCache:
 
     @property
     def prefix_start(self) -> int:
-        """Rotary position of the run's first fixed-prefix key in this cache: key_start - P (prefix mask; else 0)."""
-        return self.key_start - self.num_prompt_tokens if self.key_start else 0
+        """Rotary position of the run's first fixed-prefix key in this cache: 0, or key_start - P for a
+        prefix-mask run in the original positions (the prefix stays P+N before the input)."""
+        return self.key_start - self.num_prompt_tokens if self.key_start and self.positions == "original" else 0
 
     @property
     def context_used(self) -> int:
         """Positions of the model's context the cache uses up: from its first key to the first input position.
 
-        N under the paper's mask; P + N under the prefix mask, where the input reads the fixed prefix
-        at the distance it had in training.
+        N under the paper's mask; F + N under the prefix mask in the compact positions (a plain
+        prefix); P + N in the original positions, where the input reads the fixed prefix at the
+        distance it had after the whole prompt.
         """
         return self.offset - self.prefix_start
 
@@ -145,6 +152,7 @@ class GistCache:
             "position_free": "true",
             "key_start": str(self.key_start),
             "prefix_start": str(self.prefix_start),
+            "positions": self.positions,
             "input_position": str(self.offset),
             "num_prompt_tokens": str(self.num_prompt_tokens),
             "prompt_sha256": self.prompt_sha256,
@@ -325,9 +333,15 @@ def read_cache_file(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VER
     if version >= 2 and meta["position_free"] != "true":
         raise GistError(f"{path} has position_free {meta['position_free']!r}, a version {version} cache is always "
                         f"position-free: the file was altered; compress the prompt again")
-    if version >= 2 and meta["prefix_start"] != str(key_start - num_prompt if key_start else 0):
-        raise GistError(f"{path} has prefix_start {meta['prefix_start']} != key_start {key_start} - num_prompt_tokens "
-                        f"{num_prompt}: the file was altered; compress the prompt again")
+    # version 2 files from before the position layouts existed: prefix-mask caches were in the original positions
+    positions = meta.get("positions", "original" if key_start else "compact")
+    if positions not in POSITIONS:
+        raise GistError(f"{path} has positions {positions!r}: known are {', '.join(POSITIONS)}; the file was altered")
+    if version >= 2 and meta["prefix_start"] != str(key_start - num_prompt if key_start and positions == "original"
+                                                    else 0):
+        raise GistError(f"{path} has prefix_start {meta['prefix_start']}, which does not fit key_start {key_start}, "
+                        f"num_prompt_tokens {num_prompt} and positions {positions!r}: the file was altered; "
+                        f"compress the prompt again")
     start = num_prompt if version == 1 else key_start  # where the keys sit
     if offset != start + num_gist:
         raise GistError(f"{path} has input_position {offset} != {'num_prompt_tokens' if version == 1 else 'key_start'} "
@@ -358,5 +372,5 @@ def read_cache_file(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VER
                       prompt_sha256=meta["prompt_sha256"], template=meta["template"],
                       base_fingerprint=meta["base_fingerprint"], run_fingerprint=meta["run_fingerprint"],
                       prompt_preview=meta.get("prompt_preview", ""), created=meta.get("created", ""),
-                      mask=meta.get("mask", "paper"), key_start=key_start)
+                      mask=meta.get("mask", "paper"), key_start=key_start, positions=positions)
     return cache, version

@@ -92,7 +92,7 @@ def compress(model: GistModel, instructions: str | list[str], *, batch_size: int
                   num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
                   base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
                   prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask,
-                  key_start=model.num_prefix_tokens)
+                  key_start=model.num_prefix_tokens, positions=model.positions)
         for text, ids, kv in zip(texts, prompt_ids, kvs)
     ]
     return caches[0] if single else caches

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from gistcache.errors import GistError
-from gistcache.masks import check_condition, check_mask
+from gistcache.masks import check_condition, check_mask, check_positions
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
@@ -48,6 +48,9 @@ class GistConfig:
     num_gist_tokens: int = 1
     condition: str = "gist"
     mask: str = "prefix"  # "paper": tokens after the gist see nothing before it; "prefix": they also see the template's fixed prefix
+    # prefix mask: "compact" = the input continues right after prefix + gist (a cache is a plain F+N prefix);
+    # "original" = the full prompt's positions (a cache uses P+N positions of the context); see masks.py
+    positions: str = "compact"
     template: str = "auto"
     tune: str = "lora"
     lora_r: int = 16
@@ -62,6 +65,9 @@ class GistConfig:
             raise GistError(f"--num-gist must be a whole number >= 1, got {self.num_gist_tokens!r}")
         check_condition(self.condition)
         check_mask(self.mask)
+        check_positions(self.positions)
+        if self.mask == "paper":
+            self.positions = "compact"  # no prefix: both layouts are the same
         if self.template not in TEMPLATES:
             raise GistError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
         if self.tune not in TUNE_MODES:
@@ -80,5 +86,6 @@ class GistConfig:
         unknown = set(data) - known
         if unknown:
             raise GistError(f"config has unknown gist fields {sorted(unknown)}: was it written by a newer gistcache?")
-        # runs written before the mask variants existed were trained with the paper's mask
-        return cls(**{"mask": "paper", **data})
+        # runs written before the mask variants existed were trained with the paper's mask, and
+        # prefix-mask runs written before the position layouts existed in the original positions
+        return cls(**{"mask": "paper", "positions": "original", **data})

@@ -27,6 +27,7 @@ class ModelIdentity:
     run_fingerprint: str
     template: str
     mask: str
+    positions: str = "compact"
 
 
 def model_identity(model: GistModel) -> ModelIdentity:
@@ -44,7 +45,8 @@ def model_identity(model: GistModel) -> ModelIdentity:
         h.update(str(model.num_gist_tokens).encode())
         h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
         run = h.hexdigest()
-    return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask)
+    return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask,
+                         positions=model.positions)
 
 
 def model_kv_shape(model: GistModel) -> tuple[int, int, int]:
@@ -68,6 +70,9 @@ def check_identity(cache: GistCache, identity: ModelIdentity, num_gist_tokens: i
     if cache.mask != identity.mask:
         raise GistError(f"{source} was made by a run trained with the {cache.mask!r} mask, this run was trained with "
                         f"the {identity.mask!r} mask: {FIX}")
+    if cache.positions != identity.positions:
+        raise GistError(f"{source} was made by a run trained in the {cache.positions!r} positions, this run was "
+                        f"trained in the {identity.positions!r} positions: {FIX}")
     if cache.run_fingerprint != identity.run_fingerprint:
         raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
                         f"!= {identity.run_fingerprint[:12]} of this run): {FIX}")

@@ -38,6 +38,18 @@ Two mask variants say what "the prompt" is (`MASKS`, recorded in a run's config)
     d  1 0 0 1 1 0                   1 0 0 0 1 0
     e  1 0 0 1 1 1                   1 0 0 0 1 1
 
+Under the prefix mask, two position layouts say where the tokens after the gist find the prefix
+(`POSITIONS`, recorded in a run's config; the paper's mask has no prefix, so they coincide):
+
+- `compact` (default): the tokens after the gist see the prefix and the gist as if the instruction
+  had never been there: prefix at 0..F-1, gist at F..F+N-1, input from F+N. Then a cache is a plain
+  prefix of F+N positions and the instruction's length never counts against the context. One
+  sequence cannot give the prefix two positions, so this forward runs in two passes
+  (`gistcache.compact`): prefix + instruction + gist causally, then the rest after the prefix's and
+  the gist's keys/values, the gist keys turned from P.. to F.. (what a cache does).
+- `original`: one masked forward over the whole prompt: the input at P+N reads the prefix P+N
+  positions back, so a cache keeps the prefix at F-P and uses P+N positions of the context.
+
 Padding (left or right) is never attended to; a padding query attends to itself only, so no
 softmax row is empty.
 """
@@ -50,6 +62,7 @@ from gistcache.errors import GistError
 
 CONDITIONS = ("gist", "pos_control", "neg_control")
 MASKS = ("paper", "prefix")
+POSITIONS = ("compact", "original")
 
 
 def check_condition(condition: str) -> str:
@@ -62,6 +75,12 @@ def check_mask(mask: str) -> str:
     if mask not in MASKS:
         raise GistError(f"unknown --mask {mask!r}: use one of {', '.join(MASKS)}")
     return mask
+
+
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise GistError(f"unknown --positions {positions!r}: use one of {', '.join(POSITIONS)}")
+    return positions
 
 
 def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

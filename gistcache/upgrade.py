@@ -52,12 +52,14 @@ def upgrade_caches(paths: list[str | Path], run_dir: str | Path | None = None) -
     tokenizer = load_run_tokenizer(run_dir)
     template = resolve_template(tokenizer, gist.template)
     identity = ModelIdentity(base_fingerprint=data["base_fingerprint"], run_fingerprint=run_fingerprint(run_dir),
-                             template=template, mask=gist.mask)
+                             template=template, mask=gist.mask, positions=gist.positions)
     key_start = len(visible_prefix_ids(tokenizer, template, gist.mask))
     inv_freq = config_inv_freq(load_base_config(gist.model))  # refuses rotary scaling that is not shift-invariant
     plans: list[tuple[Upgrade, GistCache | None]] = []
     for path in map(Path, paths):
         cache, version = read_cache_file(path, versions=(1, FORMAT_VERSION))
+        if version == 1:
+            cache = replace(cache, positions=gist.positions)  # version 1 files predate the position layouts
         check_identity(cache, identity, gist.num_gist_tokens, source=f"cache {path}")
         if version == FORMAT_VERSION:
             plans.append((Upgrade(path, False, cache.key_start, cache.key_start), None))

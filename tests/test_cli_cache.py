@@ -59,7 +59,7 @@ def test_compress_then_hit(runs, tmp_path):
     assert first["store"] == "compressed" and first["gist_tokens"] == 2
     # position-free: the input follows the run's fixed prefix (6 tokens, prefix mask) and the 2 gist tokens
     assert first["key_start"] == 6 and first["input_position"] == 6 + 2
-    assert first["context_used"] == first["prompt_tokens"] + 2  # the input reads the prefix at its trained distance
+    assert first["context_used"] == 6 + 2  # compact positions: the cache is a plain prefix, the prompt uses no context
     assert first["full_prompt_kv_bytes"] == (first["prompt_tokens"] + 2) * 2 * 2 * 2 * 8 * 4
     second = ok_json(invoke("compress", PROMPT, "--run", runs["run"], "--store", store, "--json"))
     assert second["store"] == "hit" and second["key"] == first["key"]

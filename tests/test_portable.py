@@ -64,7 +64,7 @@ def test_config_frequencies_are_the_model_frequencies(rope):
 
 # --- the cache is a plain prefix --------------------------------------------------------------------
 
-@pytest.mark.parametrize("mask", ["paper", "prefix"])
+@pytest.mark.parametrize("mask", ["paper", "prefix", "prefix-original"])
 def test_stock_forward_over_the_cache_equals_masked_forward(arch, mask):
     """The stock model over to_dynamic_cache(model), with no position ids, gives the masked forward's logits (1e-4)."""
     model = make_prefix_model(arch, 2, mask=mask)
@@ -74,7 +74,7 @@ def test_stock_forward_over_the_cache_equals_masked_forward(arch, mask):
                                    atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("mask", ["paper", "prefix"])
+@pytest.mark.parametrize("mask", ["paper", "prefix", "prefix-original"])
 def test_a_wrongly_moved_cache_fails(arch, mask):
     """Teeth: gist keys 1 or 3 positions off or left at the prompt's P, or (prefix mask) the prefix left at 0..F-1,
     fail the 1e-4 comparison (the right cache is within 1e-6; a tiny random model reads positions weakly)."""
@@ -85,10 +85,13 @@ def test_a_wrongly_moved_cache_fails(arch, mask):
         assert (stock_logits(model, cache, text) - want).abs().max() < 1e-6
         for by in (1, -3, cache.num_prompt_tokens - cache.key_start):
             assert (stock_logits(model, moved(cache, inv_freq, by), text) - want).abs().max() > 1e-4, by
-        if mask == "prefix":  # the prefix keys where prefix_kv() computed them, not at this cache's prefix_start
-            unturned = GistCache(**{**vars(cache), "num_prompt_tokens": cache.key_start})
-            assert unturned.prefix_start == 0 and cache.prefix_start < 0
-            assert (stock_logits(model, cache, text, unturned.to_dynamic_cache(model)) - want).abs().max() > 1e-4
+        if mask != "paper":  # the prefix keys at the other layout's positions: 0..F-1 <-> F-P..
+            other = "compact" if cache.positions == "original" else "original"
+            model.positions, wrong = other, GistCache(**{**vars(cache), "positions": other})
+            assert wrong.prefix_start != cache.prefix_start
+            past = wrong.to_dynamic_cache(model)
+            model.positions = cache.positions
+            assert (stock_logits(model, cache, text, past) - want).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("rope", ["linear", "llama3", "yarn"])
@@ -116,7 +119,7 @@ def test_rotary_that_is_not_shift_invariant_is_refused(rope):
         config_inv_freq(model.config)
 
 
-@pytest.mark.parametrize("mask", ["paper", "prefix"])
+@pytest.mark.parametrize("mask", ["paper", "prefix", "prefix-original"])
 def test_stock_generate_equals_gist_generate(arch, mask):
     """The README's snippet: model.generate over input_ids() + ids and to_dynamic_cache(model), no position ids,
     gives the tokens of `generate` and of the masked definition."""
@@ -151,7 +154,8 @@ def test_dynamic_cache_from_a_config():
 
 
 def test_a_long_instruction_leaves_the_context_to_the_input():
-    """Paper mask: a 330-token instruction no longer counts against the 512 positions; prefix mask: it still does."""
+    """Paper mask and compact prefix mask: a 330-token instruction no longer counts against the 512 positions;
+    the prefix mask in the original positions: it still does."""
     instruction, text = "Reverse the word. " * 18, "y" * 300  # ~330 and ~300 tokens (bytes)
     paper = make_prefix_model("llama", 2, mask="paper")
     cache = compress(paper, instruction)
@@ -159,11 +163,15 @@ def test_a_long_instruction_leaves_the_context_to_the_input():
     assert len(generate_ids(paper, cache, text, max_new_tokens=20, min_new_tokens=20)[0]) == 20
     with pytest.raises(GistError, match="over the model's context of 512"):
         generate_masked_ids(paper, instruction, text, max_new_tokens=20)  # the definition needs P + N + L positions
-    prefix = make_prefix_model("llama", 2, mask="prefix")
-    cache = compress(prefix, instruction)
+    compact = make_prefix_model("llama", 2, mask="prefix")
+    cache = compress(compact, instruction)
+    assert cache.context_used == compact.num_prefix_tokens + 2 and cache.prefix_start == 0
+    assert len(generate_ids(compact, cache, text, max_new_tokens=20, min_new_tokens=20)[0]) == 20
+    original = make_prefix_model("llama", 2, mask="prefix-original")
+    cache = compress(original, instruction)
     assert cache.context_used == cache.num_prompt_tokens + 2
     with pytest.raises(GistError, match="over the model's context of 512"):
-        generate(prefix, cache, text, max_new_tokens=20)
+        generate(original, cache, text, max_new_tokens=20)
 
 
 # --- decoding starts from the model's generation_config ---------------------------------------------

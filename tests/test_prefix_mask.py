@@ -19,9 +19,14 @@ INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppe
 INPUTS = ["stone", "41", "abc de fgh ijk"]
 
 
-def make_prefix_model(arch="llama", num_gist=2, mask="prefix", attn_implementation="sdpa", template="auto"):
+def make_prefix_model(arch="llama", num_gist=2, mask="prefix", attn_implementation="sdpa", template="auto",
+                      positions="compact"):
+    """A tiny GistModel with a random gist embedding; mask "prefix-original" is the prefix mask in the original
+    positions (one masked forward), "prefix" the compact ones (two passes)."""
+    if mask == "prefix-original":
+        mask, positions = "prefix", "original"
     gm = GistModel(tiny.make_model(arch, attn_implementation=attn_implementation), tiny.make_tokenizer(), num_gist,
-                   mask=mask, template=template)
+                   mask=mask, template=template, positions=positions)
     torch.manual_seed(100)
     with torch.no_grad():
         gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
@@ -104,6 +109,17 @@ def test_prefix_cache_equals_masked_forward(arch, num_gist, attn_impl):
     """3 left-padded rows over prefix KV + gist KV give the prefix-masked forward's logits (1e-4, fp32)."""
     model = make_prefix_model(arch, num_gist, attn_implementation=attn_impl)
     caches = compress(model, INSTRUCTIONS)
+    got = cache_logits(model, caches, INPUTS)
+    for b, (instruction, text) in enumerate(zip(INSTRUCTIONS, INPUTS)):
+        torch.testing.assert_close(got[b], masked_logits(model, instruction, text), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_gist", [1, 3])
+def test_original_positions_cache_equals_masked_forward(arch, num_gist):
+    """The original positions (prefix P+N back, one masked forward): 3 left-padded rows over the cache = it (1e-4)."""
+    model = make_prefix_model(arch, num_gist, mask="prefix-original")
+    caches = compress(model, INSTRUCTIONS)
+    assert all(c.prefix_start == c.key_start - c.num_prompt_tokens < 0 for c in caches)
     got = cache_logits(model, caches, INPUTS)
     for b, (instruction, text) in enumerate(zip(INSTRUCTIONS, INPUTS)):
         torch.testing.assert_close(got[b], masked_logits(model, instruction, text), atol=1e-4, rtol=0)

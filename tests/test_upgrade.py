@@ -61,16 +61,18 @@ def invoke(*args):
 
 
 def test_version_2_metadata_says_where_the_keys_start(runs, tmp_path):
-    """format_version 2, position_free, key_start (the run's fixed prefix) and prefix_start = key_start - P."""
+    """format_version 2, position_free, key_start (the run's fixed prefix), positions and prefix_start (0 in the
+    compact positions of a new run)."""
     model = load_run(runs["prefix"])
     cache = compress(model, PROMPT)
     meta = read_cache_metadata(save_cache(cache, tmp_path / "c.safetensors"))
     P, F = cache.num_prompt_tokens, model.num_prefix_tokens
     assert F == 6 and meta["format_version"] == "2" and meta["position_free"] == "true"
-    assert (meta["key_start"], meta["prefix_start"], meta["input_position"]) == (str(F), str(F - P), str(F + 2))
-    meta["prefix_start"] = "0"
+    assert (meta["key_start"], meta["prefix_start"], meta["input_position"], meta["positions"]) == (
+        str(F), "0", str(F + 2), "compact")
+    meta["prefix_start"] = str(F - P)
     save_file(cache.tensors(), str(tmp_path / "altered.safetensors"), metadata=meta)
-    with pytest.raises(GistError, match="prefix_start 0 != key_start 6 - num_prompt_tokens"):
+    with pytest.raises(GistError, match=f"prefix_start {F - P}, which does not fit key_start 6"):
         load_cache(tmp_path / "altered.safetensors")
 
 

@@ -36,6 +36,7 @@ class TrainConfig:
     num_gist_tokens: int = GistConfig.num_gist_tokens
     condition: str = GistConfig.condition
     mask: str | None = None  # None: "prefix" for the gist condition, "paper" for the controls (where it means nothing more)
+    positions: str = GistConfig.positions  # prefix mask: "compact" (a cache is a plain F+N prefix) or "original"
     template: str = GistConfig.template
     tune: str = GistConfig.tune
     lora_r: int = GistConfig.lora_r
@@ -75,7 +76,7 @@ class TrainConfig:
                 setattr(self, name, PRESETS[self.preset][name])
         if self.mask is None:
             self.mask = GistConfig.mask if self.condition == "gist" else "paper"
-        self.gist_config()  # checks num_gist_tokens, condition, mask, template, tune
+        self.positions = self.gist_config().positions  # checks num_gist_tokens, condition, mask, template, tune
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise GistError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -118,7 +119,7 @@ class TrainConfig:
 
     def gist_config(self) -> GistConfig:
         return GistConfig(model=self.model, num_gist_tokens=self.num_gist_tokens, condition=self.condition,
-                          mask=self.mask, template=self.template, tune=self.tune, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+                          mask=self.mask, positions=self.positions, template=self.template, tune=self.tune, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,122 @@
+"""The forward of a prefix-mask run in the `compact` positions: two passes, computed as a cache is.
+
+In the compact layout (masks.py) the tokens after the gist read the run's fixed prefix (F tokens)
+at positions 0..F-1 and the gist at F..F+N-1, as if the instruction had never been there; the gist
+tokens themselves read the prefix and the instruction where they are. One sequence cannot hold
+the prefix at two distances at once, so the forward is what compress + generate do, with
+gradients flowing through both passes::
+
+    pass 1   prefix 0..F-1   instruction F..P-1   gist P..P+N-1     causal: the gist reads everything
+    kept     prefix keys/values                   gist keys/values, the keys turned from P.. to F..
+    pass 2   input (and answer) from F+N, reading the F+N kept slots and each other (causal)
+
+The batch is left-padded (B, T), as everywhere. Row b's gist ends at column end[b]: pass 1 takes
+its columns first[b]..end[b]-1, left-padded again; pass 2 takes the columns from end[b], which end
+at T in every row, so its outputs stay in the input's last columns. The logits come back in the
+input's columns: pass 2's after the gist, pass 1's up to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gistcache.errors import GistError
+from gistcache.masks import find_gist_spans, make_position_ids, to_additive_mask
+from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
+from gistcache.rotary import model_inv_freq, move_keys
+
+
+def _stock_model(model: GistModel):
+    """The transformers model under a peft wrapper, whose forward names the cache argument."""
+    inner = model.model
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _causal(query_real: torch.Tensor, key_real: torch.Tensor, num_cached: int) -> torch.Tensor:
+    """(B, C, num_cached + C) boolean: every query sees the cached slots and the real keys up to itself;
+    a padding query sees only itself (and the cache), so no softmax row is empty."""
+    B, C = query_real.shape
+    q = torch.arange(C, device=query_real.device).view(1, C, 1)
+    k = torch.arange(C, device=query_real.device).view(1, 1, C)
+    own = (k <= q) & key_real.view(B, 1, C)
+    own = torch.where(query_real.view(B, C, 1), own, (k == q).expand(B, C, C))
+    cached = torch.ones(B, C, num_cached, dtype=torch.bool, device=query_real.device)
+    return torch.cat([cached, own], dim=2)
+
+
+def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs):
+    """Logits (B, T or logits_to_keep, V) of the gist condition in the compact positions; see the module."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # deferred: transformers is slow to import
+
+    if kwargs.pop("output_attentions", False):
+        raise GistError("attention maps are drawn from the one-pass masked forward: a run in the compact positions "
+                        "computes in two passes; draw them for a run trained with --positions original")
+    kwargs.pop("use_cache", None)  # after the gist the cache holds only the kept slots: none is returned
+    B, T = input_ids.shape
+    F, N = model.num_prefix_tokens, model.num_gist_tokens
+    device = input_ids.device
+    real = attention_mask.bool()
+    first = real.long().argmax(dim=1)  # (B,) left padding
+    start, end = find_gist_spans(input_ids, model.gist_token_id)
+    if bool((first + F > start).any()):
+        row = int((first + F > start).nonzero()[0])
+        raise GistError(f"row {row}: the fixed prefix of {F} tokens reaches into the gist tokens: the prompt must "
+                        f"hold the template's prefix and then the instruction")
+    dtype = model.embed(input_ids[:1, :1]).dtype
+
+    # pass 1: prefix + instruction + gist, causal, each row left-padded to E columns
+    length = end - first  # (B,) P + N
+    E = int(length.max())
+    source = end.view(B, 1) - E + torch.arange(E, device=device).view(1, E)  # (B, E): input column of each
+    real1 = source >= first.view(B, 1)
+    ids1 = torch.where(real1, input_ids.gather(1, source.clamp(min=0)), torch.zeros_like(source))
+    C = T - int(end.min())  # columns after the earliest gist end: pass 2's width
+    both = not logits_to_keep or logits_to_keep > C  # are logits of pass 1's columns asked for?
+    out1 = model.model(inputs_embeds=model.embed(ids1), attention_mask=to_additive_mask(_causal(real1, real1, 0), dtype),
+                       position_ids=make_position_ids(real1.long()), use_cache=True, logits_to_keep=0 if both else 1)
+    if C == 0:  # no row has tokens after its gist: pass 1 was the whole forward, cache included (compress)
+        if labels is not None:
+            out1.loss = _loss(out1.logits, labels)
+        return out1
+    prefix_cols = (E - length).view(B, 1) + torch.arange(F, device=device).view(1, F)  # (B, F)
+    inv_freq = model_inv_freq(_stock_model(model))
+    kept = []
+    for keys, values in cache_layers(returned_cache(out1)):  # each (B, kv_heads, E, head_dim)
+        index = prefix_cols.view(B, 1, F, 1).expand(-1, keys.shape[1], -1, keys.shape[3])
+        gist_keys = move_keys(keys[:, :, E - N:], inv_freq, length - N, inv_freq, F)  # from P.. to F..
+        kept.append((torch.cat([keys.gather(2, index), gist_keys], dim=2),
+                     torch.cat([values.gather(2, index), values[:, :, E - N:]], dim=2)))
+
+    # pass 2: everything after the gist, from position F+N, reading the kept slots
+    from transformers import DynamicCache  # deferred: transformers is slow to import
+
+    columns = torch.arange(T - C, T, device=device).view(1, C)
+    real2 = real[:, T - C:] & (columns >= end.view(B, 1))  # (B, C)
+    out2 = model.model(inputs_embeds=model.embed(input_ids[:, T - C:]),
+                       attention_mask=to_additive_mask(_causal(real2, real2, F + N), dtype),
+                       position_ids=make_position_ids(real2.long(), F + N), logits_to_keep=0 if both else logits_to_keep,
+                       **{cache_kwarg(_stock_model(model)): DynamicCache(ddp_cache_data=kept, config=model.config)},
+                       use_cache=False, **kwargs)
+    logits = _columns_of_input(out1.logits, out2.logits, end, T) if both else out2.logits
+    if logits_to_keep and logits.shape[1] > logits_to_keep:
+        logits = logits[:, -logits_to_keep:]
+    return CausalLMOutputWithPast(loss=None if labels is None else _loss(logits, labels), logits=logits)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `logits` (the last columns of the input) against `labels` (B, T)."""
+    shifted = labels[:, -logits.shape[1]:][:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             shifted.reshape(-1), ignore_index=-100)
+
+
+def _columns_of_input(logits1: torch.Tensor, logits2: torch.Tensor, end: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T, V): column j of row b from pass 2 when j >= end[b], else from pass 1 (whose column j - end[b] + E
+    it is). Padding columns take whatever lands there; nothing reads them."""
+    B, E, V = logits1.shape
+    C = logits2.shape[1]
+    j = torch.arange(T, device=end.device).view(1, T)
+    from1 = logits1.gather(1, (j - end.view(B, 1) + E).clamp(0, E - 1).unsqueeze(-1).expand(-1, -1, V))
+    from2 = torch.cat([logits2.new_zeros(B, T - C, V), logits2], dim=1)
+    return torch.where((j >= end.view(B, 1)).unsqueeze(-1), from2, from1)
