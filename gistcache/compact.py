@@ -113,10 +113,12 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _columns_of_input(logits1: torch.Tensor, logits2: torch.Tensor, end: torch.Tensor, T: int) -> torch.Tensor:
     """(B, T, V): column j of row b from pass 2 when j >= end[b], else from pass 1 (whose column j - end[b] + E
-    it is). Padding columns take whatever lands there; nothing reads them."""
+    it is). Padding columns stay zero; nothing reads them. Row slices are plain copies (no index of B*T*V)."""
     B, E, V = logits1.shape
     C = logits2.shape[1]
-    j = torch.arange(T, device=end.device).view(1, T)
-    from1 = logits1.gather(1, (j - end.view(B, 1) + E).clamp(0, E - 1).unsqueeze(-1).expand(-1, -1, V))
-    from2 = torch.cat([logits2.new_zeros(B, T - C, V), logits2], dim=1)
-    return torch.where((j >= end.view(B, 1)).unsqueeze(-1), from2, from1)
+    out = logits2.new_zeros(B, T, V)
+    for b, e in enumerate(end.tolist()):
+        out[b, e:] = logits2[b, C - (T - e):]
+        n = min(e, E)  # pass 1 holds row b's last n columns before its gist ends
+        out[b, e - n:e] = logits1[b, E - n:]
+    return out
