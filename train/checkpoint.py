@@ -1,54 +1,297 @@
 """The run folder while training: whether `--out` may be written, and the checkpoints that `--resume` reads.
 
     OUT/checkpoints/step-N/   gist_embedding.safetensors (+ the adapter or full weights),
-                              optimizer.safetensors, state.json (step, scheduler, curves)
+                              optimizer.safetensors, rng.safetensors (every process's generators),
+                              state.json (step, scheduler, curves, data position, the run's config,
+                              and the SHA-256 of every other file of the folder)
 
-Safetensors and JSON only (the optimizer state too); each checkpoint folder is written atomically.
+Safetensors and JSON only (the optimizer and RNG states too: nothing is ever unpickled); each
+checkpoint folder is written atomically (`.step-N.tmp-PID`, then renamed). A kill can leave such a
+temporary folder: the next run in OUT removes it. `--resume` takes the newest checkpoint whose
+files match their hashes, skipping damaged ones, and refuses a command line that describes another
+run than the checkpoint's (`resume_differences`).
+
+A resumed run ends bit-identical to the uninterrupted one (same device, same number of
+processes): the weights, the optimizer and scheduler, Python's, numpy's and torch's random
+generators (CPU, and every CUDA device) of each process, and the place in the data order
+(epoch, batches done) are all restored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gistcache._io import atomic_path
+from gistcache._io import atomic_path, hash_files
 from gistcache.errors import GistError
 from gistcache.model import GistModel
-from gistcache.run import ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_FILE, GIST_FILE, save_run_weights
+from gistcache.run import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_FILE, GIST_FILE,
+                           MODEL_CARD_FILE, TOKENIZER_DIR, read_run_config, save_run_weights)
 from gistcache.train.config import TrainConfig
 from gistcache.train.tuning import trainable_parameters
 
 log = logging.getLogger("gistcache.train")
 
+CHECKPOINT_FORMAT = 2
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+# TrainConfig fields `--resume` accepts with another value than the checkpoint's: how long to train
+# (the schedule's end moves with them: the learning rate from the resumed step on follows the new
+# length), how often to checkpoint, and how the same computation is run (precision, attention kernel;
+# exactness then holds no more, the run's meaning does). Every other field, a field added later
+# included, must match: it changes the rows, their order, the model or the optimisation.
+RESUME_SAFE_FIELDS = ("max_steps", "epochs", "save_every", "mixed_precision", "attn_implementation")
+# how this command runs, not what the run is (the preset's effect is in the size fields it fills)
+_COMMAND_FIELDS = ("out", "resume", "overwrite", "preset")
+_PATH_FIELDS = ("data", "eval_data", "exclude_data")
+_FLAGS = {"num_gist_tokens": "--num-gist", "exclude_data": "--exclude", "attn_implementation": "--attn"}
+_STEP_DIR = re.compile(r"step-(\d+)")
+# what a finished run writes over: a folder holding one of them and no run is refused
+_RUN_NAMES = (CONFIG_FILE, GIST_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, FULL_FILE, TOKENIZER_DIR, MODEL_CARD_FILE)
+_TEMP = re.compile(r"\..+\.tmp-\d+|\.save-.+")  # atomic_path's and save_run_weights' temporary names
+
+
+def flag_name(field_name: str) -> str:
+    """The `gist train` flag that sets a TrainConfig field."""
+    return _FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
 
 def check_out_dir(config: TrainConfig) -> Path:
-    """Refuse an output folder that holds another run, unless --overwrite or --resume."""
+    """Refuse an output folder that is a file, holds another run (unless --overwrite or --resume), or holds
+    files a run would replace without being a run (even with --overwrite, which replaces only a complete run
+    or a killed run's checkpoints). Writes nothing."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise GistError(f"--out {out} is a file: give a folder for the run")
-    holds_run = (out / CONFIG_FILE).is_file() or (out / CHECKPOINTS_DIR).is_dir()
     if config.resume:
-        if not (out / CHECKPOINTS_DIR).is_dir() or latest_checkpoint(out) is None:
+        if not list_checkpoints(out):
             raise GistError(f"--resume: {out} has no checkpoint to continue from (train with --save-every N)")
-    elif holds_run and not config.overwrite:
+        return out
+    if not out.is_dir():
+        return out
+    if not _holds_checkpoints(out):
+        raise GistError(f"{out / CHECKPOINTS_DIR} holds files that `gist train` did not write: give another --out")
+    if (out / CONFIG_FILE).exists():
+        if (problem := run_problem(out)) is not None:
+            raise GistError(f"{out} is not a complete gist run ({problem}): --overwrite replaces only a folder written "
+                            f"by `gist train`, so give another --out")
+    elif not (out / CHECKPOINTS_DIR).exists():
+        if found := [name for name in _RUN_NAMES if (out / name).exists()]:
+            raise GistError(f"{out} holds {', '.join(found)} but no gist run: training would replace them, so give "
+                            f"another --out")
+        return out
+    if not config.overwrite:
         raise GistError(f"{out} holds another run: pass --overwrite to replace it, or --resume to continue it")
     return out
 
 
+def run_problem(out: Path) -> str | None:
+    """Why `out` is not a complete run folder (its config, weights and tokenizer), or None."""
+    try:
+        data = read_run_config(out)
+    except GistError as exc:
+        return str(exc)
+    gist = data["gist"] if isinstance(data["gist"], dict) else {}
+    needed = [GIST_FILE, {"lora": ADAPTER_FILE, "full": FULL_FILE}.get(gist.get("tune"))]
+    missing = [name for name in needed if name and not (out / name).is_file()]
+    if not (out / TOKENIZER_DIR).is_dir():
+        missing.append(f"{TOKENIZER_DIR}/")
+    return f"no {', '.join(missing)}" if missing else None
+
+
+def _holds_checkpoints(out: Path) -> bool:
+    """True when OUT/checkpoints is absent or holds only step-N folders and temporary ones."""
+    folder = out / CHECKPOINTS_DIR
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    return all((_STEP_DIR.fullmatch(p.name) and p.is_dir()) or _TEMP.fullmatch(p.name) for p in folder.iterdir())
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """The step-N folders of OUT/checkpoints that have a state.json, newest first."""
+    folder = out / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    steps = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    steps = []
-    for path in (out / CHECKPOINTS_DIR).glob("step-*"):
-        if (path / "state.json").is_file() and path.name[5:].isdigit():
-            steps.append((int(path.name[5:]), path))
-    return max(steps)[1] if steps else None
+    checkpoints = list_checkpoints(out)
+    return checkpoints[0] if checkpoints else None
+
+
+def remove_stale_temps(out: Path) -> list[str]:
+    """Delete the temporary files and folders a killed run left in OUT and OUT/checkpoints; return their names.
+
+    Call it only when this run owns OUT (its checks passed): two runs writing one folder are not supported.
+    """
+    removed = []
+    for folder in (out, out / CHECKPOINTS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _TEMP.fullmatch(path.name) and not path.is_symlink():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed.append(str(path.relative_to(out)))
+    return removed
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint `--resume` continues from, its state.json, and the newer ones it skipped as damaged."""
+
+    path: Path
+    state: dict
+    skipped: list[str] = field(default_factory=list)
+
+    def check(self, *, rows_fingerprint: str, processes: int, base_fingerprint: str) -> None:
+        """Refuse to continue on other rows, another number of processes, or other base weights."""
+        data = self.state.get("data", {})
+        if data.get("rows_fingerprint", rows_fingerprint) != rows_fingerprint:
+            raise GistError(f"--resume: the training rows differ from those of {self.path} (a data file changed?): "
+                            f"resume with the data the run was started on")
+        if data.get("processes", processes) != processes:
+            raise GistError(f"--resume: {self.path} was written by {data['processes']} processes, this run has "
+                            f"{processes}: resume with `accelerate launch --num_processes {data['processes']}`")
+        if self.state.get("base_fingerprint", base_fingerprint) != base_fingerprint:
+            raise GistError(f"--resume: the base model is not the one {self.path} was trained from (fingerprint "
+                            f"{base_fingerprint[:12]} != {self.state['base_fingerprint'][:12]})")
+
+
+def find_resume_point(out: Path, config: TrainConfig) -> ResumePoint:
+    """The newest intact checkpoint of `out`, after checking that `config` describes its run. Writes nothing."""
+    skipped = []
+    for path in list_checkpoints(out):
+        problem, state = checkpoint_problem(path)
+        if problem is None:
+            break
+        skipped.append(f"{path.name} ({problem})")
+    else:
+        raise GistError(f"--resume: no intact checkpoint in {out / CHECKPOINTS_DIR}: {'; '.join(skipped)}")
+    for note in skipped:
+        log.warning("checkpoint %s is damaged: resuming from %s", note, path.name)
+    if "run_config" in state:
+        differences = resume_differences(config, state["run_config"])
+        if differences:
+            safe = ", ".join(flag_name(name) for name in RESUME_SAFE_FIELDS)
+            raise GistError(f"--resume: the command line describes another run than {path}: {'; '.join(differences)}; "
+                            f"repeat the run's own flags (only {safe} may change)")
+    return ResumePoint(path, state, skipped)
+
+
+def checkpoint_problem(path: Path) -> tuple[str | None, dict]:
+    """(why the checkpoint at `path` cannot be used, or None; its state.json)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{STATE_FILE} unreadable: {type(exc).__name__}", {}
+    if not isinstance(state, dict) or not {"step", "scheduler", "num_params", "loss_curve"} <= set(state):
+        return f"{STATE_FILE} lacks the step, scheduler or curves", {}
+    files = state.get("files")
+    if not isinstance(files, dict):  # a checkpoint from before the hashes: only its files' presence is checked
+        needed = [GIST_FILE, OPTIMIZER_FILE]
+        missing = [name for name in needed if not (path / name).is_file()]
+        return (f"no {', '.join(missing)}" if missing else None), state
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing", state
+        if hash_files([path / name]) != digest:
+            return f"{name} does not match its hash", state
+    return None, state
+
+
+def resume_differences(config: TrainConfig, saved: dict) -> list[str]:
+    """'--flag NEW (checkpoint: OLD)' for each TrainConfig field that differs from the saved run config,
+    except RESUME_SAFE_FIELDS. Fields are read from the dataclass, so a new field is compared too; a field
+    the checkpoint predates is compared with its default."""
+    current = comparable_config(config)
+    differences = []
+    for f in fields(TrainConfig):
+        if f.name in RESUME_SAFE_FIELDS or f.name in _COMMAND_FIELDS:
+            continue
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        old = saved.get(f.name, default)
+        if current[f.name] != old:
+            differences.append(f"{flag_name(f.name)} {_show(current[f.name])} (checkpoint: {_show(old)})")
+    return differences
+
+
+def comparable_config(config: TrainConfig) -> dict:
+    """The config as a checkpoint records it: file paths made absolute (a model too, when it is a path)."""
+    data = config.to_dict()
+    for name in _PATH_FIELDS:
+        data[name] = [os.path.abspath(p) for p in data[name]]
+    if Path(data["model"]).exists():
+        data["model"] = os.path.abspath(data["model"])
+    return data
+
+
+def _show(value) -> str:
+    if isinstance(value, str):
+        return value
+    return "unset" if value is None else json.dumps(value)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random generators as tensors: Python's, numpy's, torch's CPU one and each CUDA device's."""
+    import numpy as np  # deferred with the rest of training's imports
+
+    _, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python_mt": torch.tensor(mt, dtype=torch.int64),  # 625 words of 32 bits
+        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, 16)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Put back what `rng_state` returned (one process's row of a checkpoint's rng.safetensors)."""
+    import numpy as np
+
+    gauss = float(state["python_gauss"][0])
+    random.setstate((3, tuple(int(v) for v in state["python_mt"]), None if math.isnan(gauss) else gauss))
+    pos, has_gauss = (int(v) for v in state["numpy_pos"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"][0])))
+    torch.set_rng_state(state["torch_cpu"].cpu())
+    if "torch_cuda" in state and torch.cuda.is_available():
+        for device, value in enumerate(state["torch_cuda"].cpu()[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(value, device)
+
+
+def gather_rng_state(accelerator) -> dict[str, torch.Tensor]:
+    """Every process's `rng_state`, stacked: {name: (processes, ...)}. A collective: call it on every process."""
+    state = rng_state()
+    return {name: accelerator.gather(value.unsqueeze(0).to(accelerator.device)).cpu() for name, value in state.items()}
 
 
 def save_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, out: Path, step: int,
-                    state: dict, tune: str) -> None:
+                    state: dict, tune: str, rng: dict[str, torch.Tensor]) -> None:
+    """Write OUT/checkpoints/step-N atomically; state.json, written last, holds every other file's hash."""
     final = out / CHECKPOINTS_DIR / f"step-{step}"
     with atomic_path(final, folder=True) as tmp:
         save_run_weights(model, tmp, tune)
@@ -58,14 +301,49 @@ def save_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, schedule
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
-        save_file(tensors, tmp / "optimizer.safetensors")
-        state = {**state, "step": step, "scheduler": scheduler.state_dict(), "num_params": len(params)}
-        (tmp / "state.json").write_text(json.dumps(state))
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        save_file({name: value.contiguous() for name, value in rng.items()}, tmp / RNG_FILE)
+        files = {path.name: hash_files([path]) for path in sorted(tmp.iterdir()) if path.is_file()}
+        state = {**state, "format": CHECKPOINT_FORMAT, "step": step, "scheduler": scheduler.state_dict(),
+                 "num_params": len(params), "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(state))
     log.info("checkpoint %s", final)
 
 
-def load_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, ckpt: Path, tune: str) -> dict:
-    state = json.loads((ckpt / "state.json").read_text())
+def load_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, ckpt: Path, tune: str,
+                    process_index: int = 0) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Load the weights, optimizer and scheduler of a checkpoint (`model` already on its device).
+
+    Returns its state and this process's random generators (None for a checkpoint from before they
+    were kept); the caller restores those right before the first step it runs.
+    """
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    params = trainable_parameters(model)
+    if state["num_params"] != len(params):
+        raise GistError(f"checkpoint {ckpt} has {state['num_params']} trainable tensors, this run {len(params)}: "
+                        f"resume with the same --tune and model")
+    try:
+        _load_weights(model, ckpt, tune)
+        tensors = load_file(ckpt / OPTIMIZER_FILE)
+        rng = load_file(ckpt / RNG_FILE) if (ckpt / RNG_FILE).is_file() else None
+    except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:
+        raise GistError(f"checkpoint {ckpt} does not fit this run ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})") from exc
+    for name, value in tensors.items():
+        i, key = name.split(".", 1)
+        p = params[int(i)]
+        optimizer.state[p][key] = value.to(p.device) if key != "step" else value
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler does not restore it
+        group["lr"] = lr
+    if rng is not None:
+        rng = {name: value[process_index].clone() for name, value in rng.items()}  # a row of its own storage
+    else:
+        log.warning("checkpoint %s keeps no random generator state: the run continues, not bit-identical", ckpt)
+    return state, rng
+
+
+def _load_weights(model: GistModel, ckpt: Path, tune: str) -> None:
     with torch.no_grad():
         model.gist_embedding.copy_(load_file(ckpt / GIST_FILE)["gist_embedding"])
     if tune == "lora":
@@ -75,16 +353,3 @@ def load_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, schedule
     elif tune == "full":
         model.model.load_state_dict(load_file(ckpt / FULL_FILE), strict=False)
         model.model.tie_weights()
-    params = trainable_parameters(model)
-    if state["num_params"] != len(params):
-        raise GistError(f"checkpoint {ckpt} has {state['num_params']} trainable tensors, this run {len(params)}: "
-                        f"resume with the same --tune and model")
-    tensors = load_file(ckpt / "optimizer.safetensors")
-    for name, value in tensors.items():
-        i, key = name.split(".", 1)
-        p = params[int(i)]
-        optimizer.state[p][key] = value.to(p.device) if key != "step" else value
-    scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the scheduler does not restore it
-        group["lr"] = lr
-    return state

@@ -2,12 +2,19 @@
 
 Rows come from the user's Alpaca-format files or the built-in task set (`gistcache.data`); the
 contamination filter drops training rows whose instruction is held out or excluded. Tokenizing
-is `gistcache.prompts.encode_examples`; `collate` pads a batch on the left.
+is `gistcache.prompts.encode_examples`; `collate` pads a batch on the left. `make_loader` gives
+the DataLoader that `accelerator.prepare` shards over processes: the order of one epoch is a
+pure function of (seed, epoch), so a checkpoint finds its place from the epoch and the batches done.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import partial
+
 import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from gistcache._io import left_pad
 from gistcache.data.alpaca import (Example, builtin_examples, drop_contaminated, load_examples, load_many, shuffled,
@@ -18,7 +25,8 @@ from gistcache.train.config import TrainConfig
 from gistcache.train.distill import check_has_inputs
 
 # Example and load_examples are gistcache.data's; they stay importable from here, where training reads its rows
-__all__ = ["Example", "collate", "load_examples", "prepare_examples"]
+__all__ = ["Example", "ShuffledOrder", "collate", "fingerprint_rows", "load_examples", "make_loader",
+           "prepare_examples"]
 
 
 def prepare_examples(config: TrainConfig) -> tuple[list[Example], list[Example], dict]:
@@ -62,3 +70,44 @@ def collate(batch: list[EncodedExample], pad_token_id: int) -> dict[str, torch.T
     input_ids, attention_mask = left_pad([e.input_ids for e in batch], pad_token_id)
     labels, _ = left_pad([e.labels for e in batch], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def fingerprint_rows(rows: list[Example]) -> str:
+    """SHA-256 of the training rows in their order: a resumed run must read the rows its checkpoint read."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps([row.instruction, row.input, row.output]).encode())
+    return h.hexdigest()
+
+
+class ShuffledOrder(Sampler[int]):
+    """Indices 0..n-1 in the order `shuffled` gives for `seed + epoch` (the order training has always used).
+
+    It draws from no global random generator, so where a run is in its data is (epoch, batches done)
+    and nothing else; `accelerate` calls `set_epoch` through the batch sampler it wraps.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(shuffled(range(self.n), self.seed + self.epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loader(encoded: list[EncodedExample], batch_size: int, seed: int, pad_token_id: int) -> DataLoader:
+    """Batches of `batch_size` consecutive rows of each epoch's order, left-padded (`collate`).
+
+    Under `accelerate launch` with W processes, `accelerator.prepare` gives process r the batches
+    r, r + W, ... of the order, so W processes at batch B and one process at batch B with
+    `--grad-accum W` make each optimizer step from the same rows.
+    """
+    sampler = BatchSampler(ShuffledOrder(len(encoded), seed), batch_size, drop_last=False)
+    # its own generator: the loader's per-epoch seed draw must not move the global torch RNG that dropout uses
+    return DataLoader(encoded, batch_sampler=sampler, collate_fn=partial(collate, pad_token_id=pad_token_id),
+                      generator=torch.Generator())
