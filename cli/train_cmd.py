@@ -11,12 +11,18 @@ from gistcache.cli.common import check_writable_folder, console, friendly_errors
 from gistcache.cli.options import JsonOut
 from gistcache.model import quiet_transformers
 from gistcache.train import loop
+from gistcache.train.checkpoint import saved_run_config
 from gistcache.train.config import TrainConfig
+
+
+# CLI parameters whose TrainConfig field has another name
+FIELD_OF_PARAM = {"num_gist": "num_gist_tokens", "json_out": None, "ctx": None}
 
 
 @friendly_errors
 @quiet_transformers()
 def train(
+    ctx: typer.Context,
     out: Annotated[str, typer.Option("--out", help="Run folder to write.")],
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format JSON/JSONL file (repeatable). Default: the built-in instruction set.")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out file(s): held-out loss, and their instructions are dropped from training.")] = None,
@@ -54,7 +60,7 @@ def train(
     json_out: JsonOut = False,
 ) -> None:
     """Train gist tokens through the masked forward and write a run folder."""
-    config = TrainConfig(
+    given = dict(
         out=out, data=data or [], eval_data=eval_data or [], exclude_data=exclude_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
         condition=condition, mask=mask, positions=positions, template=template, tune=tune, objective=objective,
         distill_temperature=distill_temperature, teacher_answers=teacher_answers,
@@ -64,6 +70,14 @@ def train(
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
     )
+    if resume:  # flags left out take the checkpoint's values: `gist train --out RUN --resume` is enough
+        saved = saved_run_config(out)
+        for param in ctx.params:
+            name = FIELD_OF_PARAM.get(param, param)
+            if name in saved and name in given and name not in ("out", "resume", "overwrite") \
+                    and getattr(ctx.get_parameter_source(param), "name", "") == "DEFAULT":
+                given[name] = saved[name]
+    config = TrainConfig(**given)
     check_writable_folder(out, "--out")  # before the model loads, not after training
     metrics = loop.train(config, show_progress=not json_out)
     if json_out:

@@ -257,6 +257,18 @@ def test_resume_accepts_the_safe_flags(stopped_run, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-5"]
 
 
+def test_resume_cli_takes_the_checkpoints_flags(stopped_run, tmp_path):
+    """`gist train --out RUN --resume` needs no other flag: those left out take the checkpoint's values
+    (--max-steps given: the run continues from 3 to 5 steps); a flag given still counts and is compared."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run[0], out)
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 5
+    refused = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "6", "--lr", "0.5"])
+    one_line_error(refused, "--lr 0.5 (checkpoint: 0.01)")
+
+
 def test_overwrite_replaces_only_a_complete_run(stopped_run, tmp_path, model_dir):
     """A folder that merely holds a config.json is refused, even with --overwrite, and left byte for byte;
     a complete run is replaced, and files that are not the run's stay."""

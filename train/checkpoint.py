@@ -195,6 +195,17 @@ def find_resume_point(out: Path, config: TrainConfig) -> ResumePoint:
     return ResumePoint(path, state, skipped)
 
 
+def saved_run_config(out: str | Path) -> dict:
+    """The run config the newest intact checkpoint of `out` recorded ({} when there is none): what
+    `gist train --resume` takes for every flag the command line leaves out."""
+    for path in list_checkpoints(Path(out)):
+        problem, state = checkpoint_problem(path)
+        if problem is None:
+            saved = state.get("run_config")
+            return saved if isinstance(saved, dict) else {}
+    return {}
+
+
 def checkpoint_problem(path: Path) -> tuple[str | None, dict]:
     """(why the checkpoint at `path` cannot be used, or None; its state.json)."""
     try:
