@@ -86,3 +86,39 @@ def print_bench_table(result: dict) -> None:
     console.print(speed)
     for note in result["notes"]:
         console.print(f"- {note}", style="dim", highlight=False)
+
+
+@app.command("serve")
+@friendly_errors
+@quiet_transformers()
+def bench_serve(
+    run: Annotated[Optional[str], typer.Option("--run", help="A run folder (default: the shipped run).")] = None,
+    instructions: Annotated[int, typer.Option("--instructions", help="Distinct instructions, one request each.")] = 64,
+    instruction_tokens: Annotated[int, typer.Option("--instruction-tokens")] = 512,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per request (EOS ignored).")] = 32,
+    kv_cache_gib: Annotated[int, typer.Option("--kv-cache-gib", help="vLLM CPU KV cache space.")] = 1,
+    out: Annotated[Optional[str], typer.Option("--out", help="Write the results as JSON here.")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """vLLM serving from gist caches vs full prompts (prefix cache warm and cold): req/s, TTFT, KV blocks."""
+    from gistcache.eval.serve_bench import BenchServeConfig, bench_serve as run_bench
+
+    config = BenchServeConfig(run=run, instructions=instructions, instruction_tokens=instruction_tokens,
+                              new_tokens=new_tokens, kv_cache_gib=kv_cache_gib, out=out)
+    progress = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    result = run_bench(config, progress=progress)
+    if json_out:
+        print_json(result)
+        return
+    m, c = result["machine"], result["config"]
+    table = Table(title=f"gist bench serve: {c['instructions']} instructions x {c['instruction_tokens']} tokens, "
+                        f"{c['new_tokens']} new tokens each, vLLM {m['vllm']} on {m['cpu']} (load {m['load_before']:.1f})")
+    for col in ("pass", "prompt tokens", "req/s", "TTFT median", "TTFT p90", "prompt tokens computed", "KV blocks"):
+        table.add_column(col, justify="right")
+    for name, p in result["passes"].items():
+        prompt = result["prompt_tokens"]["gist" if name == "gist" else "full"]
+        table.add_row(name, f"{prompt:.0f}", f"{p['requests_per_s']:.2f}", f"{p['ttft_median_s']:.2f} s",
+                      f"{p['ttft_p90_s']:.2f} s", str(p["prompt_tokens_computed"]), str(p["kv_blocks"]))
+    console.print(table)
+    if out:
+        console.print(f"wrote {out}", style="dim")

