@@ -16,7 +16,7 @@ SHIP_RECIPE ?= --preset validate --mask prefix --objective distill --lora-r 8 --
   --gist-lr 1e-4 --max-length 320 --batch-size 8 --max-steps 140 --eval-examples 96 --mixed-precision bf16
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
-.PHONY: install demo smoke test test-fast ship-run clean vllm-venv test-vllm
+.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The cache-file fuzzer at full size (issue 16): FUZZ mutated files (byte flips, truncations, header fields of
+# every JSON type, resealed forgeries, NaN/inf/zeros/another prompt's keys) through load_cache, then a summary:
+# crashes, hangs, files accepted though different. `make test` runs 300 of them; FUZZ_SEED draws others.
+FUZZ ?= 10000
+FUZZ_SEED ?= 16
+fuzz: $(STAMP)
+	GISTCACHE_FUZZ=$(FUZZ) GISTCACHE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s -p no:cacheprovider \
+	  tests/test_fuzz.py -k test_fuzz_cache_files
 
 # How the shipped run was made (about 30 min of training and 35 min of evaluation on a 2-core CPU):
 # train on SuperNI + Alpaca demo + Self-Instruct seeds with every Alpaca+ validation instruction

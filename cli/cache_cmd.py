@@ -1,23 +1,28 @@
-"""`gist cache ls|rm|prune|upgrade`: the stored gist caches, and version 1 files made position-free."""
+"""`gist cache ls|rm|prune|adopt|verify|upgrade`: the stored gist caches, what can be proven about cache files, and
+version 1 files made position-free."""
 
 from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from gistcache._io import format_bytes
-from gistcache.cli.common import console, friendly_errors, print_json
-from gistcache.cli.options import JsonOut, RunDir, StoreDir
+from gistcache.cli.common import BAD_INPUT, console, friendly_errors, print_json
+from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
+from gistcache.config import torch_dtype
 from gistcache.errors import GistError
 from gistcache.model import quiet_transformers
+from gistcache.run import load_run
 from gistcache.store import CacheStore
 from gistcache.upgrade import upgrade_caches
+from gistcache.verify import OK, verify_caches
 
-app = typer.Typer(help="List, remove and prune the stored gist caches; upgrade version 1 files.",
+app = typer.Typer(help="List, remove, prune and verify gist caches; upgrade version 1 files.",
                   no_args_is_help=True)
 
 
@@ -89,6 +94,75 @@ def cache_prune(
     for e in removed:
         console.print(f"removed {e.key[:16]}  {format_bytes(e.bytes)}  {e.prompt_preview}", highlight=False)
     console.print(f"removed {len(removed)}; {format_bytes(left)} left in {cache_store.root}", style="dim")
+
+
+@app.command("adopt")
+@friendly_errors
+def cache_adopt(store: StoreDir = None) -> None:
+    """Mark a store made by an older gistcache (no .gistcache-store file) as a store, so rm and prune act on it."""
+    cache_store = CacheStore(store)
+    if cache_store.adopt():
+        console.print(f"adopted {cache_store.root}: rm and prune now act on it", highlight=False)
+    else:
+        console.print(f"{cache_store.root} is already a gist cache store", highlight=False)
+
+
+@app.command("verify")
+@friendly_errors
+@quiet_transformers()
+def cache_verify(
+    files: Annotated[list[str], typer.Argument(help="Cache files (store entries are files too: see `gist cache ls`).")],
+    run: Annotated[Optional[str], typer.Option("--run", help="Also check that each file fits this run and, when the "
+                                               "store knows its prompt, compress it again and compare. Without it "
+                                               "only the files themselves are checked.")] = None,
+    store: StoreDir = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Largest absolute difference allowed (plus a "
+                                                  "relative part) against the recompressed cache. Default: by dtype, "
+                                                  "1e-4 for float32.")] = None,
+    device: Device = "cpu",
+    dtype: DType = "float32",
+    json_out: JsonOut = False,
+) -> None:
+    """Check cache files: header, seal, tensor bytes and values; with --run also the fit and the values against the
+    prompt compressed again. Exit code 2 when any file fails."""
+    if atol is not None and not atol >= 0:
+        raise GistError(f"--atol must be a number >= 0, got {atol}")
+    dtype_ = torch_dtype(dtype)
+    model = load_run(run, device=device, dtype=dtype_) if run is not None else None
+    verdicts = verify_caches(files, model, CacheStore(store), atol=atol)
+    if json_out:
+        print_json([v.to_dict() for v in verdicts])
+    else:
+        table = Table(title="gist cache verify", header_style="bold", show_lines=True)
+        table.add_column("file", overflow="fold")
+        table.add_column("header, seal, tensors", overflow="fold")
+        table.add_column("fits the run", overflow="fold")
+        table.add_column("compressed again", overflow="fold")
+        table.add_column("verdict", no_wrap=True)
+
+        def shown(result: str | None) -> str:
+            if result is None:
+                return "[dim]not checked (no --run)[/]"
+            if result == OK:
+                return "[green]ok[/]"
+            if result.startswith("not run"):
+                return f"[dim]{escape(result)}[/]"
+            return f"[red]{escape(result)}[/]"
+
+        for v in verdicts:
+            again = shown(v.recompressed) if v.fits == OK else "[dim]—[/]"
+            if v.recompressed == OK and v.max_abs_diff is not None:
+                again = f"[green]ok[/] (max |difference| {v.max_abs_diff:.2g})"
+            file_check = v.file.removeprefix(f"{v.path} ").removeprefix("is ")  # the row names the file already
+            table.add_row(escape(str(v.path)), shown(file_check if v.file != OK else OK),
+                          shown(v.fits) if v.file == OK else "[dim]—[/]", again,
+                          "[green]ok[/]" if v.ok else "[bold red]FAILED[/]")
+        console.print(table, highlight=False)
+        failed = sum(not v.ok for v in verdicts)
+        console.print(f"{len(verdicts) - failed} of {len(verdicts)} file{'s' if len(verdicts) != 1 else ''} ok",
+                      style="dim")
+    if any(not v.ok for v in verdicts):
+        raise typer.Exit(code=BAD_INPUT)
 
 
 @app.command("upgrade")

@@ -8,6 +8,7 @@ compares field by field and names the first that differs, with how to fix it.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,8 @@ def model_identity(model: GistModel) -> ModelIdentity:
     """Fingerprints of a model from `GistModel.from_pretrained` (read from the run), or of an in-memory GistModel.
 
     An in-memory model (no run folder) gets a run fingerprint over its current weights, its gist
-    embedding and N, so a cache made from it fits it and nothing else.
+    embedding, N and its tokenizer (vocabulary and chat template), so a cache made from it fits it and
+    nothing else (its mask and positions are compared field by field, `check_identity`).
     """
     template = model.template
     base = model.base_fingerprint or fingerprint_model(model.model)
@@ -44,9 +46,31 @@ def model_identity(model: GistModel) -> ModelIdentity:
         h.update(fingerprint_model(model.model).encode())
         h.update(str(model.num_gist_tokens).encode())
         h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
+        h.update(tokenizer_fingerprint(model.tokenizer).encode())
         run = h.hexdigest()
     return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask,
                          positions=model.positions)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 over a tokenizer's vocabulary (its backend's JSON for a fast tokenizer) and its chat template.
+
+    Kept on the tokenizer while its size and chat template stay the same (serializing a large vocabulary
+    takes a tenth of a second, and every compress asks).
+    """
+    template = json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True)
+    tag = (len(tokenizer), template)
+    kept = getattr(tokenizer, "_gistcache_fingerprint", None)
+    if kept is not None and kept[0] == tag:
+        return kept[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    fingerprint = hashlib.sha256(f"{vocab}|{template}".encode("utf-8")).hexdigest()
+    try:
+        tokenizer._gistcache_fingerprint = (tag, fingerprint)
+    except AttributeError:  # a tokenizer that takes no attributes: computed each time
+        pass
+    return fingerprint
 
 
 def model_kv_shape(model: GistModel) -> tuple[int, int, int]:

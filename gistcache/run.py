@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gistcache._io import atomic_write_text, hash_files
+from gistcache._io import atomic_write_text
 from gistcache._version import __version__
 from gistcache.config import DTYPES, GistConfig, dtype_name
 from gistcache.errors import GistError
@@ -147,11 +147,64 @@ def _describe(annotation) -> str:
 
 
 def run_fingerprint(run_dir: str | Path | None) -> str:
-    """SHA-256 over what the run is (its gist config) and its trained parameter files."""
+    """SHA-256 over every file of the run that changes what it computes (a cache records it; any edit refuses the
+    caches made before it).
+
+    That is the gist section of config.json and the adapter's config (both as canonical JSON: sorted keys,
+    the adapter's fields that change nothing at inference left out, `ADAPTER_FIELDS_IGNORED`), and the bytes
+    of the weight files and of every file under tokenizer/ (vocabulary, special tokens, chat template),
+    each named by its path in the run. The adapter's r and lora_alpha must equal config.json's lora_r and
+    lora_alpha (`read_adapter_config`).
+    """
     run_dir = resolve_run_dir(run_dir)
-    gist = json.dumps(read_run_config(run_dir)["gist"], sort_keys=True)
+    gist = read_run_config(run_dir)["gist"]
+    adapter = read_adapter_config(run_dir, gist)
+    h = hashlib.sha256(b"gistcache-run|2\n")
+    h.update(_canonical(gist).encode() + b"\n")
+    h.update(_canonical({k: v for k, v in adapter.items() if k not in ADAPTER_FIELDS_IGNORED}
+                        if adapter is not None else None).encode() + b"\n")
     files = [run_dir / name for name in WEIGHT_FILES if (run_dir / name).is_file()]
-    return hashlib.sha256(f"{gist}\n{hash_files(files)}".encode()).hexdigest()
+    tokenizer = run_dir / TOKENIZER_DIR
+    if tokenizer.is_dir():
+        files += sorted((p for p in tokenizer.rglob("*") if p.is_file()), key=lambda p: p.relative_to(run_dir).as_posix())
+    for path in files:
+        name = path.relative_to(run_dir).as_posix()
+        h.update(f"{name}|{path.stat().st_size}|".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# adapter_config.json fields that do not change what the loaded adapter computes: where the base model was
+# (ignored on load: the run's config.json names it), the mode it was saved in, the peft version and revision
+ADAPTER_FIELDS_IGNORED = frozenset({"base_model_name_or_path", "inference_mode", "peft_version", "revision"})
+
+
+def _canonical(data: object) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def read_adapter_config(run_dir: Path, gist: dict) -> dict | None:
+    """RUN/adapter_config.json as a dict (None when the run has none), refused in one line when it is not a JSON
+    object or when, for a LoRA run, its r or lora_alpha differ from config.json's lora_r or lora_alpha."""
+    path = run_dir / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GistError(f"{path} is not valid UTF-8 JSON ({exc}): the run's adapter config is damaged; copy the run "
+                        f"again or train it again") from exc
+    if not isinstance(data, dict):
+        raise GistError(f"{path} is not a JSON object: the run's adapter config is damaged; train the run again")
+    config = GistConfig.from_dict(gist)
+    if config.tune == "lora":
+        for ours, theirs in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+            if data.get(theirs) != getattr(config, ours):
+                raise GistError(f"{path} has {theirs} {data.get(theirs)!r} but {run_dir / CONFIG_FILE} has {ours} "
+                                f"{getattr(config, ours)!r}: one of them was edited; restore it or train the run again")
+    return data
 
 
 def _name_base_model(adapter_config: Path, base_model: str | None) -> None:
@@ -254,17 +307,20 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
     run_dir = resolve_run_dir(run_dir)
     data = read_run_config(run_dir)
     gist_config = GistConfig.from_dict(data["gist"])
+    fingerprint = run_fingerprint(run_dir)  # refuses an adapter config that contradicts config.json, before any load
     base = load_base_model(gist_config.model, dtype=dtype, attn_implementation=attn_implementation,
                            device_map=device_map)
     check_base_fingerprint(base, data, gist_config.model, run_dir, attn_implementation=attn_implementation)
     model = base
     if gist_config.tune == "lora":
-        from peft import PeftModel  # deferred: peft takes seconds to import
+        from peft import PeftConfig, PeftModel  # deferred: peft takes seconds to import
 
         if not (run_dir / ADAPTER_FILE).is_file():
             raise GistError(f"run {run_dir} was tuned with LoRA but has no {ADAPTER_FILE}")
         with quiet_transformers(), reading_run_file(run_dir / ADAPTER_CONFIG_FILE, run_dir / ADAPTER_FILE):
-            model = PeftModel.from_pretrained(base, str(run_dir), use_safetensors=True)
+            adapter = PeftConfig.from_pretrained(str(run_dir))
+            adapter.base_model_name_or_path = gist_config.model  # the recorded one is ignored: config.json names it
+            model = PeftModel.from_pretrained(base, str(run_dir), config=adapter, use_safetensors=True)
         if merge:
             model = model.merge_and_unload()
     elif gist_config.tune == "full":
@@ -286,7 +342,7 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
     return GistModel(model, tokenizer, gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
                      base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
                      positions=gist_config.positions,
-                     gist_config=gist_config, run_dir=run_dir, run_fingerprint=run_fingerprint(run_dir)).eval()
+                     gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint).eval()
 
 
 @contextlib.contextmanager

@@ -34,8 +34,8 @@ def make_run(path, base_dir, *, tune="gist", dtype_prints=True, model=None):
     base, tok = load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
     fp = fingerprint_model(base)
     prints = dtype_fingerprints(base) if dtype_prints else None
-    config = GistConfig(model=model or str(base_dir), num_gist_tokens=2, tune=tune, mask="prefix",
-                        lora_target_modules=["q_proj", "v_proj"])
+    config = GistConfig(model=model or str(base_dir), num_gist_tokens=2, tune=tune, mask="prefix", lora_r=4,
+                        lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])  # the adapter's r and alpha below
     if tune == "lora":
         base = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         with torch.no_grad():
