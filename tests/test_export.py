@@ -139,3 +139,22 @@ def test_export_command(lora_run, tmp_path):
     assert json.loads(result.output)["num_gist_tokens"] == 2 and (tmp_path / "hf" / EXPORT_FILE).is_file()
     save_cache(compress(GistModel.from_pretrained(lora_run), PROMPTS[0]), tmp_path / "c.safetensors")
     one_line_error(runner.invoke(app, ["--run", str(lora_run), "--out", str(tmp_path / "c.safetensors")]), "is a file")
+
+
+def test_a_store_entry_under_another_key_is_not_served(lora_run, exported, tmp_path):
+    """An entry copied under another prompt's key is refused by the request resolver, not served for that key."""
+    from gistcache.store import CacheStore, key_of
+    from gistcache.vllm.requests import CacheResolver
+
+    model = GistModel.from_pretrained(lora_run)
+    store = CacheStore(tmp_path / "store")
+    store.claim()
+    first, second = compress(model, PROMPTS[0]), compress(model, PROMPTS[1])
+    store.put(first)
+    store.put(second)
+    resolver = CacheResolver(read_export(exported), store)
+    cache, key, _ = resolver(key_of(first))
+    assert key == key_of(first)
+    store.path_for(key_of(second)).write_bytes(store.path_for(key_of(first)).read_bytes())  # copied under the wrong key
+    with pytest.raises(GistError, match="holds the cache of key .*not its own"):
+        resolver(key_of(second))

@@ -66,6 +66,10 @@ class CacheResolver:
         cache = load_cache(path)  # format, metadata and tensor SHA-256 checked
         check_served_cache(self.info, cache, source=f"cache {ref[:64]}")
         key = key_of(cache)
+        if _KEY.fullmatch(ref.lower()) and key != path.name.split(".")[0]:
+            # an entry copied or renamed under another key holds another prompt's cache: never serve it for this one
+            raise GistError(f"store entry {path.name} holds the cache of key {key[:12]}, not its own: it was copied "
+                            f"or renamed; compress the prompt again")
         self._read[tag] = (cache, key)
         while len(self._read) > self.keep:
             self._read.popitem(last=False)
