@@ -73,7 +73,9 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
         "| | |", "| --- | --- |",
         f"| base model | `{gist['model']}` (fingerprint `{config['base_fingerprint'][:16]}`) |",
         f"| gist tokens | {gist['num_gist_tokens']} |",
-        f"| mask | `{gist.get('mask', 'paper')}` (condition `{gist['condition']}`) |",
+        f"| mask | `{gist.get('mask', 'paper')}`" + (f", `{gist.get('positions', 'original')}` positions"
+                                                     if gist.get("mask") == "prefix" else "")
+        + f" (condition `{gist['condition']}`) |",
         f"| template | `{gist['template']}` |",
         f"| tuned | {tuning} |",
         f"| objective | `{train.get('objective', 'labels')}` |",
