@@ -149,6 +149,9 @@ class Disk:
         raise OSError(self.code, os.strerror(self.code), os.fsdecode(path))
 
 
+SPLIT = json.dumps([{"instruction": "Repeat the word.", "input": "stone", "output": "stone"}])
+
+
 @dataclass
 class Ctx:
     """One case's view: the shared world, its own folder, and helpers that build bad inputs there."""
@@ -344,9 +347,10 @@ CASES = [
     # --- eval -------------------------------------------------------------------------------------------
     case("eval-split-not-utf8", lambda c: ["eval", "--run", c.run, "--split", non_utf8(c), "--out", c.tmp / "e"],
      "not UTF-8"),
-    case("eval-out-parent-is-a-file", lambda c: ["eval", "--run", c.run, "--split", "seen", "--out",
-                                             c.file("f", "x") / "e"], "is a file, not a folder"),
-    case("eval-out-read-only", lambda c: ["eval", "--run", c.run, "--split", "seen", "--out",
+    # a split file of its own: the shared data folder may not sit beside a clean clone (CI)
+    case("eval-out-parent-is-a-file", lambda c: ["eval", "--run", c.run, "--split", c.file("split.json", SPLIT),
+                                             "--out", c.file("f", "x") / "e"], "is a file, not a folder"),
+    case("eval-out-read-only", lambda c: ["eval", "--run", c.run, "--split", c.file("split.json", SPLIT), "--out",
                                       c.read_only(c.tmp / "ro") / "e"], "not writable"),
     case("eval-run-lora-r-text", lambda c: ["eval", "--run", c.run_with_config(
         lambda d: {**d, "gist": {**d["gist"], "lora_r": "8"}}), "--split", "seen", "--out", c.tmp / "e"],
