@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from gistcache.errors import GistError
-from gistcache.masks import find_gist_spans, make_position_ids, to_additive_mask
+from gistcache.masks import check_prefix_fits, find_gist_spans, make_gist_mask, make_position_ids, to_additive_mask
 from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
 from gistcache.rotary import model_inv_freq, move_keys
 
@@ -30,18 +30,6 @@ def _stock_model(model: GistModel):
     """The transformers model under a peft wrapper, whose forward names the cache argument."""
     inner = model.model
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
-def _causal(query_real: torch.Tensor, key_real: torch.Tensor, num_cached: int) -> torch.Tensor:
-    """(B, C, num_cached + C) boolean: every query sees the cached slots and the real keys up to itself;
-    a padding query sees only itself (and the cache), so no softmax row is empty."""
-    B, C = query_real.shape
-    q = torch.arange(C, device=query_real.device).view(1, C, 1)
-    k = torch.arange(C, device=query_real.device).view(1, 1, C)
-    own = (k <= q) & key_real.view(B, 1, C)
-    own = torch.where(query_real.view(B, C, 1), own, (k == q).expand(B, C, C))
-    cached = torch.ones(B, C, num_cached, dtype=torch.bool, device=query_real.device)
-    return torch.cat([cached, own], dim=2)
 
 
 def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -59,11 +47,7 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
     real = attention_mask.bool()
     first = real.long().argmax(dim=1)  # (B,) left padding
     start, end = find_gist_spans(input_ids, model.gist_token_id)
-    if bool((first + F > start).any()):
-        row = int((first + F > start).nonzero()[0])
-        raise GistError(f"row {row}: the fixed prefix of {F} tokens reaches into the gist tokens: the prompt must "
-                        f"hold the template's prefix and then the instruction")
-    dtype = model.embed(input_ids[:1, :1]).dtype
+    check_prefix_fits(first, start, F)
 
     # pass 1: prefix + instruction + gist, causal, each row left-padded to E columns
     length = end - first  # (B,) P + N
@@ -73,7 +57,10 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
     ids1 = torch.where(real1, input_ids.gather(1, source.clamp(min=0)), torch.zeros_like(source))
     C = T - int(end.min())  # columns after the earliest gist end: pass 2's width
     both = not logits_to_keep or logits_to_keep > C  # are logits of pass 1's columns asked for?
-    out1 = model.model(inputs_embeds=model.embed(ids1), attention_mask=to_additive_mask(_causal(real1, real1, 0), dtype),
+    embeds1 = model.embed(ids1)
+    dtype = embeds1.dtype
+    causal1 = make_gist_mask(ids1, real1, model.gist_token_id, "pos_control")  # causal, padding sees itself
+    out1 = model.model(inputs_embeds=embeds1, attention_mask=to_additive_mask(causal1, dtype),
                        position_ids=make_position_ids(real1.long()), use_cache=True, logits_to_keep=0 if both else 1)
     if C == 0:  # no row has tokens after its gist: pass 1 was the whole forward, cache included (compress)
         if labels is not None:
@@ -93,8 +80,10 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
 
     columns = torch.arange(T - C, T, device=device).view(1, C)
     real2 = real[:, T - C:] & (columns >= end.view(B, 1))  # (B, C)
+    causal2 = make_gist_mask(input_ids[:, T - C:], real2, model.gist_token_id, "pos_control")  # (B, C, C)
+    kept_visible = torch.ones(B, C, F + N, dtype=torch.bool, device=device)  # every query reads the kept slots
     out2 = model.model(inputs_embeds=model.embed(input_ids[:, T - C:]),
-                       attention_mask=to_additive_mask(_causal(real2, real2, F + N), dtype),
+                       attention_mask=to_additive_mask(torch.cat([kept_visible, causal2], dim=2), dtype),
                        position_ids=make_position_ids(real2.long(), F + N), logits_to_keep=0 if both else logits_to_keep,
                        **{cache_kwarg(_stock_model(model)): DynamicCache(ddp_cache_data=kept, config=model.config)},
                        use_cache=False, **kwargs)

@@ -132,11 +132,7 @@ def make_gist_mask(
         if num_prefix_tokens:
             first_real = (torch.zeros(B, dtype=torch.long, device=device) if attention_mask is None
                           else attention_mask.long().argmax(dim=1))  # (B,): left padding before it
-            prefix_end = first_real + num_prefix_tokens
-            if bool((prefix_end > start).any()):
-                row = int((prefix_end > start).nonzero()[0])
-                raise GistError(f"row {row}: the fixed prefix of {num_prefix_tokens} tokens reaches into the gist "
-                                f"tokens: the prompt must hold the template's prefix and then the instruction")
+            prefix_end = check_prefix_fits(first_real, start, num_prefix_tokens)
             hidden = hidden & ~(k < prefix_end.view(B, 1, 1))
         mask = mask & ~hidden
 
@@ -147,6 +143,16 @@ def make_gist_mask(
         eye = torch.eye(T, dtype=torch.bool, device=device).view(1, T, T)
         mask = torch.where(real.view(B, T, 1), mask, eye)
     return mask
+
+
+def check_prefix_fits(first_real: torch.Tensor, start: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """(B,) end of each row's fixed prefix; refuse a row whose prefix reaches into its gist tokens."""
+    prefix_end = first_real + num_prefix_tokens
+    if bool((prefix_end > start).any()):
+        row = int((prefix_end > start).nonzero()[0])
+        raise GistError(f"row {row}: the fixed prefix of {num_prefix_tokens} tokens reaches into the gist "
+                        f"tokens: the prompt must hold the template's prefix and then the instruction")
+    return prefix_end
 
 
 def to_additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
