@@ -34,6 +34,7 @@ def train(
     mask: Annotated[Optional[str], typer.Option("--mask", help="prefix (tokens after the gist also see the template's fixed prefix; default for --condition gist) | paper (they see nothing before the gist).")] = None,
     positions: Annotated[str, typer.Option("--positions", help="compact (prefix mask: the input continues right after the prefix and the gist, so a cache is a plain prefix and the instruction never counts against the context) | original (the full prompt's positions).")] = "compact",
     tune: Annotated[str, typer.Option(help="gist (only the gist embedding) | lora | full.")] = "lora",
+    decoder: Annotated[str, typer.Option("--decoder", help="tuned (the trained model reads the caches) | base (LoRA only where the gist is written: the untouched base model reads the caches, so an engine serving the stock weights serves them).")] = "tuned",
     objective: Annotated[str, typer.Option("--objective", help="labels (cross-entropy on the answers) | distill (KL from the base model reading the full prompt) | mix (both).")] = "labels",
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the distillation KL.")] = 1.0,
     teacher_answers: Annotated[bool, typer.Option("--teacher-answers", help="Answer every --data row with the base model reading the full prompt first (greedy, cached in the run folder) and train on those answers.")] = False,
@@ -62,7 +63,7 @@ def train(
     """Train gist tokens through the masked forward and write a run folder."""
     given = dict(
         out=out, data=data or [], eval_data=eval_data or [], exclude_data=exclude_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        condition=condition, mask=mask, positions=positions, template=template, tune=tune, objective=objective,
+        condition=condition, mask=mask, positions=positions, template=template, tune=tune, decoder=decoder, objective=objective,
         distill_temperature=distill_temperature, teacher_answers=teacher_answers,
         teacher_max_new_tokens=teacher_max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
         warmup_ratio=warmup_ratio,
@@ -86,7 +87,7 @@ def train(
     table = Table(title=f"gist train -> {out}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("condition", "mask", "positions", "objective", "tune", "num_gist_tokens", "train_examples", "dropped_contaminated", "dropped_too_long",
+    for key in ("condition", "mask", "positions", "decoder", "objective", "tune", "num_gist_tokens", "train_examples", "dropped_contaminated", "dropped_too_long",
                 "steps", "final_train_loss", "heldout_loss_before", "heldout_loss", "tokens_per_second",
                 "train_seconds", "wall_seconds", "device"):
         value = metrics.get(key)

@@ -8,7 +8,8 @@ gradients flowing through both passes::
 
     pass 1   prefix 0..F-1   instruction F..P-1   gist P..P+N-1     causal: the gist reads everything
     kept     prefix keys/values                   gist keys/values, the keys turned from P.. to F..
-    pass 2   input (and answer) from F+N, reading the F+N kept slots and each other (causal)
+    pass 2   input (and answer) from F+N, reading the F+N kept slots and each other (causal);
+             a run with decoder="base" runs it with the LoRA adapter off (`GistModel.decoding`)
 
 The batch is left-padded (B, T), as everywhere. Row b's gist ends at column end[b]: pass 1 takes
 its columns first[b]..end[b]-1, left-padded again; pass 2 takes the columns from end[b], which end
@@ -24,12 +25,6 @@ from gistcache.errors import GistError
 from gistcache.masks import check_prefix_fits, find_gist_spans, make_gist_mask, make_position_ids, to_additive_mask
 from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
 from gistcache.rotary import model_inv_freq, move_keys
-
-
-def _stock_model(model: GistModel):
-    """The transformers model under a peft wrapper, whose forward names the cache argument."""
-    inner = model.model
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -67,7 +62,7 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
             out1.loss = _loss(out1.logits, labels)
         return out1
     prefix_cols = (E - length).view(B, 1) + torch.arange(F, device=device).view(1, F)  # (B, F)
-    inv_freq = model_inv_freq(_stock_model(model))
+    inv_freq = model_inv_freq(model.stock_model)
     kept = []
     for keys, values in cache_layers(returned_cache(out1)):  # each (B, kv_heads, E, head_dim)
         index = prefix_cols.view(B, 1, F, 1).expand(-1, keys.shape[1], -1, keys.shape[3])
@@ -82,11 +77,13 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
     real2 = real[:, T - C:] & (columns >= end.view(B, 1))  # (B, C)
     causal2 = make_gist_mask(input_ids[:, T - C:], real2, model.gist_token_id, "pos_control")  # (B, C, C)
     kept_visible = torch.ones(B, C, F + N, dtype=torch.bool, device=device)  # every query reads the kept slots
-    out2 = model.model(inputs_embeds=model.embed(input_ids[:, T - C:]),
-                       attention_mask=to_additive_mask(torch.cat([kept_visible, causal2], dim=2), dtype),
-                       position_ids=make_position_ids(real2.long(), F + N), logits_to_keep=0 if both else logits_to_keep,
-                       **{cache_kwarg(_stock_model(model)): DynamicCache(ddp_cache_data=kept, config=model.config)},
-                       use_cache=False, **kwargs)
+    with model.decoding():  # a run with decoder="base" reads the kept slots with its adapter off
+        out2 = model.model(inputs_embeds=model.embed(input_ids[:, T - C:]),
+                           attention_mask=to_additive_mask(torch.cat([kept_visible, causal2], dim=2), dtype),
+                           position_ids=make_position_ids(real2.long(), F + N),
+                           logits_to_keep=0 if both else logits_to_keep,
+                           **{cache_kwarg(model.stock_model): DynamicCache(ddp_cache_data=kept, config=model.config)},
+                           use_cache=False, **kwargs)
     logits = _columns_of_input(out1.logits, out2.logits, end, T) if both else out2.logits
     if logits_to_keep and logits.shape[1] > logits_to_keep:
         logits = logits[:, -logits_to_keep:]

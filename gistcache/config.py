@@ -21,6 +21,7 @@ from gistcache.masks import check_condition, check_mask, check_positions
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
 TUNE_MODES = ("gist", "lora", "full")
+DECODERS = ("tuned", "base")
 GIST_TOKEN = "<GIST>"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -53,6 +54,10 @@ class GistConfig:
     positions: str = "compact"
     template: str = "auto"
     tune: str = "lora"
+    # who reads the cache: "tuned" = the trained model; "base" = the untouched base model (the LoRA adapter
+    # works only where the gist is written: prefix, instruction and gist), so any engine serving the stock
+    # weights reads the caches; needs --tune lora and the prefix mask in the compact positions
+    decoder: str = "tuned"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -72,6 +77,13 @@ class GistConfig:
             raise GistError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
         if self.tune not in TUNE_MODES:
             raise GistError(f"unknown --tune {self.tune!r}: use one of {', '.join(TUNE_MODES)}")
+        if self.decoder not in DECODERS:
+            raise GistError(f"unknown --decoder {self.decoder!r}: use one of {', '.join(DECODERS)}")
+        if self.decoder == "base" and (self.tune != "lora" or self.condition != "gist" or self.mask != "prefix"
+                                       or self.positions != "compact"):
+            raise GistError("--decoder base needs --tune lora, --condition gist, --mask prefix and --positions compact: "
+                            "the adapter is "
+                            "switched off for the tokens after the gist, which only the compact two-pass forward separates")
         if self.lora_r < 1:
             raise GistError(f"--lora-r must be >= 1, got {self.lora_r}")
         if self.lora_alpha < 1:

@@ -229,9 +229,10 @@ def generate_ids(model: GistModel, caches: GistCache | list[GistCache], inputs: 
     with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=cfg.seed is not None):
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
-        out = model.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   position_ids=batch.position_ids, generation_config=gen_config,
-                                   streamer=streamer, **{cache_kwarg(model.model): batch.cache})
+        with model.decoding():
+            out = model.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       position_ids=batch.position_ids, generation_config=gen_config,
+                                       streamer=streamer, **{cache_kwarg(model.stock_model): batch.cache})
     return _until_eos(model, out[:, batch.input_ids.shape[1]:].tolist())
 
 
@@ -323,7 +324,7 @@ def generate_causal(model: GistModel, sequences: list[list[int]], *, max_new_tok
         rows = order[start:start + batch_size]
         ids, mask = left_pad([sequences[i] for i in rows], pad_id, device)  # (B, T) each
         position_ids = make_position_ids(mask, torch.tensor([offsets[i] for i in rows], device=device))  # (B, T)
-        with torch.no_grad():
+        with torch.no_grad(), model.decoding():
             new = model.model.generate(inputs_embeds=model.embed(ids), attention_mask=mask, position_ids=position_ids,
                                        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                        eos_token_id=model.tokenizer.eos_token_id, pad_token_id=pad_id,

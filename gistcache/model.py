@@ -230,7 +230,7 @@ class GistModel(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
                  gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None,
-                 template: str = "auto", mask: str = "paper", positions: str = "compact",
+                 template: str = "auto", mask: str = "paper", positions: str = "compact", decoder: str = "tuned",
                  gist_config: GistConfig | None = None,
                  run_dir: str | Path | None = None, run_fingerprint: str | None = None):
         super().__init__()
@@ -243,6 +243,10 @@ class GistModel(nn.Module):
         self.positions = check_positions(positions) if self.mask == "prefix" else "compact"
         # the template's fixed prefix: visible after the gist under the prefix mask
         self.prefix_ids = visible_prefix_ids(tokenizer, self.template, self.mask)
+        self.decoder = decoder  # "base": the tokens after the gist run with the LoRA adapter off (see `decoding`)
+        if decoder == "base" and not hasattr(model, "disable_adapter"):
+            raise GistError("a run with --decoder base keeps its LoRA adapter apart from the weights: load it "
+                            "unmerged (GistModel.from_pretrained does so for such runs)")
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.gist_token_id = tokenizer.convert_tokens_to_ids(GIST_TOKEN)
         weight = model.get_input_embeddings().weight
@@ -281,6 +285,11 @@ class GistModel(nn.Module):
         return self.model.config
 
     @property
+    def stock_model(self) -> nn.Module:
+        """The transformers model itself, under a peft wrapper if there is one (its forward names the cache argument)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
     def device(self) -> torch.device:
         return self.gist_embedding.device
 
@@ -290,6 +299,15 @@ class GistModel(nn.Module):
         is_gist = input_ids == self.gist_token_id
         embeds = layer(input_ids.masked_fill(is_gist, 0))
         return torch.where(is_gist.unsqueeze(-1), self.gist_embedding.to(embeds.dtype), embeds)
+
+    def decoding(self) -> contextlib.AbstractContextManager:
+        """The context in which `self.model` reads what comes after the gist (the input, the answer).
+
+        For a run with `decoder="base"` the LoRA adapter is switched off inside it, so the untouched
+        base model reads the cache; the prefix, instruction and gist (compress) are always read
+        with the adapter on. Otherwise it changes nothing.
+        """
+        return self.model.disable_adapter() if self.decoder == "base" else contextlib.nullcontext()
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -321,7 +321,7 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
             adapter = PeftConfig.from_pretrained(str(run_dir))
             adapter.base_model_name_or_path = gist_config.model  # the recorded one is ignored: config.json names it
             model = PeftModel.from_pretrained(base, str(run_dir), config=adapter, use_safetensors=True)
-        if merge:
+        if merge and gist_config.decoder == "tuned":  # decoder "base" switches the adapter off after the gist
             model = model.merge_and_unload()
     elif gist_config.tune == "full":
         if not (run_dir / FULL_FILE).is_file():
@@ -341,7 +341,7 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
     return GistModel(model, tokenizer, gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
                      base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
-                     positions=gist_config.positions,
+                     positions=gist_config.positions, decoder=gist_config.decoder,
                      gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint).eval()
 
 

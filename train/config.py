@@ -39,6 +39,7 @@ class TrainConfig:
     positions: str = GistConfig.positions  # prefix mask: "compact" (a cache is a plain F+N prefix) or "original"
     template: str = GistConfig.template
     tune: str = GistConfig.tune
+    decoder: str = GistConfig.decoder  # "base": the adapter is off after the gist, the stock model reads the caches
     lora_r: int = GistConfig.lora_r
     lora_alpha: int = GistConfig.lora_alpha
     # what the student learns from: "labels" (cross-entropy on the answers), "distill" (KL from the
@@ -119,7 +120,7 @@ class TrainConfig:
 
     def gist_config(self) -> GistConfig:
         return GistConfig(model=self.model, num_gist_tokens=self.num_gist_tokens, condition=self.condition,
-                          mask=self.mask, positions=self.positions, template=self.template, tune=self.tune, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+                          mask=self.mask, positions=self.positions, template=self.template, tune=self.tune, decoder=self.decoder, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict:
         return asdict(self)

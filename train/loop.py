@@ -84,7 +84,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
             eval_rows = answered[len(train_rows):]
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask,
-                      positions=config.positions)
+                      positions=config.positions, decoder=config.decoder)
     if teacher is not None and teacher.disable_adapter:
         teacher.module = model.model  # the peft wrapper, whose adapter the teacher switches off
     encoded, eval_groups = encode_rows(model, train_rows, eval_rows, config, stats)
@@ -139,7 +139,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     by_split = {name: {"before": before.get(name), "after": after.get(name), "examples": len(eval_groups[name])}
                 for name in eval_groups if name != "eval"}
     metrics = {
-        "condition": config.condition, "mask": config.mask, "positions": config.positions, "objective": config.objective, "tune": config.tune,
+        "condition": config.condition, "mask": config.mask, "positions": config.positions, "decoder": config.decoder, "objective": config.objective, "tune": config.tune,
         "num_gist_tokens": config.num_gist_tokens,
         "steps": state["step"], "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
         "heldout_loss_by_split": by_split,

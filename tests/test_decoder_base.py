@@ -1,0 +1,108 @@
+"""Runs whose caches the untouched base model reads (`--decoder base`): the LoRA adapter works only where the gist
+is written (prefix, instruction, gist), and the tokens after the gist run with it switched off."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tiny
+from gistcache.cache import load_cache, save_cache
+from gistcache.compression import compress
+from gistcache.config import GistConfig
+from gistcache.errors import GistError
+from gistcache.generation import generate_full_prompt, generate_ids, generate_masked_ids
+from gistcache.model import GistModel, load_base_model, load_tokenizer
+from gistcache.run import load_run
+from gistcache.train.config import TrainConfig
+from gistcache.train.loop import train
+from test_compact import left_padded, rows
+from test_prefix_mask import INPUTS, INSTRUCTIONS
+
+
+@pytest.fixture(scope="module")
+def decoder_runs(tmp_path_factory):
+    """Two tiny LoRA runs from the same seed, one per decoder, trained with a large step size so the adapter
+    moves the logits."""
+    base = tmp_path_factory.mktemp("decoder")
+    model_dir = tiny.save_model_folder(base / "base")
+    out = {"model_dir": model_dir}
+    for decoder in ("base", "tuned"):
+        config = TrainConfig(out=str(base / f"run-{decoder}"), model=str(model_dir), preset="smoke", max_steps=3,
+                             num_gist_tokens=2, decoder=decoder, max_examples=16, eval_examples=4, batch_size=4,
+                             lr=5e-2)
+        assert train(config, show_progress=False)["decoder"] == decoder
+        out[decoder] = base / f"run-{decoder}"
+    return out
+
+
+def test_config_records_the_decoder_and_refuses_what_cannot_separate_it(decoder_runs):
+    assert GistConfig().decoder == "tuned" and GistConfig.from_dict({"mask": "prefix"}).decoder == "tuned"
+    saved = json.loads((decoder_runs["base"] / "config.json").read_text())["gist"]
+    assert saved["decoder"] == "base"
+    for bad in ({"tune": "gist"}, {"tune": "full"}, {"mask": "paper"}, {"positions": "original"},
+                {"condition": "pos_control", "mask": "paper"}):
+        with pytest.raises(GistError, match="--decoder base needs"):
+            GistConfig(decoder="base", **bad)
+    with pytest.raises(GistError, match="unknown --decoder 'frozen'"):
+        GistConfig(decoder="frozen")
+
+
+def test_the_adapter_is_off_after_the_gist_and_on_before_it(decoder_runs):
+    """The same trained adapter: logits up to the gist are the adapter's (they equal the tuned reading there),
+    logits after it equal a forward whose adapter is switched off everywhere but in pass 1 (computed here by
+    hand: the compress pass with the adapter, the rest through the bare base weights), and they differ from the
+    adapter's own reading after the gist (teeth)."""
+    model = load_run(decoder_runs["base"])
+    assert model.decoder == "base" and hasattr(model.model, "disable_adapter")  # kept unmerged
+    r = rows(model)[0]
+    ids = torch.tensor([r])
+    end = r.index(model.gist_token_id) + model.num_gist_tokens
+    with torch.no_grad():
+        base_after = model(ids, torch.ones_like(ids)).logits[0]
+        model.decoder = "tuned"
+        tuned_after = model(ids, torch.ones_like(ids)).logits[0]
+        model.decoder = "base"
+    torch.testing.assert_close(base_after[:end], tuned_after[:end], atol=1e-5, rtol=0)
+    assert (base_after[end:] - tuned_after[end:]).abs().max() > 1e-3
+
+
+def test_cache_path_equals_the_masked_definition_token_for_token(decoder_runs, tmp_path):
+    """compress -> save -> load -> generate from the file gives the masked forward's greedy tokens, for every
+    (instruction, input) pair in one batch; the decoder's full-prompt reading is the untouched base model's."""
+    model = load_run(decoder_runs["base"])
+    caches = [load_cache(save_cache(compress(model, text), tmp_path / f"c{i}.safetensors"), model)
+              for i, text in enumerate(INSTRUCTIONS)]
+    got = generate_ids(model, caches, INPUTS, max_new_tokens=6, do_sample=False)
+    want = generate_masked_ids(model, INSTRUCTIONS, INPUTS, max_new_tokens=6)
+    assert got == want
+    tokenizer = load_tokenizer(str(decoder_runs["model_dir"]))
+    untouched = GistModel(load_base_model(str(decoder_runs["model_dir"])), tokenizer, 2, mask="prefix").eval()
+    assert generate_full_prompt(model, INSTRUCTIONS, INPUTS, max_new_tokens=6) == \
+        generate_full_prompt(untouched, INSTRUCTIONS, INPUTS, max_new_tokens=6)
+
+
+def test_training_reaches_the_adapter_through_the_kept_slots(decoder_runs):
+    """With the adapter off after the gist, the answer's loss still reaches the LoRA weights: through the keys and
+    values pass 1 keeps (the prefix and the gist), which is all that trains them."""
+    model = load_run(decoder_runs["base"]).train()  # unmerged: the adapter is there to train
+    ids, mask = left_padded(rows(model))
+    labels = ids.masked_fill((mask == 0) | (ids == model.gist_token_id), -100)
+    for _, p in model.model.named_parameters():
+        p.requires_grad_(False)
+    lora = [p for n, p in model.model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.requires_grad_(True)
+    model(ids, mask, labels=labels).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_cli_takes_and_refuses_the_decoder(tmp_path):
+    from gistcache.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--decoder", "frozen"])
+    assert result.exit_code == 2 and "unknown --decoder 'frozen'" in result.output
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--decoder", "base", "--tune", "gist"])
+    assert result.exit_code == 2 and "--decoder base needs" in result.output
+    assert not (tmp_path / "r").exists()
