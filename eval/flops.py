@@ -70,7 +70,7 @@ def greedy_flops(model: GistModel, input_ids: torch.Tensor, attention_mask: torc
     position_ids: (1, T) rotary positions of the fed tokens.
     """
     lm = model.model
-    key = cache_kwarg(lm)
+    key = cache_kwarg(model.stock_model)
     flops = {"prefill": 0, "decode": 0}
     out, mask, position = None, attention_mask, position_ids[:, -1:]  # position: (1, 1)
 
@@ -91,7 +91,7 @@ def greedy_flops(model: GistModel, input_ids: torch.Tensor, attention_mask: torc
         flops["decode" if new else "prefill"] += int(counter.get_total_flops())
         return out.logits[0, -1]  # (V,)
 
-    with torch.no_grad():
+    with torch.no_grad(), model.decoding():  # what reads the cache (the base model for --decoder base)
         new = greedy_tokens(model, next_logits, max_new_tokens)
     return GenerationFlops(prefill=flops["prefill"], decode=flops["decode"], new_tokens=len(new))
 

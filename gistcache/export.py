@@ -2,7 +2,8 @@
 
     DIR/config.json, model.safetensors, generation_config.json   the base model, the run's LoRA merged (or its
                                                                   full weights), in one dtype; a GGUF base is
-                                                                  dequantized on the way
+                                                                  dequantized on the way. A run trained with
+                                                                  --decoder base: the untouched base weights
     DIR/tokenizer.json, tokenizer_config.json, ...               the run's tokenizer (its <GIST> token included)
     DIR/gistcache.json                                           what the folder serves: the run's identity
                                                                   (fingerprints, template, mask), N, F, shapes,
@@ -11,6 +12,8 @@
                                                                   still be compressed from the folder alone
     DIR/gistcache/prefix_kv.safetensors                          the run's fixed-prefix keys/values (prefix mask
                                                                   only, F > 0) at positions 0..F-1, and inv_freq
+    DIR/gistcache/adapter/                                       --decoder base only: the LoRA adapter, which
+                                                                  compresses (the served weights never use it)
 
 (The gist tensors sit in a subfolder: engines load every *.safetensors file at the top as weights.)
 
@@ -47,6 +50,7 @@ from gistcache.run import GIST_FILE
 EXPORT_FILE = "gistcache.json"
 GIST_DIR = "gistcache"
 PREFIX_FILE = "prefix_kv.safetensors"
+ADAPTER_DIR = "adapter"
 EXPORT_FORMAT = "gistcache-export"
 EXPORT_VERSION = 1
 
@@ -83,7 +87,8 @@ def export_run(run_dir: str | Path | None, out_dir: str | Path, *, dtype: torch.
     """Write the run as a Hugging Face folder at `out_dir` (atomically: an earlier export there is replaced whole).
 
     The LoRA adapter is merged (`GistModel.from_pretrained` does it), so the folder holds plain
-    weights of the base architecture that any engine loads.
+    weights of the base architecture that any engine loads; a run trained with `--decoder base`
+    exports the untouched base weights (what reads its caches) and keeps the adapter beside them.
     """
     check_export_dir(out_dir)
     return export_model(GistModel.from_pretrained(run_dir, dtype=dtype), out_dir)
@@ -100,25 +105,30 @@ def check_export_dir(out_dir: str | Path) -> Path:
 
 
 def export_model(model: GistModel, out_dir: str | Path) -> ExportInfo:
-    """Write a GistModel loaded from a run (LoRA merged) as an exported folder; see `export_run`."""
+    """Write a GistModel loaded from a run (LoRA merged, or unmerged for --decoder base) as an exported folder;
+    see `export_run`."""
     out_dir = check_export_dir(out_dir)
     if model.gist_config is None:
         raise GistError("export needs a model that knows its run: load it with GistModel.from_pretrained(RUN)")
     num_layers, kv_heads, head_dim = model_kv_shape(model)
+    weights = model.decoder_state_dict()  # the weights that read the caches: what the engine serves
     info = ExportInfo(identity=model_identity(model), gist=model.gist_config.to_dict(),
                       num_gist_tokens=model.num_gist_tokens, num_prefix_tokens=model.num_prefix_tokens,
                       gist_token_id=model.gist_token_id, dtype=dtype_name(model.model.dtype), num_layers=num_layers,
                       kv_heads=kv_heads, head_dim=head_dim, max_context=model.max_context(),
-                      exported_fingerprint=fingerprint_model(model.model), source_run=str(model.run_dir))
-    with atomic_path(out_dir, folder=True) as tmp, quiet_transformers(), dequantized(model.model):
-        model.model.save_pretrained(tmp, safe_serialization=True)
+                      exported_fingerprint=fingerprint_model(model.stock_model, state_dict=weights),
+                      source_run=str(model.run_dir))
+    with atomic_path(out_dir, folder=True) as tmp, quiet_transformers(), dequantized(model.stock_model):
+        model.stock_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         model.tokenizer.save_pretrained(tmp)
         (tmp / GIST_DIR).mkdir()
+        if model.decoder == "base":
+            model.model.save_pretrained(tmp / GIST_DIR / ADAPTER_DIR, safe_serialization=True)
         save_file({"gist_embedding": model.gist_embedding.detach().float().cpu().contiguous()},
                   tmp / GIST_DIR / GIST_FILE)
         prefix = model.prefix_kv()  # [(keys, values)] at positions 0..F-1, (1, kv_heads, F, head_dim); [] if F = 0
         if prefix:
-            tensors = {"inv_freq": model_inv_freq(model.model).contiguous()}
+            tensors = {"inv_freq": model_inv_freq(model.stock_model).contiguous()}
             for i, (k, v) in enumerate(prefix):
                 tensors[f"layers.{i}.keys"] = k.detach().cpu().contiguous()
                 tensors[f"layers.{i}.values"] = v.detach().cpu().contiguous()
@@ -228,8 +238,17 @@ def load_exported(export_dir: str | Path) -> GistModel:
                         f"run again")
     gist = load_file(Path(export_dir) / GIST_DIR / GIST_FILE)["gist_embedding"]
     config = GistConfig.from_dict(info.gist)
-    layout = {"positions": config.positions} if hasattr(config, "positions") else {}
+    if config.decoder == "base":  # the served weights are the base's; the adapter that compresses sits beside them
+        from peft import PeftConfig, PeftModel  # deferred: peft takes seconds to import
+
+        adapter_dir = Path(export_dir) / GIST_DIR / ADAPTER_DIR
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise GistError(f"{export_dir} serves a --decoder base run but has no {GIST_DIR}/{ADAPTER_DIR}: export "
+                            f"the run again")
+        with quiet_transformers():
+            adapter = PeftConfig.from_pretrained(str(adapter_dir))
+            model = PeftModel.from_pretrained(model, str(adapter_dir), config=adapter, use_safetensors=True)
     return GistModel(model.eval(), tokenizer, info.num_gist_tokens, gist_embedding=gist,
                      base_fingerprint=info.identity.base_fingerprint, template=info.identity.template,
                      mask=info.identity.mask, gist_config=config, run_fingerprint=info.identity.run_fingerprint,
-                     **layout).eval()
+                     positions=config.positions, decoder=config.decoder).eval()

@@ -167,7 +167,8 @@ def check_architecture(model: nn.Module) -> None:
         raise GistError(f"model type {config.model_type!r} is encoder-decoder: gistcache needs a decoder-only LM")
 
 
-def fingerprint_model(model: nn.Module, *, as_dtype: torch.dtype | None = None) -> str:
+def fingerprint_model(model: nn.Module, *, as_dtype: torch.dtype | None = None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """A SHA-256 over the architecture and a strided sample of every weight.
 
     Cheap for large models (it reads at most 4096 values a tensor, in the weights' own dtype and on
@@ -175,14 +176,15 @@ def fingerprint_model(model: nn.Module, *, as_dtype: torch.dtype | None = None) 
     checkpoint, so a cache or run made with one base model is refused by another. Float32 weights
     and weights stored in the dtype they are loaded in give the same value. `as_dtype` rounds the
     sample to that dtype first: computed on float32 weights, it is the fingerprint the same weights
-    have once loaded in `as_dtype` (what a run records for its other dtypes).
+    have once loaded in `as_dtype` (what a run records for its other dtypes). `state_dict` replaces
+    the model's own weights (its config still names the architecture).
     """
     h = hashlib.sha256()
     cfg = model.config
     arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                                                "num_attention_heads", "num_key_value_heads", "head_dim")}
     h.update(json.dumps(arch, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted((model.state_dict() if state_dict is None else state_dict).items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096]
@@ -288,6 +290,14 @@ class GistModel(nn.Module):
     def stock_model(self) -> nn.Module:
         """The transformers model itself, under a peft wrapper if there is one (its forward names the cache argument)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def decoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that read the caches, under the stock model's own names: the model's weights, or for a run
+        with decoder="base" the untouched base weights beneath its unmerged LoRA adapter."""
+        if self.decoder != "base":
+            return self.model.state_dict()
+        return {name.replace(".base_layer.", "."): tensor for name, tensor in self.stock_model.state_dict().items()
+                if "lora_" not in name}
 
     @property
     def device(self) -> torch.device:

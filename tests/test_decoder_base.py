@@ -106,3 +106,40 @@ def test_cli_takes_and_refuses_the_decoder(tmp_path):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--decoder", "base", "--tune", "gist"])
     assert result.exit_code == 2 and "--decoder base needs" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_export_serves_the_untouched_base_weights(decoder_runs, tmp_path):
+    """`gist export` of a --decoder base run writes the base weights themselves (logits equal the untouched model's,
+    exactly; the fingerprint is the run's base fingerprint), keeps the adapter beside them for compressing, and
+    a stock model over the served slots answers as `gist generate` does."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from gistcache.export import GIST_DIR, export_run, load_exported, read_export, read_prefix_kv, request_ids, served_kv
+    from gistcache.generation import GREEDY
+    from gistcache.model import cache_kwarg
+
+    run = decoder_runs["base"]
+    info = export_run(run, tmp_path / "hf")
+    model = load_run(run)
+    assert info.exported_fingerprint == model.base_fingerprint
+    assert [p.name for p in (tmp_path / "hf").glob("*.safetensors")] == ["model.safetensors"]
+    assert (tmp_path / "hf" / GIST_DIR / "adapter" / "adapter_model.safetensors").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    untouched = load_base_model(str(decoder_runs["model_dir"]))
+    ids = torch.randint(0, 250, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, untouched(ids).logits, atol=0, rtol=0)
+    served = load_exported(tmp_path / "hf")
+    prefix, inv_freq = read_prefix_kv(tmp_path / "hf", read_export(tmp_path / "hf"))
+    for ours, theirs in zip(compress(model, INSTRUCTIONS), compress(served, INSTRUCTIONS)):
+        for x, y in zip([*ours.keys, *ours.values], [*theirs.keys, *theirs.values]):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+        expected = generate_ids(model, ours, INPUTS[0], max_new_tokens=6, **GREEDY)[0]
+        request = torch.tensor([request_ids(model.tokenizer, info.identity.template, ours, INPUTS[0])])
+        past = DynamicCache(ddp_cache_data=served_kv(ours, prefix, inv_freq), config=hf.config)
+        out = hf.generate(input_ids=request, max_new_tokens=6, eos_token_id=model.tokenizer.eos_token_id,
+                          suppress_tokens=[model.gist_token_id] if model.gist_token_id < 260 else None,
+                          **{cache_kwarg(hf): past}, **GREEDY)
+        got = out[0, request.shape[1]:].tolist()
+        eos = model.tokenizer.eos_token_id
+        assert (got[:got.index(eos) + 1] if eos in got else got) == expected

@@ -78,6 +78,8 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
         + f" (condition `{gist['condition']}`) |",
         f"| template | `{gist['template']}` |",
         f"| tuned | {tuning} |",
+        *([f"| reads the caches | the untouched base model (`--decoder base`: the adapter works only where the gist "
+           f"is written) |"] if gist.get("decoder") == "base" else []),
         f"| objective | `{train.get('objective', 'labels')}` |",
         f"| data | {', '.join(Path(d).name for d in train.get('data', [])) or 'the built-in instruction set'} |",
     ]
