@@ -248,10 +248,18 @@ class GistCache:
 
 def stack_layers(model: GistModel, caches: list[GistCache],
                  device: str | torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(keys, values)] per layer, each (B, kv_heads, F+N, head_dim): one row per cache, the run's fixed
-    prefix (prefix mask only, F = 0 otherwise) turned to the cache's `prefix_start`, then its gist."""
+    """[(keys, values)] per layer, each (B, kv_heads, F+N, head_dim): `cached_slots` with the model's own fixed
+    prefix (prefix mask only, F = 0 otherwise)."""
     prefix = model.prefix_kv()  # [(keys, values)] at positions 0..F-1; [] under the paper's mask
-    inv_freq = model_inv_freq(model.model) if prefix else None
+    return cached_slots(caches, prefix, model_inv_freq(model.stock_model) if prefix else None, device)
+
+
+def cached_slots(caches: list[GistCache], prefix: list[tuple[torch.Tensor, torch.Tensor]],
+                 inv_freq: torch.Tensor | None, device: str | torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first F+N slots of a request, per layer (B, kv_heads, F+N, head_dim), one row per cache: the fixed
+    prefix `prefix` (per layer (1, kv_heads, F, head_dim) at positions 0..F-1; [] when F = 0) turned to the
+    cache's `prefix_start`, then its gist. `generate` (through `stack_layers`) and a serving engine (the
+    exported prefix, `gistcache.export.served_kv`) both lay out a request with it."""
     kv = []
     for layer in range(caches[0].num_layers):
         keys = torch.cat([c.keys[layer] for c in caches]).to(device)  # (B, kv_heads, N, head_dim)

@@ -40,7 +40,7 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
     moved to positions F..F+N-1 (F = `model.num_prefix_tokens`).
     """
     check_batch_size(batch_size)
-    inv_freq = model_inv_freq(model.model)  # refuses rotary scaling that is not shift-invariant, before any work
+    inv_freq = model_inv_freq(model.stock_model)  # refuses rotary scaling that is not shift-invariant, before any work
     N, F = model.num_gist_tokens, model.num_prefix_tokens
     limit = model.max_context()
     for i, ids in enumerate(prompt_ids):

@@ -18,8 +18,8 @@
 (The gist tensors sit in a subfolder: engines load every *.safetensors file at the top as weights.)
 
 A server (`gistcache.vllm`) serves gist caches from that folder without transformers' model code:
-`served_kv` lays out the first F+N slots of a request exactly as `gistcache.cache.stack_layers`
-does for `generate` (the prefix keys turned to the cache's `prefix_start`, then the gist), and
+`served_kv` lays out the first F+N slots of a request with `gistcache.cache.cached_slots`, as
+`generate` does (the prefix keys turned to the cache's `prefix_start`, then the gist), and
 `request_ids` gives the request's token ids: `GistCache.input_ids()` placeholders, then the
 templated input, as in the README's stock `generate` snippet. `check_served_cache` refuses a cache
 the folder does not serve, naming the field. Tensors are read only from safetensors.
@@ -38,13 +38,13 @@ from safetensors.torch import load_file, save_file
 
 from gistcache._io import atomic_path, atomic_write_text
 from gistcache._version import __version__
-from gistcache.cache import GistCache
+from gistcache.cache import GistCache, cached_slots
 from gistcache.config import DTYPES, GistConfig, dtype_name
 from gistcache.errors import GistError
 from gistcache.identity import FIX, ModelIdentity, check_identity, model_identity, model_kv_shape
 from gistcache.model import GistModel, add_gist_token, fingerprint_model, quiet_transformers
 from gistcache.prompts import encode_input
-from gistcache.rotary import model_inv_freq, move_keys
+from gistcache.rotary import model_inv_freq
 from gistcache.run import GIST_FILE
 
 EXPORT_FILE = "gistcache.json"
@@ -206,17 +206,9 @@ def check_served_cache(info: ExportInfo, cache: GistCache, *, source: str = "the
 
 def served_kv(cache: GistCache, prefix: list[tuple[torch.Tensor, torch.Tensor]],
               inv_freq: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(keys, values)] per layer, each (1, kv_heads, F+N, head_dim): the run's prefix turned to the cache's
-    `prefix_start`, then its gist. The same tensors as `stack_layers(model, [cache], "cpu")` (a test checks
-    it), built from the exported prefix instead of the model."""
-    out = []
-    for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-        if prefix:
-            pk, pv = prefix[layer]  # (1, kv_heads, F, head_dim) at positions 0..F-1
-            keys = torch.cat([move_keys(pk, inv_freq, 0, inv_freq, cache.prefix_start).to(keys.dtype), keys], dim=2)
-            values = torch.cat([pv.to(values.dtype), values], dim=2)
-        out.append((keys, values))
-    return out
+    """[(keys, values)] per layer, each (1, kv_heads, F+N, head_dim): `gistcache.cache.cached_slots` of one cache
+    with the exported prefix, on the CPU (the layout `generate` uses, built without the model)."""
+    return cached_slots([cache], prefix, inv_freq, "cpu")
 
 
 def request_ids(tokenizer, template: str, cache: GistCache, text: str) -> list[int]:
