@@ -16,7 +16,9 @@ included: what the gist tokens replace), G = N gist ids and I = `encode_input(in
 trained weights) reading the full prompt, with no gist token. The other baselines keep the N gist
 tokens so that the gist-trained model reads the layout it was
 trained on; they carry no information the visible prompt does not, so they are not counted as
-prompt state.
+prompt state. A run trained with `--decoder base` reads everything after its gist with the untouched
+base model, which never reads a gist token as an input token: its baselines drop G (G is empty), so
+its `full` is `base`.
 
 `neg_control`: a run trained so that tokens after the gist see neither the prompt nor the gist.
 Its masked forward lets the input and the new tokens attend only to themselves, at rotary

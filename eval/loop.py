@@ -185,10 +185,14 @@ def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Exam
 
 def _load_models(spec: RunSpec, device: str, dtype: torch.dtype) -> RunModels:
     gm = load_run(spec.path, device=device, dtype=dtype)
-    base_gm = load_untouched_base(gm, dtype=dtype, device=device) if "base" in spec.conditions else None
+    base_gm = None
+    if "base" in spec.conditions:  # a --decoder base run reads full prompts with its adapter off: the base model itself
+        base_gm = gm if gm.decoder == "base" else load_untouched_base(gm, dtype=dtype, device=device)
     layers, kv_heads, head_dim = model_kv_shape(gm)
     bytes_per_position = layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-    return RunModels(gm=gm, base_gm=base_gm, gist_ids=[gm.gist_token_id] * gm.num_gist_tokens,
+    # the baselines keep the gist ids where the trained model reads them (conditions.py); not a --decoder base run
+    gist_ids = [] if gm.decoder == "base" else [gm.gist_token_id] * gm.num_gist_tokens
+    return RunModels(gm=gm, base_gm=base_gm, gist_ids=gist_ids,
                      template_ids=template_only_ids(gm.tokenizer, spec.template),
                      bytes_per_position=bytes_per_position)
 

@@ -143,3 +143,21 @@ def test_export_serves_the_untouched_base_weights(decoder_runs, tmp_path):
         got = out[0, request.shape[1]:].tolist()
         eos = model.tokenizer.eos_token_id
         assert (got[:got.index(eos) + 1] if eos in got else got) == expected
+
+
+def test_eval_of_a_base_decoder_run(decoder_runs, tmp_path):
+    """`gist eval` on a --decoder base run: its full-prompt reading is the untouched base model, so the `base`
+    baseline (the same model, not loaded twice) answers exactly as `full`, and retention vs base is retention."""
+    from gistcache.eval.config import EvalConfig
+    from gistcache.eval.loop import evaluate
+
+    rows = [{"instruction": text, "input": given, "output": "ok"} for text, given in zip(INSTRUCTIONS, INPUTS)]
+    (tmp_path / "mine.json").write_text(json.dumps(rows))
+    results = evaluate(EvalConfig(runs=[str(decoder_runs["base"])], baselines=["full", "base"],
+                                  splits=[str(tmp_path / "mine.json")], out=str(tmp_path / "e"), max_new_tokens=4,
+                                  flops_examples=1), show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows) and all(line["outputs"]["base"] == line["outputs"]["full"] for line in lines)
+    fidelity = results["fidelity"][0]  # (NaN when every answer scores 0 against "ok": compared as text)
+    assert fidelity["retention_vs_base"] is not None
+    assert json.dumps(fidelity["retention_vs_base"]) == json.dumps(fidelity["retention"])
