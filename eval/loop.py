@@ -185,9 +185,7 @@ def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Exam
 
 def _load_models(spec: RunSpec, device: str, dtype: torch.dtype) -> RunModels:
     gm = load_run(spec.path, device=device, dtype=dtype)
-    base_gm = None
-    if "base" in spec.conditions:  # a --decoder base run reads full prompts with its adapter off: the base model itself
-        base_gm = gm if gm.decoder == "base" else load_untouched_base(gm, dtype=dtype, device=device)
+    base_gm = load_untouched_base(gm, dtype=dtype, device=device) if "base" in spec.conditions else None
     layers, kv_heads, head_dim = model_kv_shape(gm)
     bytes_per_position = layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     # the baselines keep the gist ids where the trained model reads them (conditions.py); not a --decoder base run

@@ -414,7 +414,10 @@ def _tied_names(model) -> set[str]:
 
 def load_untouched_base(model: GistModel, *, dtype: torch.dtype, device: str | torch.device) -> GistModel:
     """The base model of a run from `load_run` before any tuning (no adapter, no trained weights), with the
-    run's tokenizer and template: what a user runs without gistcache, for full-prompt comparisons."""
+    run's tokenizer and template: what a user runs without gistcache, for full-prompt comparisons. A run trained
+    with `--decoder base` is returned itself: it reads everything but its own gist with the adapter off."""
+    if model.decoder == "base":
+        return model
     base = load_base_model(model.gist_config.model, dtype=dtype, device=device)
     return GistModel(base, model.tokenizer, model.num_gist_tokens, template=model.template).eval()
 

@@ -161,3 +161,13 @@ def test_eval_of_a_base_decoder_run(decoder_runs, tmp_path):
     fidelity = results["fidelity"][0]  # (NaN when every answer scores 0 against "ok": compared as text)
     assert fidelity["retention_vs_base"] is not None
     assert json.dumps(fidelity["retention_vs_base"]) == json.dumps(fidelity["retention"])
+
+
+def test_the_untouched_base_of_a_base_decoder_run_is_the_run(decoder_runs):
+    """--compare-full and the `base` baseline need no second copy of the weights for a --decoder base run."""
+    from gistcache.run import load_untouched_base
+
+    model = load_run(decoder_runs["base"])
+    assert load_untouched_base(model, dtype=torch.float32, device="cpu") is model
+    tuned = load_run(decoder_runs["tuned"])
+    assert load_untouched_base(tuned, dtype=torch.float32, device="cpu") is not tuned
