@@ -37,6 +37,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_decoder(decoder: str) -> str:
+    """Who reads the caches (`GistConfig.decoder`); refuse any other name."""
+    if decoder not in DECODERS:
+        raise GistError(f"unknown --decoder {decoder!r}: use one of {', '.join(DECODERS)}")
+    return decoder
+
+
 def check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GistError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
@@ -77,13 +84,12 @@ class GistConfig:
             raise GistError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
         if self.tune not in TUNE_MODES:
             raise GistError(f"unknown --tune {self.tune!r}: use one of {', '.join(TUNE_MODES)}")
-        if self.decoder not in DECODERS:
-            raise GistError(f"unknown --decoder {self.decoder!r}: use one of {', '.join(DECODERS)}")
+        check_decoder(self.decoder)
         if self.decoder == "base" and (self.tune != "lora" or self.condition != "gist" or self.mask != "prefix"
                                        or self.positions != "compact"):
             raise GistError("--decoder base needs --tune lora, --condition gist, --mask prefix and --positions compact: "
-                            "the adapter is "
-                            "switched off for the tokens after the gist, which only the compact two-pass forward separates")
+                            "the adapter is switched off for the tokens after the gist, which only the compact "
+                            "two-pass forward separates")
         if self.lora_r < 1:
             raise GistError(f"--lora-r must be >= 1, got {self.lora_r}")
         if self.lora_alpha < 1:

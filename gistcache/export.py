@@ -45,7 +45,7 @@ from gistcache.identity import FIX, ModelIdentity, check_identity, model_identit
 from gistcache.model import GistModel, add_gist_token, fingerprint_model, quiet_transformers
 from gistcache.prompts import encode_input
 from gistcache.rotary import model_inv_freq
-from gistcache.run import GIST_FILE
+from gistcache.run import ADAPTER_FILE, GIST_FILE, attach_adapter
 
 EXPORT_FILE = "gistcache.json"
 GIST_DIR = "gistcache"
@@ -231,15 +231,11 @@ def load_exported(export_dir: str | Path) -> GistModel:
     gist = load_file(Path(export_dir) / GIST_DIR / GIST_FILE)["gist_embedding"]
     config = GistConfig.from_dict(info.gist)
     if config.decoder == "base":  # the served weights are the base's; the adapter that compresses sits beside them
-        from peft import PeftConfig, PeftModel  # deferred: peft takes seconds to import
-
         adapter_dir = Path(export_dir) / GIST_DIR / ADAPTER_DIR
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if not (adapter_dir / ADAPTER_FILE).is_file():
             raise GistError(f"{export_dir} serves a --decoder base run but has no {GIST_DIR}/{ADAPTER_DIR}: export "
                             f"the run again")
-        with quiet_transformers():
-            adapter = PeftConfig.from_pretrained(str(adapter_dir))
-            model = PeftModel.from_pretrained(model, str(adapter_dir), config=adapter, use_safetensors=True)
+        model = attach_adapter(model, adapter_dir, config.model)
     return GistModel(model.eval(), tokenizer, info.num_gist_tokens, gist_embedding=gist,
                      base_fingerprint=info.identity.base_fingerprint, template=info.identity.template,
                      mask=info.identity.mask, gist_config=config, run_fingerprint=info.identity.run_fingerprint,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gistcache.config import GIST_TOKEN, GistConfig
+from gistcache.config import GIST_TOKEN, GistConfig, check_decoder
 from gistcache.errors import GistError
 from gistcache.masks import check_mask, check_positions, gist_attention_mask, make_position_ids
 from gistcache.prompts import resolve_template, visible_prefix_ids
@@ -245,7 +245,7 @@ class GistModel(nn.Module):
         self.positions = check_positions(positions) if self.mask == "prefix" else "compact"
         # the template's fixed prefix: visible after the gist under the prefix mask
         self.prefix_ids = visible_prefix_ids(tokenizer, self.template, self.mask)
-        self.decoder = decoder  # "base": the tokens after the gist run with the LoRA adapter off (see `decoding`)
+        self.decoder = check_decoder(decoder)  # "base": the tokens after the gist run with the adapter off (`decoding`)
         if decoder == "base" and not hasattr(model, "disable_adapter"):
             raise GistError("a run with --decoder base keeps its LoRA adapter apart from the weights: load it "
                             "unmerged (GistModel.from_pretrained does so for such runs)")

@@ -313,14 +313,10 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
     check_base_fingerprint(base, data, gist_config.model, run_dir, attn_implementation=attn_implementation)
     model = base
     if gist_config.tune == "lora":
-        from peft import PeftConfig, PeftModel  # deferred: peft takes seconds to import
-
         if not (run_dir / ADAPTER_FILE).is_file():
             raise GistError(f"run {run_dir} was tuned with LoRA but has no {ADAPTER_FILE}")
-        with quiet_transformers(), reading_run_file(run_dir / ADAPTER_CONFIG_FILE, run_dir / ADAPTER_FILE):
-            adapter = PeftConfig.from_pretrained(str(run_dir))
-            adapter.base_model_name_or_path = gist_config.model  # the recorded one is ignored: config.json names it
-            model = PeftModel.from_pretrained(base, str(run_dir), config=adapter, use_safetensors=True)
+        with reading_run_file(run_dir / ADAPTER_CONFIG_FILE, run_dir / ADAPTER_FILE):
+            model = attach_adapter(base, run_dir, gist_config.model)
         if merge and gist_config.decoder == "tuned":  # decoder "base" switches the adapter off after the gist
             model = model.merge_and_unload()
     elif gist_config.tune == "full":
@@ -343,6 +339,17 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
                      base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
                      positions=gist_config.positions, decoder=gist_config.decoder,
                      gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint).eval()
+
+
+def attach_adapter(base, folder: Path, model_name: str):
+    """`base` under the LoRA adapter saved in `folder` (adapter_config.json, adapter_model.safetensors), unmerged.
+    The base model the adapter config records is replaced by `model_name`: the run's config.json names it."""
+    from peft import PeftConfig, PeftModel  # deferred: peft takes seconds to import
+
+    with quiet_transformers():
+        adapter = PeftConfig.from_pretrained(str(folder))
+        adapter.base_model_name_or_path = model_name
+        return PeftModel.from_pretrained(base, str(folder), config=adapter, use_safetensors=True)
 
 
 @contextlib.contextmanager

@@ -47,6 +47,8 @@ def test_config_records_the_decoder_and_refuses_what_cannot_separate_it(decoder_
             GistConfig(decoder="base", **bad)
     with pytest.raises(GistError, match="unknown --decoder 'frozen'"):
         GistConfig(decoder="frozen")
+    with pytest.raises(GistError, match="unknown --decoder 'frozen'"):
+        GistModel(tiny.make_model("llama"), tiny.make_tokenizer(), 1, mask="prefix", decoder="frozen")
 
 
 def test_the_adapter_is_off_after_the_gist_and_on_before_it(decoder_runs):
