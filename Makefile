@@ -12,8 +12,7 @@ RUN ?= runs/demo
 DEMO_PROMPT ?= Name the capital city of the given country. Answer with the city name only.
 DATA ?= ../shared/data
 SHIP := gistcache/pretrained/smollm2-135m-gist1
-SHIP_RECIPE ?= --preset validate --mask prefix --positions compact --decoder base --objective distill --lora-r 8 --lora-alpha 16 --lr 1e-3 \
-  --gist-lr 1e-4 --max-length 320 --batch-size 8 --max-steps 140 --eval-examples 96 --mixed-precision bf16 --save-every 20
+SHIP_RECIPE ?= --preset shipped --save-every 20
 SHIP_EVAL_LIMIT ?= 252
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
@@ -57,8 +56,8 @@ fuzz: $(STAMP)
 	GISTCACHE_FUZZ=$(FUZZ) GISTCACHE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s -p no:cacheprovider \
 	  tests/test_fuzz.py -k test_fuzz_cache_files
 
-# How the shipped run was made (about 60 min of training and 30 min of evaluation on a shared 2-core CPU; --decoder base:
-# the stock model reads the caches, so its full-prompt baseline is the untouched base model):
+# How the shipped run was made: `gist train --preset shipped` (about 37 min on this 2-core CPU) and its evaluation; --decoder base:
+# the stock model reads the caches, so its full-prompt baseline is the untouched base model:
 # train on SuperNI + Alpaca demo + Self-Instruct seeds with every Alpaca+ validation instruction
 # excluded, measure it on Alpaca+ unseen and human, and copy the small files into the package.
 ship-run: $(STAMP)

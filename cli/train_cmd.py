@@ -12,11 +12,16 @@ from gistcache.cli.options import JsonOut
 from gistcache.model import quiet_transformers
 from gistcache.train import loop
 from gistcache.train.checkpoint import saved_run_config
-from gistcache.train.config import TrainConfig
+from gistcache.train.config import DEFAULTS, TrainConfig
 
 
 # CLI parameters whose TrainConfig field has another name
 FIELD_OF_PARAM = {"num_gist": "num_gist_tokens", "json_out": None, "ctx": None}
+
+
+def _default(field: str) -> str:
+    """Help text for a flag whose default a preset may replace (TrainConfig.DEFAULTS holds the value)."""
+    return f" Default: {DEFAULTS[field]} (or the preset's)."
 
 
 @friendly_errors
@@ -27,36 +32,36 @@ def train(
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Alpaca-format JSON/JSONL file (repeatable). Default: the built-in instruction set.")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out file(s): held-out loss, and their instructions are dropped from training.")] = None,
     exclude_data: Annotated[Optional[list[str]], typer.Option("--exclude", help="File(s) whose instructions are dropped from training and not scored (e.g. the evaluation splits you will report).")] = None,
-    preset: Annotated[str, typer.Option(help="Data size and steps: smoke | test | validate | full.")] = "test",
+    preset: Annotated[str, typer.Option(help="Data size and steps: smoke | test | validate | full; or shipped: the whole recipe of the run shipped in the package (flags given still win).")] = "test",
     model: Annotated[str, typer.Option(help="Hugging Face id or folder, a .gguf file, or smollm2-135m.")] = "smollm2-135m",
     num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens per prompt.")] = 1,
     condition: Annotated[str, typer.Option(help="gist | pos_control | neg_control.")] = "gist",
     mask: Annotated[Optional[str], typer.Option("--mask", help="prefix (tokens after the gist also see the template's fixed prefix; default for --condition gist) | paper (they see nothing before the gist).")] = None,
-    positions: Annotated[str, typer.Option("--positions", help="compact (prefix mask: the input continues right after the prefix and the gist, so a cache is a plain prefix and the instruction never counts against the context) | original (the full prompt's positions).")] = "compact",
+    positions: Annotated[Optional[str], typer.Option("--positions", help=f"compact (prefix mask: the input continues right after the prefix and the gist, so a cache is a plain prefix and the instruction never counts against the context) | original (the full prompt's positions).{_default('positions')}")] = None,
     tune: Annotated[str, typer.Option(help="gist (only the gist embedding) | lora | full.")] = "lora",
-    decoder: Annotated[str, typer.Option("--decoder", help="tuned (the trained model reads the caches) | base (LoRA only where the gist is written: the untouched base model reads the caches, so an engine serving the stock weights serves them).")] = "tuned",
-    objective: Annotated[str, typer.Option("--objective", help="labels (cross-entropy on the answers) | distill (KL from the base model reading the full prompt) | mix (both).")] = "labels",
+    decoder: Annotated[Optional[str], typer.Option("--decoder", help=f"tuned (the trained model reads the caches) | base (LoRA only where the gist is written: the untouched base model reads the caches, so an engine serving the stock weights serves them).{_default('decoder')}")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help=f"labels (cross-entropy on the answers) | distill (KL from the base model reading the full prompt) | mix (both).{_default('objective')}")] = None,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the distillation KL.")] = 1.0,
     teacher_answers: Annotated[bool, typer.Option("--teacher-answers", help="Answer every --data row with the base model reading the full prompt first (greedy, cached in the run folder) and train on those answers.")] = False,
     teacher_max_new_tokens: Annotated[int, typer.Option("--teacher-max-new-tokens", help="Longest teacher answer, in tokens.")] = 96,
     template: Annotated[str, typer.Option(help="auto | chat | plain (the paper's).")] = "auto",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then decay).")] = 1e-4,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (linear warmup, then decay).{_default('lr')}")] = None,
     gist_lr: Annotated[Optional[float], typer.Option("--gist-lr", help="Learning rate of the gist embedding (default: --lr).")] = None,
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of the steps that warm the learning rate up linearly.")] = 0.1,
-    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA scale numerator (update scaled by alpha / r).")] = 32,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help=f"LoRA rank.{_default('lora_r')}")] = None,
+    lora_alpha: Annotated[Optional[int], typer.Option("--lora-alpha", help=f"LoRA scale numerator (update scaled by alpha / r).{_default('lora_alpha')}")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per device; default from the preset.")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
     max_examples: Annotated[Optional[int], typer.Option("--max-examples")] = None,
     eval_examples: Annotated[Optional[int], typer.Option("--eval-examples")] = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="Longer rows are dropped, never cut.")] = 512,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help=f"Longer rows are dropped, never cut.{_default('max_length')}")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on GPU) | no | bf16 | fp16.")] = "auto",
+    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help=f"auto (bf16 on GPU) | no | bf16 | fp16.{_default('mixed_precision')}")] = None,
     attn_implementation: Annotated[str, typer.Option("--attn", help="sdpa | eager.")] = "sdpa",
     json_out: JsonOut = False,
 ) -> None:

@@ -261,6 +261,8 @@ CASES = [
     # --- train ------------------------------------------------------------------------------------------
     case("train-num-gist-0", lambda c: [*TRAIN, "--out", c.tmp / "r", "--model", c.model, "--num-gist", "0"],
      "--num-gist"),
+    case("train-shipped-preset-gist-only", lambda c: ["train", "--out", c.tmp / "r", "--model", c.model, "--preset",
+                                                  "shipped", "--tune", "gist"], "--preset shipped sets --decoder base"),
     case("train-data-not-utf8", lambda c: [*TRAIN, "--out", c.tmp / "r", "--model", c.model, "--data", non_utf8(c)],
      "not UTF-8"),
     case("train-data-bad-json", lambda c: [*TRAIN, "--out", c.tmp / "r", "--model", c.model,

@@ -45,6 +45,50 @@ def test_train_flag_defaults_match_the_config():
     assert checked >= 15
 
 
+def test_train_help_names_the_defaults_a_preset_may_replace():
+    """A flag a preset may set defaults to None (not given); its help names TrainConfig.DEFAULTS' value."""
+    import inspect
+    import typing
+
+    from gistcache.cli.train_cmd import train
+    from gistcache.train.config import DEFAULTS
+
+    params, hints = inspect.signature(train).parameters, typing.get_type_hints(train, include_extras=True)
+    for field_name, value in DEFAULTS.items():
+        assert params[field_name].default is None, field_name
+        help_text = hints[field_name].__metadata__[0].help
+        assert f"Default: {value} (or the preset's)." in help_text, field_name
+
+
+def _config_of(tmp_path, *flags):
+    fake = {"condition": "gist", "steps": 3, "heldout_loss": 1.0, "loss_curve": []}
+    with mock.patch("gistcache.train.loop.train", return_value=fake) as train:
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), *flags, "--json"])
+    assert result.exit_code == 0, result.output
+    return train.call_args[0][0]
+
+
+def test_shipped_preset_is_the_whole_recipe_and_given_flags_win(tmp_path):
+    """`--preset shipped` sets the shipped run's recipe (mask, decoder, objective, LoRA, rates, sizes); a
+    flag given wins over it even when its value is the plain default (--lr 1e-4, --decoder tuned)."""
+    from gistcache.train.card import train_command
+    from gistcache.train.config import PRESETS
+
+    config = _config_of(tmp_path, "--preset", "shipped")
+    for name, value in PRESETS["shipped"].items():
+        assert getattr(config, name) == value, name
+    assert (config.decoder, config.objective, config.lr, config.gist_lr, config.max_steps) == ("base", "distill", 1e-3, 1e-4, 140)
+    assert train_command(config.to_dict()).split(" \\\n  ")[2:] == ["--preset shipped"]  # the card's command: out, preset
+
+    config = _config_of(tmp_path, "--preset", "shipped", "--lr", "1e-4", "--decoder", "tuned", "--max-steps", "7")
+    assert (config.lr, config.decoder, config.max_steps) == (1e-4, "tuned", 7)
+    assert (config.objective, config.lora_r, config.max_length) == ("distill", 8, 320)  # the rest: the preset's
+    assert "--lr 0.0001" in train_command(config.to_dict()) and "--decoder tuned" in train_command(config.to_dict())
+
+    config = _config_of(tmp_path, "--preset", "smoke")  # a size preset leaves the recipe at its defaults
+    assert (config.lr, config.decoder, config.objective, config.lora_r, config.max_length) == (1e-4, "tuned", "labels", 16, 512)
+
+
 def test_train_table_shows_each_heldout_split(tmp_path):
     """Without --json the train table lists the held-out loss of each split, before -> after."""
     fake = {"condition": "gist", "steps": 3, "heldout_loss": 1.5, "heldout_loss_before": 6.5, "loss_curve": [],

@@ -32,7 +32,18 @@ def test_shipped_files_are_small_and_complete():
     gist = json.loads((SHIPPED / "config.json").read_text())["gist"]
     assert gist["tune"] in ("lora", "gist") and gist["model"] == "smollm2-135m"
     card = (SHIPPED / "README.md").read_text()
-    assert "gist train" in card and "--objective distill" in card and "retention" in card
+    assert "gist train" in card and "--decoder base" in card and "retention" in card
+
+
+def test_shipped_run_is_the_shipped_preset():
+    """The shipped run's recipe is `--preset shipped`, field for field (the run spelled it out in flags before
+    the preset existed), so the preset the README leads with is the recipe whose fidelity the card measures."""
+    from gistcache.train.config import TrainConfig
+
+    where = {"out", "data", "eval_data", "exclude_data", "preset", "save_every", "resume", "overwrite"}
+    shipped = json.loads((SHIPPED / "config.json").read_text())["train"]
+    preset = TrainConfig(out="RUN", preset="shipped").to_dict()
+    assert {k: v for k, v in shipped.items() if k not in where} == {k: v for k, v in preset.items() if k not in where}
 
 
 def test_shipped_run_fits_the_installed_base_model(model):

@@ -168,3 +168,19 @@ def test_norm_before_clip_undoes_the_global_clip():
     small = torch.nn.Parameter(torch.zeros(2))
     small.grad = torch.tensor([0.3, 0.4])  # under the limit: not clipped, reported as it is
     assert norm_before_clip(small, float(torch.nn.utils.clip_grad_norm_([small], 1.0)), 1.0) == pytest.approx(0.5)
+
+
+def test_cpu_training_hands_freed_heap_pages_back(tmp_path, tiny_model_dir, monkeypatch):
+    """On the CPU the loop returns the C heap's free pages every TRIM_EVERY batches (gistcache/heap.py),
+    and on glibc the call exists and runs."""
+    import sys
+
+    from gistcache import heap
+    from gistcache.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "trim_freed_memory", lambda: calls.append(1) or True)
+    train(config(tmp_path, tiny_model_dir, max_steps=9, batch_size=2), show_progress=False)
+    assert len(calls) == 9 // loop.TRIM_EVERY
+    if sys.platform.startswith("linux") and heap._malloc_trim() is not None:
+        assert heap.trim_freed_memory() is True

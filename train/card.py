@@ -48,9 +48,18 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _resumed(metrics: dict) -> bool:
+    """Optimizer time summed over segments exceeds the last segment's wall time only when the run resumed."""
+    return (metrics.get("train_seconds") or 0.0) > (metrics.get("wall_seconds") or 0.0)
+
+
+def _segment_note(metrics: dict) -> str:
+    return " in the last segment" if _resumed(metrics) else ""
+
+
 def _training_time(metrics: dict) -> str:
     train, wall = metrics.get("train_seconds") or 0.0, metrics.get("wall_seconds") or 0.0
-    if train > wall:  # resumed: the optimizer steps of every segment, the wall time of the last
+    if _resumed(metrics):  # the optimizer steps of every segment, the wall time of the last
         return f"{train / 60:.1f} min of optimizer steps over resumed segments (the last took {wall / 60:.1f} min)"
     return f"{train / 60:.1f} min of optimizer steps, {wall / 60:.1f} min in all"
 
@@ -91,7 +100,7 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
             f"dropped as contaminated, {_fmt(metrics.get('dropped_too_long'))} as too long) |",
             f"| steps | {metrics.get('steps')} |",
             f"| training time | {_training_time(metrics)} on {metrics.get('cpu') or metrics.get('device')} "
-            f"({metrics.get('threads')} threads in the last segment) |",
+            f"({metrics.get('threads')} threads{_segment_note(metrics)}) |",
             f"| held-out loss | {_fmt(metrics.get('heldout_loss_before'))} before, "
             f"{_fmt(metrics.get('heldout_loss'))} after ({metrics.get('eval_examples')} examples) |",
             f"| versions | {', '.join(f'{k} {v}' for k, v in (metrics.get('versions') or {}).items())} |",
