@@ -14,17 +14,15 @@ batches, 13.2 s every batch; docs/results.md section 2). Elsewhere (macOS, musl,
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
+    """The C library's malloc_trim from the symbols the process already has loaded, or None."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc.malloc_trim if libc is not None and hasattr(libc, "malloc_trim") else None
-    except OSError:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # TypeError: Windows has no "this process" library
         return None
 
 

@@ -7,6 +7,7 @@ over the preset. The resolved config is saved in the run folder.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,9 +95,10 @@ class TrainConfig:
             self.mask = GistConfig.mask if self.condition == "gist" else "paper"
         try:
             self.positions = self.gist_config().positions  # checks num_gist_tokens, condition, mask, template, tune
-        except GistError as error:  # say which of the clashing values the preset chose
-            chosen = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name in ("decoder", "mask", "positions")
-                      if name in from_preset and f"--{name}" in str(error)]
+        except GistError as error:  # say which of the clashing values the preset chose, in the message's order
+            found = sorted((match.start(), name) for name in from_preset
+                           if (match := re.search(rf"--{name.replace('_', '-')}\b", str(error))))
+            chosen = [f"--{name.replace('_', '-')} {getattr(self, name)}" for _, name in found]
             if not chosen:
                 raise
             raise GistError(f"{error} (--preset {self.preset} sets {', '.join(chosen)}: give the flag to change it)") from None
