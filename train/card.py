@@ -2,7 +2,7 @@
 
 Generated from the run's own files (config.json, metrics.json), plus sections that other steps
 measured on the run (`gist eval --update-card` adds its fidelity table), so every figure on the card
-is one the run or its evaluation wrote.
+is one the run or its evaluation wrote, except sections a maintainer adds from a file (`main`, `--section`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from gistcache._io import atomic_write_text
+from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR
 from gistcache.train.config import TrainConfig
 
 # TrainConfig fields whose flag is not `--field-name`
@@ -64,6 +65,13 @@ def _training_time(metrics: dict) -> str:
     return f"{train / 60:.1f} min of optimizer steps, {wall / 60:.1f} min in all"
 
 
+def _run_flag(run_dir: Path) -> str:
+    """` --run RUN` for the card's commands; nothing for the run shipped in the package, which every command
+    uses when no run is named (a card rendered in a run folder and then copied into the package would send
+    its users to a folder they do not have)."""
+    return "" if run_dir.resolve() == (PRETRAINED_DIR / DEFAULT_RUN).resolve() else f" --run {run_dir}"
+
+
 def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
     """Markdown for RUN/README.md; `extra_sections` (markdown) go after the command."""
     run_dir = Path(run_dir)
@@ -109,8 +117,9 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
         lines += ["", "## Command", "", "```bash", train_command(train), "```"]
     for section in extra_sections:
         lines += ["", section.strip()]
-    lines += ["", "## Use", "", "```bash", f"gist compress \"<instruction>\" --run {run_dir} --out prompt.safetensors",
-              f"gist generate --run {run_dir} --cache prompt.safetensors --input \"<input>\"", "```", ""]
+    run_flag = _run_flag(run_dir)
+    lines += ["", "## Use", "", "```bash", f"gist compress \"<instruction>\"{run_flag} --out prompt.safetensors",
+              f"gist generate{run_flag} --cache prompt.safetensors --input \"<input>\"", "```", ""]
     return "\n".join(lines)
 
 
@@ -118,3 +127,32 @@ def write_model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> Pat
     path = Path(run_dir) / "README.md"
     atomic_write_text(path, model_card(run_dir, extra_sections))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gistcache.train.card RUN [--results RESULTS_JSON] [--section FILE ...]`: render RUN/README.md
+    again, with the fidelity table of a `gist eval` results.json and markdown sections from files. `make
+    ship-run` calls it on the package's copy of the run, so the card's commands name no run folder."""
+    import argparse
+    import sys
+
+    from gistcache.errors import GistError
+    from gistcache.eval.fidelity import fidelity_markdown
+
+    parser = argparse.ArgumentParser(prog="python -m gistcache.train.card", description=main.__doc__)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--results", type=Path, help="results.json written by `gist eval` on this run")
+    parser.add_argument("--section", type=Path, action="append", default=[], help="a markdown file to add")
+    args = parser.parse_args(argv)
+    try:
+        sections = [fidelity_markdown(json.loads(args.results.read_text()))] if args.results else []
+        sections += [path.read_text() for path in args.section]
+        print(write_model_card(args.run, sections))
+    except (OSError, ValueError, KeyError, GistError) as exc:
+        print(f"error: cannot render the card of {args.run}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

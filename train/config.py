@@ -22,8 +22,8 @@ DEFAULTS: dict[str, object] = dict(
 # Presets. smoke: plumbing check that finishes on a 2-core CPU in under 3 minutes with model load;
 # test: ~100 examples; validate: ~2K; full: everything given. shipped: the recipe of the run shipped in
 # the package (docs/results.md section 2): one gist token written by a rank-8 LoRA under the prefix mask,
-# distilled from the base model reading the full prompt, read back by the untouched base model; about
-# 37 min for the default model on this project's 2-core CPU (120 of its steps took 32.2 min).
+# distilled from the base model reading the full prompt, read back by the untouched base model; 31 min
+# for the default model on this project's 2-core CPU (ship-r5: 31.3 min in one uninterrupted run).
 PRESETS: dict[str, dict] = {
     "smoke": dict(max_examples=160, epochs=1, batch_size=4, grad_accum=1, eval_examples=16, max_steps=40),
     "test": dict(max_examples=100, epochs=3, batch_size=4, grad_accum=1, eval_examples=96, max_steps=None),
