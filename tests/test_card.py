@@ -1,7 +1,7 @@
 """The model card (train/card.py): its commands name the run's folder, except for the run shipped in the
-package, which every command uses when no run is named; `python -m gistcache.train.card` renders it again."""
+package, which every command uses when no run is named (`make ship-run` evaluates the package's copy with
+`gist eval --update-card`, which writes the card there)."""
 
-import json
 import shutil
 
 from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR
@@ -32,24 +32,6 @@ def test_card_commands_name_the_run_folder_unless_it_is_the_shipped_one(tmp_path
     use = _use_section(card.model_card(run))
     assert "--run" not in use
     assert "gist compress \"<instruction>\" --out prompt.safetensors" in use
-
-
-def test_card_main_renders_fidelity_and_sections_and_refuses_bad_files(tmp_path, capsys):
-    run = _run_folder(tmp_path / "r1")
-    results = {"config": {"splits": ["unseen"], "limit": 2, "max_new_tokens": 8}, "fidelity": []}
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    (tmp_path / "note.md").write_text("## Time of this recipe\n\n31 min.\n")
-    assert card.main([str(run), "--results", str(tmp_path / "results.json"), "--section", str(tmp_path / "note.md")]) == 0
-    text = (run / "README.md").read_text()
-    assert "## Time of this recipe\n\n31 min." in text and text.index("## Command") < text.index("## Time") < text.index("## Use")
-
-    (tmp_path / "bad.json").write_text("not json")
-    assert card.main([str(run), "--results", str(tmp_path / "bad.json")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: cannot render the card of {run}:")
-    assert (run / "README.md").read_text() == text  # the card on disk is untouched
-    assert card.main([str(tmp_path / "missing")]) == 2
-    assert not (tmp_path / "missing").exists()
 
 
 def test_shipped_card_tells_users_to_use_it_without_a_run_folder():

@@ -2,7 +2,7 @@
 
 Generated from the run's own files (config.json, metrics.json), plus sections that other steps
 measured on the run (`gist eval --update-card` adds its fidelity table), so every figure on the card
-is one the run or its evaluation wrote, except sections a maintainer adds from a file (`main`, `--section`).
+is one the run or its evaluation wrote.
 """
 
 from __future__ import annotations
@@ -128,31 +128,3 @@ def write_model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> Pat
     atomic_write_text(path, model_card(run_dir, extra_sections))
     return path
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gistcache.train.card RUN [--results RESULTS_JSON] [--section FILE ...]`: render RUN/README.md
-    again, with the fidelity table of a `gist eval` results.json and markdown sections from files. `make
-    ship-run` calls it on the package's copy of the run, so the card's commands name no run folder."""
-    import argparse
-    import sys
-
-    from gistcache.errors import GistError
-    from gistcache.eval.fidelity import fidelity_markdown
-
-    parser = argparse.ArgumentParser(prog="python -m gistcache.train.card", description=main.__doc__)
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--results", type=Path, help="results.json written by `gist eval` on this run")
-    parser.add_argument("--section", type=Path, action="append", default=[], help="a markdown file to add")
-    args = parser.parse_args(argv)
-    try:
-        sections = [fidelity_markdown(json.loads(args.results.read_text()))] if args.results else []
-        sections += [path.read_text() for path in args.section]
-        print(write_model_card(args.run, sections))
-    except (OSError, ValueError, KeyError, GistError) as exc:
-        print(f"error: cannot render the card of {args.run}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
