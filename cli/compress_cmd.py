@@ -11,8 +11,9 @@ from rich.table import Table
 from gistcache._io import format_bytes
 from gistcache.cache import FORMAT_VERSION, check_cache_path, read_cache_metadata, save_cache
 from gistcache.cli.common import (check_output_file, check_parent_not_file, check_writable_folder, console,
-                                  friendly_errors, print_json)
+                                  err_console, friendly_errors, print_json)
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
+from gistcache.compression import untrained_length_warning
 from gistcache.config import check_batch_size, torch_dtype
 from gistcache.data.alpaca import load_instructions
 from gistcache.errors import GistError
@@ -63,6 +64,9 @@ def compress(
                 check_replaceable(path, overwrite)
             save_cache(res.cache, path)
         rows.append({"index": i, **res.summary(path)})
+    warning = untrained_length_warning(model, [r["prompt_tokens"] for r in rows])
+    if warning:  # stderr, one line: --json output stays one JSON document
+        err_console.print(warning, style="yellow", highlight=False, soft_wrap=True)
     if json_out:
         print_json(rows if file is not None else rows[0])
     elif file is None:

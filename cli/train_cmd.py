@@ -34,7 +34,8 @@ def train(
     exclude_data: Annotated[Optional[list[str]], typer.Option("--exclude", help="File(s) whose instructions are dropped from training and not scored (e.g. the evaluation splits you will report).")] = None,
     preset: Annotated[str, typer.Option(help="Data size and steps: smoke | test | validate | full; or shipped: the whole recipe of the run shipped in the package (flags given still win).")] = "test",
     model: Annotated[str, typer.Option(help="Hugging Face id or folder, a .gguf file, or smollm2-135m.")] = "smollm2-135m",
-    num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens per prompt.")] = 1,
+    num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens per prompt (per chunk with --gist-every).")] = 1,
+    gist_every: Annotated[int, typer.Option("--gist-every", help="Cut the instruction into chunks of K tokens with --num-gist gist tokens after each, so the cache grows with the prompt (F + N*ceil(P/K) slots); 0: one chunk.")] = 0,
     condition: Annotated[str, typer.Option(help="gist | pos_control | neg_control.")] = "gist",
     mask: Annotated[Optional[str], typer.Option("--mask", help="prefix (tokens after the gist also see the template's fixed prefix; default for --condition gist) | paper (they see nothing before the gist).")] = None,
     positions: Annotated[Optional[str], typer.Option("--positions", help=f"compact (prefix mask: the input continues right after the prefix and the gist, so a cache is a plain prefix and the instruction never counts against the context) | original (the full prompt's positions).{_default('positions')}")] = None,
@@ -68,7 +69,7 @@ def train(
     """Train gist tokens through the masked forward and write a run folder."""
     given = dict(
         out=out, data=data or [], eval_data=eval_data or [], exclude_data=exclude_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        condition=condition, mask=mask, positions=positions, template=template, tune=tune, decoder=decoder, objective=objective,
+        gist_every=gist_every, condition=condition, mask=mask, positions=positions, template=template, tune=tune, decoder=decoder, objective=objective,
         distill_temperature=distill_temperature, teacher_answers=teacher_answers,
         teacher_max_new_tokens=teacher_max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
         warmup_ratio=warmup_ratio,

@@ -72,7 +72,7 @@ from gistcache._version import __version__
 from gistcache.config import DTYPES, dtype_name
 from gistcache.errors import GistError
 from gistcache.identity import check_cache
-from gistcache.masks import MASKS, POSITIONS
+from gistcache.masks import MASKS, POSITIONS, count_gist_slots
 from gistcache.model import GistModel
 from gistcache.rotary import model_inv_freq, move_keys
 
@@ -84,6 +84,7 @@ HEADER = ("format", "format_version", "gistcache_version", "base_fingerprint", "
           "position_free", "key_start", "prefix_start", "positions", "input_position", "num_prompt_tokens",
           "prompt_sha256", "prompt_preview", "template", "mask", "dtype", "num_layers", "key_shapes", "value_shapes",
           "tensor_sha256", "created", SEAL)
+CHUNK_FIELDS = ("gist_every", "gist_per_chunk")  # written by chunked runs only (masks.py), sealed like the rest
 # what older files must hold: version 2 before the seal (positions, mask and the texts optional), and version 1
 UNSEALED_REQUIRED = ("format_version", "base_fingerprint", "run_fingerprint", "num_gist_tokens", "input_position",
                      "num_prompt_tokens", "prompt_sha256", "template", "dtype", "num_layers", "key_shapes",
@@ -112,6 +113,10 @@ class GistCache:
     mask: str = "paper"  # the mask variant of the run that made it ("prefix": add the run's fixed-prefix keys/values)
     key_start: int = 0  # rotary position of the first gist key: the run's fixed-prefix tokens (prefix mask), else 0
     positions: str = "compact"  # the run's position layout (masks.py): where the input reads the fixed prefix
+    # a chunked run (masks.py): N = gist_per_chunk gist tokens after every gist_every instruction tokens, so the
+    # cache holds num_gist_tokens = M = N * ceil((num_prompt_tokens - key_start) / gist_every) slots; 0: one chunk
+    gist_every: int = 0
+    gist_per_chunk: int = 0  # N; 0 reads as num_gist_tokens (one chunk)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -123,6 +128,13 @@ class GistCache:
                             f"{self.num_prompt_tokens} >= 0 and key_start {self.key_start} between 0 and it")
         if self.positions not in POSITIONS:
             raise GistError(f"unknown positions {self.positions!r}: known are {', '.join(POSITIONS)}")
+        if not self.gist_every:
+            self.gist_per_chunk = self.gist_per_chunk or self.num_gist_tokens
+        expected = count_gist_slots(self.num_prompt_tokens, self.gist_per_chunk, self.gist_every, self.key_start)
+        if self.gist_every < 0 or self.gist_per_chunk < 1 or self.num_gist_tokens != expected:
+            raise GistError(f"num_gist_tokens {self.num_gist_tokens} does not fit gist_per_chunk {self.gist_per_chunk}"
+                            f" after every {self.gist_every} of {self.num_prompt_tokens - self.key_start} instruction "
+                            f"tokens ({expected} gist tokens)")
         dtype = self.keys[0].dtype
         for i, t in enumerate([*self.keys, *self.values]):
             layer, kind = i % len(self.keys), "keys" if i < len(self.keys) else "values"
@@ -202,6 +214,8 @@ class GistCache:
             "tensor_sha256": tensor_sha256(self.tensors()),
             "created": self.created,
         }
+        if self.gist_every:  # a one-chunk cache is written as before gist_every existed, byte for byte
+            meta.update(gist_every=str(self.gist_every), gist_per_chunk=str(self.gist_per_chunk))
         return {**meta, SEAL: metadata_sha256(meta)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -248,7 +262,7 @@ class GistCache:
 
 def stack_layers(model: GistModel, caches: list[GistCache],
                  device: str | torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(keys, values)] per layer, each (B, kv_heads, F+N, head_dim): `cached_slots` with the model's own fixed
+    """[(keys, values)] per layer, each (B, kv_heads, S, head_dim): `cached_slots` with the model's own fixed
     prefix (prefix mask only, F = 0 otherwise)."""
     prefix = model.prefix_kv()  # [(keys, values)] at positions 0..F-1; [] under the paper's mask
     return cached_slots(caches, prefix, model_inv_freq(model.stock_model) if prefix else None, device)
@@ -256,14 +270,17 @@ def stack_layers(model: GistModel, caches: list[GistCache],
 
 def cached_slots(caches: list[GistCache], prefix: list[tuple[torch.Tensor, torch.Tensor]],
                  inv_freq: torch.Tensor | None, device: str | torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first F+N slots of a request, per layer (B, kv_heads, F+N, head_dim), one row per cache: the fixed
+    """The first slots of a request, per layer (B, kv_heads, S, head_dim), one row per cache: the fixed
     prefix `prefix` (per layer (1, kv_heads, F, head_dim) at positions 0..F-1; [] when F = 0) turned to the
-    cache's `prefix_start`, then its gist. `generate` (through `stack_layers`) and a serving engine (the
-    exported prefix, `gistcache.export.served_kv`) both lay out a request with it."""
+    cache's `prefix_start`, then its M gist slots. Caches of different M (chunked runs) are laid out
+    [prefix F][zeros][gist M_b], S = F + the largest M; `slot_mask` says which slots are real. `generate`
+    (through `stack_layers`) and a serving engine (the exported prefix, `gistcache.export.served_kv`) both lay
+    out a request with it."""
+    width = max(c.num_gist_tokens for c in caches)
     kv = []
     for layer in range(caches[0].num_layers):
-        keys = torch.cat([c.keys[layer] for c in caches]).to(device)  # (B, kv_heads, N, head_dim)
-        values = torch.cat([c.values[layer] for c in caches]).to(device)
+        keys = torch.cat([_left_pad_slots(c.keys[layer], width) for c in caches]).to(device)  # (B, kv_heads, M, hd)
+        values = torch.cat([_left_pad_slots(c.values[layer], width) for c in caches]).to(device)
         if prefix:
             pk, pv = prefix[layer]  # (1, kv_heads, F, head_dim)
             pk = torch.cat([move_keys(pk, inv_freq, 0, inv_freq, c.prefix_start) for c in caches])  # (B, ...)
@@ -271,6 +288,19 @@ def cached_slots(caches: list[GistCache], prefix: list[tuple[torch.Tensor, torch
             values = torch.cat([pv.to(device, values.dtype).expand(len(caches), -1, -1, -1), values], dim=2)
         kv.append((keys, values))
     return kv
+
+
+def slot_mask(caches: list[GistCache], num_prefix_tokens: int) -> torch.Tensor:
+    """(B, F + largest M) long: 1 on the real slots of `cached_slots`' layout, 0 on its padding."""
+    width = max(c.num_gist_tokens for c in caches)
+    return torch.tensor([[1] * num_prefix_tokens + [0] * (width - c.num_gist_tokens) + [1] * c.num_gist_tokens
+                         for c in caches], dtype=torch.long)
+
+
+def _left_pad_slots(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(1, kv_heads, M, head_dim) -> (1, kv_heads, width, head_dim), zeros before the M slots."""
+    missing = width - t.shape[2]
+    return t if not missing else torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)
 
 
 def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -357,6 +387,8 @@ class _Header:
     positions: str
     mask: str
     dtype: torch.dtype
+    gist_every: int = 0
+    gist_per_chunk: int = 0
 
 
 def read_cache_metadata(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> dict[str, str]:
@@ -410,7 +442,8 @@ def read_cache_file(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VER
                       prompt_sha256=meta["prompt_sha256"], template=meta["template"],
                       base_fingerprint=meta["base_fingerprint"], run_fingerprint=meta["run_fingerprint"],
                       prompt_preview=meta.get("prompt_preview", ""), created=meta.get("created", ""),
-                      mask=header.mask, key_start=header.key_start, positions=header.positions)
+                      mask=header.mask, key_start=header.key_start, positions=header.positions,
+                      gist_every=header.gist_every, gist_per_chunk=header.gist_per_chunk)
     check_finite(cache, str(path))
     return cache, header.version
 
@@ -539,7 +572,7 @@ def _check_header(path: Path, meta: dict[str, str], infos: dict[str, _TensorInfo
     if missing:
         raise GistError(f"{path} lacks metadata field {missing[0]!r}: it was not written by `gist compress`")
     if sealed:
-        unknown = sorted(set(meta) - set(HEADER))
+        unknown = sorted(set(meta) - set(HEADER) - set(CHUNK_FIELDS))
         if unknown:
             raise GistError(f"{path} has an unknown metadata field {unknown[0][:40]!r}: {ALTERED}")
     f = _Fields(path, meta)
@@ -577,6 +610,20 @@ def _check_header(path: Path, meta: dict[str, str], infos: dict[str, _TensorInfo
         if f.number("prefix_start", -MAX_PROMPT_TOKENS, 0) != prefix_start:
             raise GistError(f"{path} has prefix_start {meta['prefix_start']}, which does not fit key_start {key_start}, "
                             f"num_prompt_tokens {num_prompt} and positions {positions!r}: {ALTERED}")
+    gist_every, gist_per_chunk = 0, num_gist
+    if any(name in meta for name in CHUNK_FIELDS):
+        missing = [name for name in CHUNK_FIELDS if name not in meta]
+        if missing or not sealed:
+            raise GistError(f"{path} has {' and '.join(n for n in CHUNK_FIELDS if n in meta)} without "
+                            f"{missing[0] if missing else 'a seal'}: {ALTERED}")
+        gist_every = f.number("gist_every", 1, MAX_PROMPT_TOKENS)
+        gist_per_chunk = f.number("gist_per_chunk", 1, MAX_GIST_TOKENS)
+        if mask == "prefix" and positions != "compact":
+            raise GistError(f"{path} has gist_every {gist_every} in the {positions!r} positions; chunked caches are "
+                            f"compact: {ALTERED}")
+        if num_gist != count_gist_slots(num_prompt, gist_per_chunk, gist_every, key_start):
+            raise GistError(f"{path} has num_gist_tokens {num_gist}, which does not fit gist_per_chunk {gist_per_chunk} "
+                            f"after every {gist_every} of its {num_prompt - key_start} instruction tokens: {ALTERED}")
     start = num_prompt if version == 1 else key_start  # where the keys sit
     offset = f.number("input_position", 0, MAX_PROMPT_TOKENS + MAX_GIST_TOKENS)
     if offset != start + num_gist:
@@ -598,7 +645,8 @@ def _check_header(path: Path, meta: dict[str, str], infos: dict[str, _TensorInfo
     if sealed and meta[SEAL] != metadata_sha256(meta):
         raise GistError(f"{path} header does not match its seal (sha256): a metadata field was changed; {ALTERED}")
     return _Header(meta=meta, version=version, num_layers=num_layers, num_gist=num_gist, num_prompt=num_prompt,
-                   key_start=key_start, positions=positions, mask=mask, dtype=dtype)
+                   key_start=key_start, positions=positions, mask=mask, dtype=dtype, gist_every=gist_every,
+                   gist_per_chunk=gist_per_chunk)
 
 
 class _Fields:

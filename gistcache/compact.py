@@ -11,7 +11,12 @@ gradients flowing through both passes::
     pass 2   input (and answer) from F+N, reading the F+N kept slots and each other (causal);
              a run with decoder="base" runs it with the LoRA adapter off (`GistModel.decoding`)
 
-The batch is left-padded (B, T), as everywhere. Row b's gist ends at column end[b]: pass 1 takes
+A chunked run (`gist_every` K, masks.py) interleaves the instruction with its gist tokens in pass 1
+(`s a b G c G`) and keeps all M of them, their keys turned from where they stood to F..F+M-1;
+pass 2 starts at F+M. Rows of one batch may hold different M: the kept slots are laid out
+[prefix F][padding][gist M_b] per row, the padding hidden from pass 2. Under the paper's mask F = 0.
+
+The batch is left-padded (B, T), as everywhere. Row b's last gist ends at column end[b]: pass 1 takes
 its columns first[b]..end[b]-1, left-padded again; pass 2 takes the columns from end[b], which end
 at T in every row, so its outputs stay in the input's last columns. The logits come back in the
 input's columns: pass 2's after the gist, pass 1's up to it.
@@ -24,7 +29,7 @@ import torch
 from gistcache.errors import GistError
 from gistcache.masks import check_prefix_fits, find_gist_spans, make_gist_mask, make_position_ids, to_additive_mask
 from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
-from gistcache.rotary import model_inv_freq, move_keys
+from gistcache.rotary import model_inv_freq, turn_keys
 
 
 def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -41,7 +46,7 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
     device = input_ids.device
     real = attention_mask.bool()
     first = real.long().argmax(dim=1)  # (B,) left padding
-    start, end = find_gist_spans(input_ids, model.gist_token_id)
+    start, end = find_gist_spans(input_ids, model.gist_token_id, contiguous=not model.gist_every)
     check_prefix_fits(first, start, F)
 
     # pass 1: prefix + instruction + gist, causal, each row left-padded to E columns
@@ -62,13 +67,20 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
             out1.loss = _loss(out1.logits, labels)
         return out1
     prefix_cols = (E - length).view(B, 1) + torch.arange(F, device=device).view(1, F)  # (B, F)
+    gist_cols, gist_real, M = gist_slots(ids1 == model.gist_token_id)  # (B, Mmax) each, (B,)
+    Mmax = gist_cols.shape[1]
+    positions1 = make_position_ids(real1.long())  # (B, E): pass 1's rotary positions
+    moved_to = F + torch.arange(Mmax, device=device).view(1, Mmax) - (Mmax - M).view(B, 1)  # (B, Mmax): F..F+M_b-1
     inv_freq = model_inv_freq(model.stock_model)
     kept = []
     for keys, values in cache_layers(returned_cache(out1)):  # each (B, kv_heads, E, head_dim)
-        index = prefix_cols.view(B, 1, F, 1).expand(-1, keys.shape[1], -1, keys.shape[3])
-        gist_keys = move_keys(keys[:, :, E - N:], inv_freq, length - N, inv_freq, F)  # from P.. to F..
+        kv_heads, head_dim = keys.shape[1], keys.shape[3]
+        index = prefix_cols.view(B, 1, F, 1).expand(-1, kv_heads, -1, head_dim)
+        gist_index = gist_cols.view(B, 1, Mmax, 1).expand(-1, kv_heads, -1, head_dim)
+        gist_keys = turn_keys(keys.gather(2, gist_index), inv_freq, positions1.gather(1, gist_cols), inv_freq,
+                              moved_to)  # from where each gist stood to F..F+M_b-1
         kept.append((torch.cat([keys.gather(2, index), gist_keys], dim=2),
-                     torch.cat([values.gather(2, index), values[:, :, E - N:]], dim=2)))
+                     torch.cat([values.gather(2, index), values.gather(2, gist_index)], dim=2)))
 
     # pass 2: everything after the gist, from position F+N, reading the kept slots
     from transformers import DynamicCache  # deferred: transformers is slow to import
@@ -76,11 +88,12 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
     columns = torch.arange(T - C, T, device=device).view(1, C)
     real2 = real[:, T - C:] & (columns >= end.view(B, 1))  # (B, C)
     causal2 = make_gist_mask(input_ids[:, T - C:], real2, model.gist_token_id, "pos_control")  # (B, C, C)
-    kept_visible = torch.ones(B, C, F + N, dtype=torch.bool, device=device)  # every query reads the kept slots
+    kept_real = torch.cat([torch.ones(B, F, dtype=torch.bool, device=device), gist_real], dim=1)  # (B, F+Mmax)
+    kept_visible = kept_real.view(B, 1, F + Mmax).expand(B, C, F + Mmax)  # every query reads the real kept slots
     with model.decoding():  # a run with decoder="base" reads the kept slots with its adapter off
         out2 = model.model(inputs_embeds=model.embed(input_ids[:, T - C:]),
                            attention_mask=to_additive_mask(torch.cat([kept_visible, causal2], dim=2), dtype),
-                           position_ids=make_position_ids(real2.long(), F + N),
+                           position_ids=make_position_ids(real2.long(), F + M),
                            logits_to_keep=0 if both else logits_to_keep,
                            **{cache_kwarg(model.stock_model): DynamicCache(ddp_cache_data=kept, config=model.config)},
                            use_cache=False, **kwargs)
@@ -88,6 +101,20 @@ def compact_forward(model: GistModel, input_ids: torch.Tensor, attention_mask: t
     if logits_to_keep and logits.shape[1] > logits_to_keep:
         logits = logits[:, -logits_to_keep:]
     return CausalLMOutputWithPast(loss=None if labels is None else _loss(logits, labels), logits=logits)
+
+
+def gist_slots(is_gist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gist columns of each row of (B, E) `is_gist`, right-aligned: `(columns, real, count)`, columns and real
+    (B, Mmax) (padding slots point at column 0 and are not real), count (B,) = M_b."""
+    count = is_gist.sum(dim=1)  # (B,)
+    Mmax = int(count.max())
+    columns = torch.zeros(is_gist.shape[0], Mmax, dtype=torch.long, device=is_gist.device)
+    real = torch.zeros(is_gist.shape[0], Mmax, dtype=torch.bool, device=is_gist.device)
+    for b in range(is_gist.shape[0]):
+        cols = is_gist[b].nonzero().view(-1)
+        columns[b, Mmax - len(cols):] = cols
+        real[b, Mmax - len(cols):] = True
+    return columns, real, count
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ length no longer counts against the model's context::
     generate    prefix KV       -               cache at F ..   input tokens from F+N, then new tokens
 
 Under the paper's mask F = 0: the cache holds positions 0..N-1 and the input starts at N.
+
+A chunked run (`gist_every` K, masks.py) puts N gist tokens after every chunk of K instruction tokens:
+the M = N * ceil((P - F) / K) gist positions are kept, each turned from where it stood to F..F+M-1,
+still in one forward pass.
 """
 
 from __future__ import annotations
@@ -28,33 +32,35 @@ from gistcache.errors import GistError
 from gistcache.identity import model_identity
 from gistcache.model import GistModel, cache_layers, returned_cache
 from gistcache.prompts import check_instruction, encode_instruction
-from gistcache.rotary import model_inv_freq, move_keys
+from gistcache.compact import gist_slots
+from gistcache.masks import make_position_ids
+from gistcache.rotary import model_inv_freq, turn_keys
 
 PREVIEW_CHARS = 60
 
 
 def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: int = 8) -> list[list[tuple]]:
-    """Run `prompt + N gist` for each row (left-padded batches) and return the gist KV per row.
+    """Run each row's prompt with its gist tokens (`GistModel.insert_gist`; left-padded batches) and return the
+    gist KV per row.
 
-    Returns, per row, [(keys, values)] per layer, each (1, kv_heads, N, head_dim) on the CPU, the keys
-    moved to positions F..F+N-1 (F = `model.num_prefix_tokens`).
+    Returns, per row, [(keys, values)] per layer, each (1, kv_heads, M, head_dim) on the CPU (M = N for one
+    chunk), the keys moved to positions F..F+M-1 (F = `model.num_prefix_tokens`).
     """
     check_batch_size(batch_size)
     inv_freq = model_inv_freq(model.stock_model)  # refuses rotary scaling that is not shift-invariant, before any work
-    N, F = model.num_gist_tokens, model.num_prefix_tokens
+    F = model.num_prefix_tokens
     limit = model.max_context()
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) + N >= limit:
-            raise GistError(f"prompt {i} has {len(ids)} tokens + {N} gist tokens, over the model's context of "
-                            f"{limit}: shorten it")
+    rows_ids = [model.insert_gist(ids) for ids in prompt_ids]
+    for i, (ids, full) in enumerate(zip(prompt_ids, rows_ids)):
+        if len(full) >= limit:
+            raise GistError(f"prompt {i} has {len(ids)} tokens + {len(full) - len(ids)} gist tokens, over the model's "
+                            f"context of {limit}: shorten it")
     pad_id = pad_token_id(model.tokenizer)
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(rows_ids[i]))  # less padding per batch
     out: list = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, attention_mask = left_pad([[*prompt_ids[i], *([model.gist_token_id] * N)] for i in rows], pad_id,
-                                             model.device)  # (B, T) each
-        T = input_ids.shape[1]
+        input_ids, attention_mask = left_pad([rows_ids[i] for i in rows], pad_id, model.device)  # (B, T) each
         with torch.no_grad():
             if bool(attention_mask.all()):
                 # No padding: over prompt + gist the gist mask is plain causal, so the stock causal
@@ -65,12 +71,28 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
                 # softmax row is empty and no NaN reaches real rows); positions count real tokens.
                 res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
         kv = cache_layers(returned_cache(res))
+        columns, _, count = gist_slots(input_ids == model.gist_token_id)  # (B, Mmax), (B,)
+        positions = make_position_ids(attention_mask).gather(1, columns)  # (B, Mmax): where each gist stood
         for b, i in enumerate(rows):
-            # left padding puts every row's gist tokens in the last N columns, at positions P..P+N-1
-            P = len(prompt_ids[i])
-            out[i] = [(move_keys(k[b:b + 1, :, T - N:, :].detach(), inv_freq, P, inv_freq, F).to("cpu").contiguous(),
-                       v[b:b + 1, :, T - N:, :].detach().to("cpu").contiguous().clone()) for k, v in kv]
+            M = int(count[b])
+            cols = columns[b, -M:]
+            moved_to = torch.arange(F, F + M).view(1, M)
+            out[i] = [(turn_keys(k[b:b + 1, :, cols, :].detach(), inv_freq, positions[b:b + 1, -M:], inv_freq,
+                                 moved_to).to("cpu").contiguous(),
+                       v[b:b + 1, :, cols, :].detach().to("cpu").contiguous().clone()) for k, v in kv]
     return out
+
+
+def untrained_length_warning(model: GistModel, prompt_tokens: list[int]) -> str | None:
+    """One line naming the prompt lengths the run was trained on, when a prompt is longer than any of them (the
+    run's `trained_prompt_tokens`; None when every prompt is within it or the run did not record it)."""
+    trained = getattr(model.gist_config, "trained_prompt_tokens", None)
+    if not trained or not prompt_tokens or max(prompt_tokens) <= trained[1]:
+        return None
+    longer = sum(n > trained[1] for n in prompt_tokens)
+    what = f"{longer} of {len(prompt_tokens)} prompts are" if len(prompt_tokens) > 1 else "the prompt is"
+    return (f"warning: {what} longer ({max(prompt_tokens)} tokens) than any this run was trained on "
+            f"({trained[0]}-{trained[1]} tokens): the cache may keep less of it")
 
 
 def compress(model: GistModel, instructions: str | list[str], *, batch_size: int = 8) -> GistCache | list[GistCache]:
@@ -88,7 +110,8 @@ def compress(model: GistModel, instructions: str | list[str], *, batch_size: int
     prompt_ids = [encode_instruction(model.tokenizer, text, identity.template) for text in texts]
     kvs = compress_ids(model, prompt_ids, batch_size=batch_size)
     caches = [
-        GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=model.num_gist_tokens,
+        GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=kv[0][0].shape[2],
+                  gist_every=model.gist_every, gist_per_chunk=model.num_gist_tokens,
                   num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
                   base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
                   prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask,

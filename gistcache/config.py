@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from gistcache.errors import GistError
-from gistcache.masks import check_condition, check_mask, check_positions
+from gistcache.masks import check_condition, check_gist_every, check_mask, check_positions
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
@@ -53,7 +53,10 @@ def check_batch_size(batch_size: int) -> int:
 @dataclass
 class GistConfig:
     model: str = DEFAULT_MODEL
-    num_gist_tokens: int = 1
+    num_gist_tokens: int = 1  # N: gist tokens after each chunk of the instruction (after all of it when gist_every is 0)
+    # K: the instruction is cut into chunks of K tokens, N gist tokens after each (masks.py), so the cache grows
+    # with the prompt: M = N * ceil(P / K) slots; 0 = one chunk, M = N whatever the length
+    gist_every: int = 0
     condition: str = "gist"
     mask: str = "prefix"  # "paper": tokens after the gist see nothing before it; "prefix": they also see the template's fixed prefix
     # prefix mask: "compact" = the input continues right after prefix + gist (a cache is a plain F+N prefix);
@@ -71,10 +74,14 @@ class GistConfig:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # [shortest, longest] prompt the run was trained on, in tokens (fixed prefix included, gist tokens not);
+    # `gist compress` warns past the longest. None: not recorded (runs trained before it was)
+    trained_prompt_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_gist_tokens, int) or self.num_gist_tokens < 1:
             raise GistError(f"--num-gist must be a whole number >= 1, got {self.num_gist_tokens!r}")
+        check_gist_every(self.gist_every)
         check_condition(self.condition)
         check_mask(self.mask)
         check_positions(self.positions)
@@ -90,6 +97,13 @@ class GistConfig:
             raise GistError("--decoder base needs --tune lora, --condition gist, --mask prefix and --positions compact: "
                             "the adapter is switched off for the tokens after the gist, which only the compact "
                             "two-pass forward separates")
+        if self.gist_every and self.mask == "prefix" and self.positions != "compact":
+            raise GistError("--gist-every needs --positions compact: the gist slots of all chunks become one plain "
+                            "prefix F..F+M-1, which only the compact positions compute")
+        if self.trained_prompt_tokens is not None and not (
+                isinstance(self.trained_prompt_tokens, list) and len(self.trained_prompt_tokens) == 2
+                and all(isinstance(n, int) and n >= 0 for n in self.trained_prompt_tokens)):
+            raise GistError(f"trained_prompt_tokens must be [shortest, longest], got {self.trained_prompt_tokens!r}")
         if self.lora_r < 1:
             raise GistError(f"--lora-r must be >= 1, got {self.lora_r}")
         if self.lora_alpha < 1:

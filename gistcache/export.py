@@ -192,7 +192,7 @@ def check_served_cache(info: ExportInfo, cache: GistCache, *, source: str = "the
     if cache.key_start != info.num_prefix_tokens:
         raise GistError(f"{source} has its keys from position key_start {cache.key_start}, the served run's fixed "
                         f"prefix has {info.num_prefix_tokens} tokens: {FIX}")
-    want = (1, info.kv_heads, info.num_gist_tokens, info.head_dim)
+    want = (1, info.kv_heads, cache.num_gist_tokens, info.head_dim)  # M slots: N, or N per chunk of a chunked run
     if cache.num_layers != info.num_layers or any(tuple(t.shape) != want for t in [*cache.keys, *cache.values]):
         raise GistError(f"{source} has {cache.num_layers} layers of shape {tuple(cache.keys[0].shape)}, the served "
                         f"model {info.num_layers} of {want}: {FIX}")
@@ -239,4 +239,4 @@ def load_exported(export_dir: str | Path) -> GistModel:
     return GistModel(model.eval(), tokenizer, info.num_gist_tokens, gist_embedding=gist,
                      base_fingerprint=info.identity.base_fingerprint, template=info.identity.template,
                      mask=info.identity.mask, gist_config=config, run_fingerprint=info.identity.run_fingerprint,
-                     positions=config.positions, decoder=config.decoder).eval()
+                     positions=config.positions, decoder=config.decoder, gist_every=config.gist_every).eval()

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from gistcache._io import left_pad, pad_token_id
-from gistcache.cache import GistCache, stack_layers
+from gistcache.cache import GistCache, slot_mask, stack_layers
 from gistcache.config import check_batch_size
 from gistcache.errors import GistError
 from gistcache.identity import check_cache, model_identity
@@ -157,7 +157,7 @@ class GenerationBatch:
     attention_mask: torch.Tensor  # (B, F+N+L): 1 on the cached slots and real input tokens
     position_ids: torch.Tensor  # (B, F+N+L): rotary positions, the input continuing at F+N
     cache: object  # transformers DynamicCache holding (B, kv_heads, F+N, head_dim) per layer
-    num_cached: int  # F+N: the run's fixed prefix (prefix mask only, else 0) and the gist
+    num_cached: int  # S = F + the largest M: the run's fixed prefix (prefix mask only, else 0) and the gist slots
 
 
 def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: str | list[str], *,
@@ -173,16 +173,18 @@ def build_batch(model: GistModel, caches: GistCache | list[GistCache], inputs: s
             raise GistError(f"cache {i} is {type(cache).__name__}, not a GistCache: load it with load_cache")
         check_cache(model, cache, identity=identity, source=f"cache {i}")
     input_ids = [encode_input(model.tokenizer, text, identity.template) for text in inputs]
-    num_cached = model.num_prefix_tokens + model.num_gist_tokens  # every cache's offset (check_cache saw to it)
     check_context(model, [c.context_used for c in caches], input_ids, max_new_tokens)
 
     B, device = len(inputs), model.device
     pad_id = pad_token_id(model.tokenizer)
     padded, input_mask = left_pad(input_ids, pad_id, device)  # (B, L) each
-    cached_pos = torch.arange(num_cached, device=device).view(1, num_cached).expand(B, num_cached)  # (B, F+N)
-    position_ids = torch.cat([cached_pos, make_position_ids(input_mask, num_cached)], dim=1)  # (B, F+N+L)
-    attention_mask = torch.cat([torch.ones(B, num_cached, dtype=input_mask.dtype, device=device), input_mask], dim=1)
-    full_ids = torch.cat([torch.full((B, num_cached), pad_id, device=device), padded], dim=1)  # (B, F+N+L)
+    slots = slot_mask(caches, model.num_prefix_tokens).to(device, input_mask.dtype)  # (B, S): S = F + largest M
+    num_cached = slots.shape[1]
+    offsets = torch.tensor([c.offset for c in caches], device=device)  # (B,) F + M_b: where each input starts
+    cached_pos = torch.arange(num_cached, device=device).view(1, num_cached).expand(B, num_cached)  # never used
+    position_ids = torch.cat([cached_pos, make_position_ids(input_mask, offsets)], dim=1)  # (B, S+L)
+    attention_mask = torch.cat([slots, input_mask], dim=1)
+    full_ids = torch.cat([torch.full((B, num_cached), pad_id, device=device), padded], dim=1)  # (B, S+L)
     kv = stack_layers(model, caches, device)
     return GenerationBatch(input_ids=full_ids, attention_mask=attention_mask, position_ids=position_ids,
                            cache=DynamicCache(ddp_cache_data=kv), num_cached=num_cached)
@@ -270,10 +272,10 @@ def generate_masked_ids(model: GistModel, instructions: str | list[str], inputs:
     GenerateConfig(max_new_tokens=max_new_tokens)
     instructions, inputs = _pair(instructions, inputs, "instruction")
     identity = model_identity(model)
-    tok, N = model.tokenizer, model.num_gist_tokens
+    tok = model.tokenizer
     rows = []
     for instruction, text in zip(instructions, inputs):
-        ids = [*encode_instruction(tok, instruction, identity.template), *([model.gist_token_id] * N),
+        ids = [*model.insert_gist(encode_instruction(tok, instruction, identity.template)),
                *encode_input(tok, text, identity.template)]
         check_context(model, [0], [ids], max_new_tokens)
 

@@ -29,6 +29,7 @@ class ModelIdentity:
     template: str
     mask: str
     positions: str = "compact"
+    gist_every: int = 0  # K of a chunked run (masks.py); 0: one chunk
 
 
 def model_identity(model: GistModel) -> ModelIdentity:
@@ -45,11 +46,13 @@ def model_identity(model: GistModel) -> ModelIdentity:
         h = hashlib.sha256(b"gistcache-unsaved-run|")
         h.update(fingerprint_model(model.model).encode())
         h.update(str(model.num_gist_tokens).encode())
+        if model.gist_every:
+            h.update(f"|every {model.gist_every}".encode())
         h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
         h.update(tokenizer_fingerprint(model.tokenizer).encode())
         run = h.hexdigest()
     return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask,
-                         positions=model.positions)
+                         positions=model.positions, gist_every=model.gist_every)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -87,7 +90,8 @@ FIX = "compress the prompt again with this run (gist compress ... --run RUN)"
 
 def check_identity(cache: GistCache, identity: ModelIdentity, num_gist_tokens: int, *,
                    source: str = "the cache") -> None:
-    """Refuse a cache made by another base model, run, mask, N or template, naming the first field that differs."""
+    """Refuse a cache made by another base model, run, mask, ratio, N or template, naming the first field that
+    differs. `num_gist_tokens` is the run's N (gist tokens after each chunk)."""
     if cache.base_fingerprint != identity.base_fingerprint:
         raise GistError(f"{source} was made with another base model (base_fingerprint {cache.base_fingerprint[:12]} "
                         f"!= {identity.base_fingerprint[:12]} of this model): {FIX}")
@@ -97,12 +101,17 @@ def check_identity(cache: GistCache, identity: ModelIdentity, num_gist_tokens: i
     if cache.positions != identity.positions:
         raise GistError(f"{source} was made by a run trained in the {cache.positions!r} positions, this run was "
                         f"trained in the {identity.positions!r} positions: {FIX}")
+    if cache.gist_every != identity.gist_every:
+        def ratio(k: int) -> str:
+            return f"gist tokens after every {k} instruction tokens" if k else "one chunk (no --gist-every)"
+        raise GistError(f"{source} was made with {ratio(cache.gist_every)}, this run puts "
+                        f"{ratio(identity.gist_every)}: {FIX}")
     if cache.run_fingerprint != identity.run_fingerprint:
         raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
                         f"!= {identity.run_fingerprint[:12]} of this run): {FIX}")
-    if cache.num_gist_tokens != num_gist_tokens:
-        raise GistError(f"{source} has num_gist_tokens {cache.num_gist_tokens}, this run uses "
-                        f"{num_gist_tokens}: {FIX}")
+    if cache.gist_per_chunk != num_gist_tokens:
+        raise GistError(f"{source} has num_gist_tokens {cache.gist_per_chunk}"
+                        f"{' per chunk' if cache.gist_every else ''}, this run uses {num_gist_tokens}: {FIX}")
     if cache.template != identity.template:
         raise GistError(f"{source} has template {cache.template!r}, this run uses {identity.template!r}: {FIX}")
 

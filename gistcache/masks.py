@@ -50,6 +50,28 @@ Under the prefix mask, two position layouts say where the tokens after the gist 
 - `original`: one masked forward over the whole prompt: the input at P+N reads the prefix P+N
   positions back, so a cache keeps the prefix at F-P and uses P+N positions of the context.
 
+Gist tokens at a ratio (`gist_every` K > 0, recorded in a run's config): the instruction (the
+prompt after the fixed prefix) is cut into chunks of K tokens and N gist tokens follow each chunk,
+so a prompt of P instruction tokens holds M = N * ceil(P / K) gist tokens (`count_gist_slots`,
+`insert_gist_tokens`). Prompt and gist tokens stay causal (each gist reads the prefix, every earlier
+chunk and every earlier gist); every token after the last gist reads only the fixed prefix and all
+M gist tokens. `gist_every` = 0 is one chunk: the layout above. For `s a b G c G d e` (prefix `s`,
+K = 2, N = 1, chunks `a b` and `c`)::
+
+    condition=gist, mask=prefix, gist_every=2
+    s  1 0 0 0 0 0 0 0
+    a  1 1 0 0 0 0 0 0
+    b  1 1 1 0 0 0 0 0
+    G  1 1 1 1 0 0 0 0
+    c  1 1 1 1 1 0 0 0
+    G  1 1 1 1 1 1 0 0
+    d  1 0 0 1 0 1 1 0
+    e  1 0 0 1 0 1 1 1
+
+Such a run computes in the compact positions (prefix 0..F-1, the M gist slots F..F+M-1, input from
+F+M; under the paper's mask F = 0), in two passes as above (`gistcache.compact`), so its cache is a
+plain F+M prefix too.
+
 Padding (left or right) is never attended to; a padding query attends to itself only, so no
 softmax row is empty.
 """
@@ -83,10 +105,47 @@ def check_positions(positions: str) -> str:
     return positions
 
 
-def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `(start, end)`, each (B,) long: gist tokens of row b are `input_ids[b, start[b]:end[b]]`.
+def check_gist_every(gist_every: int, max_length: int | None = None) -> int:
+    """`--gist-every` K: 0 (one chunk: the whole instruction) or a whole number of tokens per chunk."""
+    if not isinstance(gist_every, int) or isinstance(gist_every, bool) or gist_every < 0:
+        raise GistError(f"--gist-every must be a whole number of tokens >= 1 (or 0: one chunk), got {gist_every!r}")
+    if max_length is not None and gist_every > max_length:
+        raise GistError(f"--gist-every {gist_every} is longer than --max-length {max_length}: every prompt would be "
+                        f"one chunk; give at most {max_length}, or 0 for one chunk")
+    return gist_every
 
-    Every row must hold one contiguous run of gist tokens; the offending row is named otherwise.
+
+def count_gist_slots(num_prompt_tokens: int, num_gist_tokens: int, gist_every: int = 0,
+                     num_prefix_tokens: int = 0) -> int:
+    """M: gist tokens in a prompt of `num_prompt_tokens` (the fixed prefix's `num_prefix_tokens` included):
+    N after each chunk of `gist_every` instruction tokens (N for one chunk when `gist_every` is 0)."""
+    if not gist_every:
+        return num_gist_tokens
+    instruction = max(num_prompt_tokens - num_prefix_tokens, 1)
+    return num_gist_tokens * -(-instruction // gist_every)
+
+
+def insert_gist_tokens(prompt_ids: list[int], gist_token_id: int, num_gist_tokens: int, gist_every: int = 0,
+                       num_prefix_tokens: int = 0) -> list[int]:
+    """`prompt_ids` with N gist ids after each chunk of `gist_every` tokens past the fixed prefix (after the
+    whole prompt when `gist_every` is 0): `a b c` with K = 2, N = 1 -> `a b G c G`."""
+    gist = [gist_token_id] * num_gist_tokens
+    if not gist_every:
+        return [*prompt_ids, *gist]
+    out = list(prompt_ids[:num_prefix_tokens])
+    rest = prompt_ids[num_prefix_tokens:]
+    for at in range(0, max(len(rest), 1), gist_every):
+        out += [*rest[at:at + gist_every], *gist]
+    return out
+
+
+def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int, *,
+                    contiguous: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(start, end)`, each (B,) long: row b's gist tokens lie in `input_ids[b, start[b]:end[b]]`
+    (the first gist token to one past the last).
+
+    With `contiguous` (one chunk) every row must hold one unbroken run of gist tokens; the offending
+    row is named otherwise. Chunked prompts (`gist_every`) interleave them with the instruction.
     """
     is_gist = input_ids == gist_token_id  # (B, T)
     count = is_gist.sum(dim=1)  # (B,)
@@ -98,7 +157,7 @@ def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int) -> tuple[torch.
     start = torch.where(is_gist, idx, T).min(dim=1).values
     end = torch.where(is_gist, idx, -1).max(dim=1).values + 1
     broken = (end - start) != count
-    if bool(broken.any()):
+    if contiguous and bool(broken.any()):
         row = int(broken.nonzero()[0])
         raise GistError(f"row {row} has gist tokens that are not contiguous: put all gist tokens in one run")
     return start, end
@@ -110,12 +169,15 @@ def make_gist_mask(
     gist_token_id: int,
     condition: str = "gist",
     num_prefix_tokens: int = 0,
+    chunked: bool = False,
 ) -> torch.Tensor:
     """Boolean mask (B, T, T), True where query t may attend to key s.
 
     input_ids: (B, T); attention_mask: (B, T) with 1 for real tokens, 0 for padding (or None).
     num_prefix_tokens: the `prefix` variant's fixed template prefix, counted from each row's first
     real token, which stays visible after the gist (0: the paper's mask).
+    chunked: the gist tokens may stand in several runs (`gist_every`); after the last one, every gist
+    token stays visible and nothing else before it but the prefix (the same mask for one run).
     """
     check_condition(condition)
     B, T = input_ids.shape
@@ -125,10 +187,11 @@ def make_gist_mask(
     mask = (k <= q).expand(B, T, T)  # causal
 
     if condition != "pos_control":
-        start, end = find_gist_spans(input_ids, gist_token_id)
+        start, end = find_gist_spans(input_ids, gist_token_id, contiguous=not chunked)
         after_gist = q >= end.view(B, 1, 1)  # (B, T, 1): queries past the last gist
-        first_visible = start if condition == "gist" else end
-        hidden = after_gist & (k < first_visible.view(B, 1, 1))  # (B, T, T)
+        hidden = after_gist & (k < end.view(B, 1, 1))  # (B, T, T): everything up to the last gist ...
+        if condition == "gist":  # ... but the gist tokens themselves
+            hidden = hidden & ~(input_ids == gist_token_id).view(B, 1, T)
         if num_prefix_tokens:
             first_real = (torch.zeros(B, dtype=torch.long, device=device) if attention_mask is None
                           else attention_mask.long().argmax(dim=1))  # (B,): left padding before it
@@ -187,7 +250,8 @@ def gist_attention_mask(
     condition: str,
     dtype: torch.dtype,
     num_prefix_tokens: int = 0,
+    chunked: bool = False,
 ) -> torch.Tensor:
     """The 4D additive mask (B, 1, T, T) to pass as `attention_mask` to a stock causal LM."""
-    return to_additive_mask(make_gist_mask(input_ids, attention_mask, gist_token_id, condition, num_prefix_tokens),
-                            dtype)
+    return to_additive_mask(make_gist_mask(input_ids, attention_mask, gist_token_id, condition, num_prefix_tokens,
+                                           chunked), dtype)

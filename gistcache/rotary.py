@@ -103,13 +103,23 @@ def move_keys(keys: torch.Tensor, inv_freq_from: torch.Tensor, start_from: int |
     and the turn in float32 at least; the result keeps the keys' dtype (and autograd sees the turn).
     """
     n = keys.shape[2]
-    pos = torch.arange(n, dtype=torch.float64)
+    pos = torch.arange(n, dtype=torch.float64).view(1, n)
 
-    def starts(start):  # (B or 1, 1, 1)
-        return torch.as_tensor(start, dtype=torch.float64).detach().cpu().reshape(-1, 1, 1)
+    def positions(start):  # (B or 1, N)
+        return torch.as_tensor(start, dtype=torch.float64).detach().cpu().reshape(-1, 1) + pos
 
-    angle = (inv_freq_to.double().cpu().view(1, 1, -1) * (starts(start_to) + pos.view(1, -1, 1))
-             - inv_freq_from.double().cpu().view(1, 1, -1) * (starts(start_from) + pos.view(1, -1, 1)))  # (B|1, N, D/2)
+    return turn_keys(keys, inv_freq_from, positions(start_from), inv_freq_to, positions(start_to))
+
+
+def turn_keys(keys: torch.Tensor, inv_freq_from: torch.Tensor, positions_from: torch.Tensor,
+              inv_freq_to: torch.Tensor, positions_to: torch.Tensor) -> torch.Tensor:
+    """Keys (B, kv_heads, N, D), key j of row b at positions_from[b, j] (with inv_freq_from), turned to
+    positions_to[b, j] (with inv_freq_to); positions are (B or 1, N) tensors. Chunked gists sit at scattered
+    positions in the prompt and move to F..F+M-1; `move_keys` is the case of consecutive positions."""
+    def angles(inv_freq, positions):  # (B|1, N, D/2)
+        return inv_freq.double().cpu().view(1, 1, -1) * positions.detach().to("cpu", torch.float64).unsqueeze(-1)
+
+    angle = angles(inv_freq_to, positions_to) - angles(inv_freq_from, positions_from)
     angle = torch.cat((angle, angle), dim=-1).unsqueeze(1)  # (B|1, 1, N, D): the layout rotate_half pairs
     work = torch.promote_types(keys.dtype, torch.float32)
     cos, sin = angle.cos().to(keys.device, work), angle.sin().to(keys.device, work)

@@ -337,7 +337,7 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
     return GistModel(model, tokenizer, gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
                      base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
-                     positions=gist_config.positions, decoder=gist_config.decoder,
+                     positions=gist_config.positions, decoder=gist_config.decoder, gist_every=gist_config.gist_every,
                      gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint).eval()
 
 

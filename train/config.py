@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
+from gistcache.masks import check_gist_every
 
 # What a field left unset (None) takes when the preset does not set it either.
 DEFAULTS: dict[str, object] = dict(
@@ -49,6 +50,7 @@ class TrainConfig:
     # what the run is (saved as GistConfig, whose defaults these take)
     model: str = GistConfig.model
     num_gist_tokens: int = GistConfig.num_gist_tokens
+    gist_every: int = GistConfig.gist_every  # K: N gist tokens after every K instruction tokens (0: one chunk)
     condition: str = GistConfig.condition
     mask: str | None = None  # None: "prefix" for the gist condition, "paper" for the controls (where it means nothing more)
     positions: str | None = None  # prefix mask: "compact" (a cache is a plain F+N prefix) or "original"
@@ -130,6 +132,7 @@ class TrainConfig:
             raise GistError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length < 16:
             raise GistError(f"--max-length must be >= 16, got {self.max_length}")
+        check_gist_every(self.gist_every, self.max_length)
         if self.save_every < 0:
             raise GistError(f"--save-every must be >= 0, got {self.save_every}")
         if self.resume and self.overwrite:
@@ -143,7 +146,8 @@ class TrainConfig:
                 raise GistError(f"data file {path} does not exist")
 
     def gist_config(self) -> GistConfig:
-        return GistConfig(model=self.model, num_gist_tokens=self.num_gist_tokens, condition=self.condition,
+        return GistConfig(model=self.model, num_gist_tokens=self.num_gist_tokens, gist_every=self.gist_every,
+                          condition=self.condition,
                           mask=self.mask, positions=self.positions, template=self.template, tune=self.tune, decoder=self.decoder, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict:

@@ -85,7 +85,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
             eval_rows = answered[len(train_rows):]
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask,
-                      positions=config.positions, decoder=config.decoder)
+                      positions=config.positions, decoder=config.decoder, gist_every=config.gist_every)
     if teacher is not None and teacher.disable_adapter:
         teacher.module = model.model  # the peft wrapper, whose adapter the teacher switches off
     encoded, eval_groups = encode_rows(model, train_rows, eval_rows, config, stats)
@@ -141,7 +141,7 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
                 for name in eval_groups if name != "eval"}
     metrics = {
         "condition": config.condition, "mask": config.mask, "positions": config.positions, "decoder": config.decoder, "objective": config.objective, "tune": config.tune,
-        "num_gist_tokens": config.num_gist_tokens,
+        "num_gist_tokens": config.num_gist_tokens, "gist_every": config.gist_every,
         "steps": state["step"], "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
         "heldout_loss_by_split": by_split,
         "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
@@ -153,7 +153,9 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
         "loss_curve": state["loss_curve"], "grad_norm_curve": state["grad_norm_curve"],
     }
     if main:
-        save_run(unwrapped, out, config.gist_config(), train_config=config.to_dict(),
+        run_config = config.gist_config()
+        run_config.trained_prompt_tokens = stats["trained_prompt_tokens"]  # what `gist compress` warns past
+        save_run(unwrapped, out, run_config, train_config=config.to_dict(),
                  base_fingerprint=base_fingerprint, base_fingerprints=base_fingerprints)
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         write_model_card(out)
@@ -170,7 +172,8 @@ def encode_rows(model: GistModel, train_rows: list[Example], eval_rows: list[Exa
     seen task families and held-out ones); too-long rows are dropped and counted into `stats`."""
     context = min(config.max_length, model.max_context())
     settings = dict(num_gist_tokens=config.num_gist_tokens, gist_token_id=model.gist_token_id,
-                    template=config.template, max_length=context)
+                    template=config.template, max_length=context, gist_every=config.gist_every,
+                    num_prefix_tokens=model.num_prefix_tokens)
     encoded, too_long = encode_examples(model.tokenizer, train_rows, **settings)
     eval_groups: dict[str, list] = {}
     for row in eval_rows:
@@ -180,8 +183,9 @@ def encode_rows(model: GistModel, train_rows: list[Example], eval_rows: list[Exa
         too_long += dropped
     if not encoded:
         raise GistError(f"every training example is longer than {context} tokens: raise --max-length")
+    prompt_tokens = [ex.num_prompt_tokens for ex in encoded]
     stats.update(train_examples=len(encoded), eval_examples=sum(len(g) for g in eval_groups.values()),
-                 dropped_too_long=too_long)
+                 dropped_too_long=too_long, trained_prompt_tokens=[min(prompt_tokens), max(prompt_tokens)])
     return encoded, eval_groups
 
 

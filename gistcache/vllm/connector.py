@@ -97,10 +97,11 @@ class GistConnector(KVConnectorBase_V1):
         if not params or PARAM not in params:
             self._plans.pop(request.request_id, None)
             return 0, False
-        stop = self.info.num_cached
+        stop = self.info.num_cached  # F + N; a chunked run's cache names its own F + M below
         plan = Plan(path=None, start=num_computed_tokens, stop=stop)
         try:
-            plan.path = self._check(request)
+            plan.path, stop = self._check(request)
+            plan.stop = stop
         except GistError as exc:
             plan.error = str(exc)
         except Exception as exc:  # a damaged request must not take the engine down
@@ -112,13 +113,13 @@ class GistConnector(KVConnectorBase_V1):
         self._plans[request.request_id] = plan
         return stop - plan.start, False
 
-    def _check(self, request: "Request") -> str:
-        """The cache file of a request, after every check; a GistError names what is wrong."""
+    def _check(self, request: "Request") -> tuple[str, int]:
+        """(cache file, F + M slots it fills) of a request, after every check; a GistError names what is wrong."""
         params = request.kv_transfer_params
         if not isinstance(params, dict):
             raise GistError(f"kv_transfer_params must be an object such as {{\"{PARAM}\": KEY}}, got {params!r}")
         cache, key, path = self.resolve(params[PARAM])
-        n = self.info.num_cached
+        n = cache.offset  # F + M: M = N for one chunk, N * ceil(P / K) for a chunked run
         ids = list(request.prompt_token_ids or [])
         if len(ids) <= n or any(t != PLACEHOLDER_ID for t in ids[:n]):
             raise GistError(f"a request from a gist cache starts with {n} placeholder ids ({PLACEHOLDER_ID}) and "
@@ -126,7 +127,7 @@ class GistConnector(KVConnectorBase_V1):
         if request.cache_salt != key:
             raise GistError(f"the request's cache_salt must be its cache key {key} (so the prefix cache never mixes "
                             f"caches), got {request.cache_salt!r}")
-        return str(path)
+        return str(path), n
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens == 0:
