@@ -53,6 +53,7 @@ def train(
     lora_alpha: Annotated[Optional[int], typer.Option("--lora-alpha", help=f"LoRA scale numerator (update scaled by alpha / r).{_default('lora_alpha')}")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per device; default from the preset.")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Batch rows of like length under this many padded tokens (rows x longest), at most --batch-size rows: long prompts fit in memory; 0: off.")] = 0,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
     max_examples: Annotated[Optional[int], typer.Option("--max-examples")] = None,
@@ -73,7 +74,7 @@ def train(
         distill_temperature=distill_temperature, teacher_answers=teacher_answers,
         teacher_max_new_tokens=teacher_max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
         warmup_ratio=warmup_ratio,
-        batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
+        batch_size=batch_size, grad_accum=grad_accum, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
         eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
     )

@@ -79,6 +79,8 @@ class TrainConfig:
     grad_accum: int | None = None
     eval_examples: int | None = None
     max_steps: int | None = None
+    # batches of like length under this many padded tokens (rows x longest row), at most batch_size rows; 0: off
+    batch_tokens: int = 0
     # run folder
     save_every: int = 0
     resume: bool = False
@@ -133,6 +135,8 @@ class TrainConfig:
         if self.max_length < 16:
             raise GistError(f"--max-length must be >= 16, got {self.max_length}")
         check_gist_every(self.gist_every, self.max_length)
+        if self.batch_tokens < 0:
+            raise GistError(f"--batch-tokens must be >= 0 (0: batches of --batch-size rows), got {self.batch_tokens}")
         if self.save_every < 0:
             raise GistError(f"--save-every must be >= 0, got {self.save_every}")
         if self.resume and self.overwrite:

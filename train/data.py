@@ -25,7 +25,7 @@ from gistcache.train.config import TrainConfig
 from gistcache.train.distill import check_has_inputs
 
 # Example and load_examples are gistcache.data's; they stay importable from here, where training reads its rows
-__all__ = ["Example", "ShuffledOrder", "collate", "fingerprint_rows", "load_examples", "make_loader",
+__all__ = ["Example", "ShuffledOrder", "TokenBudgetBatches", "collate", "fingerprint_rows", "load_examples", "make_loader",
            "prepare_examples"]
 
 
@@ -100,14 +100,57 @@ class ShuffledOrder(Sampler[int]):
         return self.n
 
 
-def make_loader(encoded: list[EncodedExample], batch_size: int, seed: int, pad_token_id: int) -> DataLoader:
-    """Batches of `batch_size` consecutive rows of each epoch's order, left-padded (`collate`).
+class TokenBudgetBatches(Sampler[list[int]]):
+    """Batches of rows of like length, each at most `batch_size` rows and `batch_tokens` padded tokens (rows x
+    its longest row), so long prompts train without running out of memory and short ones are not padded to them.
+
+    Each epoch's order (`ShuffledOrder`) is cut into windows of 64 batches' rows, each window sorted by length
+    and cut into batches, and the batches shuffled again: a pure function of (seed, epoch), as the plain order
+    is. A row longer than `batch_tokens` trains alone.
+    """
+
+    WINDOW = 64
+
+    def __init__(self, lengths: list[int], batch_size: int, batch_tokens: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.batch_tokens = lengths, batch_size, batch_tokens
+        self.sampler = ShuffledOrder(len(lengths), seed)  # accelerate's set_epoch reaches it here
+
+    def _batches(self) -> list[list[int]]:
+        order = list(self.sampler)
+        window = self.WINDOW * self.batch_size
+        batches: list[list[int]] = []
+        for at in range(0, len(order), window):
+            batch: list[int] = []
+            for i in sorted(order[at:at + window], key=lambda i: self.lengths[i]):
+                longest = self.lengths[i]  # the window is sorted: the row being added is the batch's longest
+                if batch and (len(batch) == self.batch_size or longest * (len(batch) + 1) > self.batch_tokens):
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            if batch:
+                batches.append(batch)
+        return shuffled(batches, self.sampler.seed + self.sampler.epoch + 1)
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def make_loader(encoded: list[EncodedExample], batch_size: int, seed: int, pad_token_id: int,
+                batch_tokens: int = 0) -> DataLoader:
+    """Batches of `batch_size` consecutive rows of each epoch's order, left-padded (`collate`); with
+    `batch_tokens`, batches of like length under that many padded tokens (`TokenBudgetBatches`).
 
     Under `accelerate launch` with W processes, `accelerator.prepare` gives process r the batches
     r, r + W, ... of the order, so W processes at batch B and one process at batch B with
     `--grad-accum W` make each optimizer step from the same rows.
     """
-    sampler = BatchSampler(ShuffledOrder(len(encoded), seed), batch_size, drop_last=False)
+    if batch_tokens:
+        sampler = TokenBudgetBatches([len(e.input_ids) for e in encoded], batch_size, batch_tokens, seed)
+    else:
+        sampler = BatchSampler(ShuffledOrder(len(encoded), seed), batch_size, drop_last=False)
     # its own generator: the loader's per-epoch seed draw must not move the global torch RNG that dropout uses
     return DataLoader(encoded, batch_sampler=sampler, collate_fn=partial(collate, pad_token_id=pad_token_id),
                       generator=torch.Generator())
