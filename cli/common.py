@@ -28,8 +28,10 @@ from gistcache._io import file_in_the_way
 from gistcache.cli.offline import hub_offline_unless_reachable, model_specs
 from gistcache.errors import GistError
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# one message is one line, at any terminal width or none: rich never wraps what these print (soft_wrap); tables
+# still fit the width
+console = Console(stderr=False, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 # click's base exception, whether typer vendors click (>= 0.26) or uses it
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 

@@ -92,15 +92,17 @@ def print_one(r: dict, store_root: Path) -> None:
     table.add_column("value", overflow="fold")
     for name, value in (
         ("prompt", r["prompt_preview"]),
-        ("store", f"{r['store']} ({r['key'][:16]} in {store_root})"),
+        ("store", f"{r['store']} ({r['key'][:16]})"),
         ("tokens", f"{r['prompt_tokens']} prompt -> {r['gist_tokens']} gist ({r['compression_ratio']:.1f}x fewer)"),
         ("bytes", f"{format_bytes(r['bytes_on_disk'])} on disk vs {format_bytes(r['full_prompt_kv_bytes'])} full KV "
                   f"({r['bytes_ratio']:.1f}x smaller)"),
         ("input position", str(r["input_position"])),
-        ("file", r["path"]),
     ):
         table.add_row(name, value)
     console.print(table, highlight=False)
+    # paths on lines of their own: a table cell would break them at a narrow terminal
+    console.print(f"file: {r['path']}", highlight=False)
+    console.print(f"store: {store_root}", highlight=False)
     console.print(NOTE, style="dim")
 
 

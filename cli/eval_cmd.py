@@ -14,7 +14,7 @@ from gistcache.errors import GistError
 from gistcache.eval import loop
 from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_markdown, fidelity_table
-from gistcache.eval.report import table_rows
+from gistcache.eval.report import length_rich_table, table_rows
 from gistcache.model import quiet_transformers
 from gistcache.train.card import write_model_card
 
@@ -56,7 +56,7 @@ def eval_(
     if update_card:
         write_model_card(config.runs[0], [fidelity_markdown(results)])
     if json_out:
-        print_json({k: results[k] for k in ("out", "runs", "rows")})
+        print_json({**{k: results[k] for k in ("out", "runs", "rows")}, "length": results.get("length", [])})
         return
     headers, rows = table_rows(results)
     keep, table = list(range(len(headers))), Table(title=f"gist eval -> {results['out']}")
@@ -79,6 +79,8 @@ def eval_(
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    if (length_table := length_rich_table(results)) is not None:
+        console.print(length_table)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)
 

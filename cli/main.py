@@ -6,6 +6,7 @@ import typer
 
 from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compress_cmd, eval_cmd, export_cmd, generate_cmd,
                            serve_cmd, train_cmd)
+from gistcache.cli import data_cmd
 from gistcache.cli.common import OneLineUsage
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command("export")(export_cmd.export)
 app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmd.serve)
 app.add_typer(cache_cmd.app, name="cache")
 app.add_typer(bench_cmd.app, name="bench")
+app.add_typer(data_cmd.app, name="data")
 
 if __name__ == "__main__":
     app()

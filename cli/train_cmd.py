@@ -60,6 +60,7 @@ def train(
     eval_examples: Annotated[Optional[int], typer.Option("--eval-examples")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help=f"Longer rows are dropped, never cut.{_default('max_length')}")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start from a finished run's gist embedding and LoRA adapter (a run folder, or 'shipped'): a second stage, e.g. long prompts after the shipped recipe.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
@@ -75,7 +76,7 @@ def train(
         teacher_max_new_tokens=teacher_max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
         warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=grad_accum, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps, max_examples=max_examples,
-        eval_examples=eval_examples, max_length=max_length, seed=seed, save_every=save_every, resume=resume,
+        eval_examples=eval_examples, max_length=max_length, seed=seed, init_from=init_from, save_every=save_every, resume=resume,
         overwrite=overwrite, mixed_precision=mixed_precision, attn_implementation=attn_implementation,
     )
     if resume:  # flags left out take the checkpoint's values: `gist train --out RUN --resume` is enough

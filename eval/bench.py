@@ -20,6 +20,7 @@ depend on the weights, so no run folder is needed.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -40,8 +41,8 @@ from gistcache.config import torch_dtype
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
 from gistcache.generation import GREEDY, generate_ids
-from gistcache.model import (GistModel, cache_kwarg, cache_layers, fingerprint_model, load_base_model, load_tokenizer,
-                             returned_cache)
+from gistcache.model import (GistModel, cache_kwarg, cache_layers, fingerprint_model, load_base_config, load_base_model,
+                             load_tokenizer, returned_cache)
 from gistcache.prompts import encode_input, encode_instruction, resolve_template
 
 WORDS = (
@@ -140,25 +141,45 @@ def _sync(device: torch.device) -> None:
 
 def bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark of the module docstring; return (and with `config.out`, write) a JSON-able dict."""
-    from transformers import GenerationConfig  # deferred: transformers takes seconds to import
-
     if config.out is not None and Path(config.out).is_dir():
         raise GistError(f"--out {config.out} is a folder: give a file name such as {Path(config.out) / 'bench.json'}")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:  # --threads holds for this call only
+        return _bench_cache(config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None) -> dict:
+    from transformers import GenerationConfig  # deferred: transformers takes seconds to import
+
     say = progress or (lambda msg: None)
     load_start = _loadavg()
     dtype = torch_dtype(config.dtype)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer(config.model)
+    template = resolve_template(tokenizer, "auto")
+    input_ids = encode_input(tokenizer, INPUT, template)
+    context = int(getattr(load_base_config(config.model), "max_position_embeddings", 2048))  # GistModel.max_context
+    instructions = {}
+    for length in config.lengths:  # every length checked before the model loads: a refusal is the only line
+        rest = config.num_gist_tokens + len(input_ids) + config.new_tokens
+        if length + rest > context:  # the template's own tokens come on top
+            raise GistError(f"--lengths {length}: at least {length + rest} positions exceed the model's context of "
+                            f"{context}")
+        instructions[length] = synth_instruction(tokenizer, length, config.seed)
+        need = len(encode_instruction(tokenizer, instructions[length], template)) + rest
+        if need > context:
+            raise GistError(f"--lengths {length}: {need} positions exceed the model's context of {context}")
     t = time.perf_counter()
     base = load_base_model(config.model, dtype=dtype, device=config.device)
-    tokenizer = load_tokenizer(config.model)
     model = GistModel(base, tokenizer, config.num_gist_tokens, base_fingerprint=fingerprint_model(base)).eval()
-    model.run_fingerprint = f"untrained-{model.base_fingerprint}"  # as load_run sets it: read, not recomputed
+    # as load_run sets it (read, not recomputed); hex like every fingerprint a cache file holds
+    model.run_fingerprint = hashlib.sha256(f"untrained|{model.base_fingerprint}".encode()).hexdigest()
     say(f"loaded {config.model} in {time.perf_counter() - t:.1f}s")
     device = model.device
     lm = model.model
-    template = resolve_template(tokenizer, "auto")
-    input_ids = encode_input(tokenizer, INPUT, template)
     gen_config = GenerationConfig(max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens, do_sample=False,
                                   num_beams=1, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
@@ -179,13 +200,9 @@ def bench_cache(config: BenchCacheConfig, progress: Callable[[str], None] | None
     results = []
     with tempfile.TemporaryDirectory(prefix="gist-bench-") as tmp:
         for length in config.lengths:
-            instruction = synth_instruction(tokenizer, length, config.seed)
+            instruction = instructions[length]
             prompt_ids = encode_instruction(tokenizer, instruction, template)
             P = len(prompt_ids)
-            need = P + config.num_gist_tokens + len(input_ids) + config.new_tokens
-            if need > model.max_context():
-                raise GistError(f"--lengths {length}: {need} positions exceed the model's context of "
-                                f"{model.max_context()}")
             full_ids = torch.tensor([prompt_ids + input_ids], device=device)  # (1, P+L)
             full_mask = torch.ones_like(full_ids)
 

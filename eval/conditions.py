@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from gistcache.compression import compress
 from gistcache.errors import GistError
 from gistcache.generation import GREEDY, generate
+from gistcache.masks import count_gist_slots
 from gistcache.model import GistModel
-from gistcache.prompts import INSTRUCTION_SLOT, PromptText, encode_prompt, format_prompt, resolve_template
+from gistcache.prompts import (INSTRUCTION_SLOT, PromptText, encode_prompt, format_prompt, resolve_template,
+                               visible_prefix_ids)
 
 BASELINES = ("full", "none", "truncate", "base")
 CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
@@ -124,6 +126,26 @@ def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int)
     return TruncatedPrompt(ids=[*full[:first + kept], *full[last:]], kept=kept, instruction_tokens=count)
 
 
+def instruction_token_count(tokenizer, instruction: str, template: str) -> int:
+    """Tokens of the instruction alone, as it is tokenized inside the prompt (template excluded); tokenized on its
+    own where the template does not hold it verbatim (only `truncate` needs the cut, and refuses then)."""
+    try:
+        return truncate_prompt(tokenizer, instruction, template, 0).instruction_tokens
+    except GistError:
+        return len(tokenizer(instruction.strip(), add_special_tokens=False).input_ids)
+
+
+def truncate_budget(tokenizer, gist_config, template: str, num_prompt_tokens: int, fixed: int | None = None) -> int:
+    """Instruction tokens `truncate` keeps for one prompt of `num_prompt_tokens` (`encode_instruction`): `fixed`
+    (--truncate-tokens) when given, else as many as that prompt's gist cache holds gist slots: M = N, or N per
+    chunk of `gist_every` instruction tokens (`masks.count_gist_slots`, past the run's visible fixed prefix F).
+    So truncation keeps the same number of positions as the gist cache, F of the template aside."""
+    if fixed:
+        return fixed
+    prefix = len(visible_prefix_ids(tokenizer, template, gist_config.mask))
+    return count_gist_slots(num_prompt_tokens, gist_config.num_gist_tokens, gist_config.gist_every, prefix)
+
+
 def _instruction_token_span(tokenizer, text: str, start: int, end: int) -> tuple[int | None, int | None]:
     """Token indices [first, last) of `text` whose characters overlap [start, end), or (None, None)."""
     try:
@@ -142,12 +164,16 @@ def _instruction_token_span(tokenizer, text: str, start: int, end: int) -> tuple
 
 
 def generate_gist(model: GistModel, instructions: list[str], inputs: list[str], *, max_new_tokens: int,
-                  batch_size: int = 8, on_batch=None) -> list[str]:
-    """The gist condition: compress each instruction, then generate each input from its cache."""
+                  batch_size: int = 8, on_batch=None, context_used: list[int] | None = None) -> list[str]:
+    """The gist condition: compress each instruction, then generate each input from its cache.
+
+    `context_used`, when given, gets each cache's `context_used` (the positions it holds before the input)."""
     out: list[str] = []
     for start in range(0, len(instructions), batch_size):
         chunk = slice(start, start + batch_size)
         caches = compress(model, instructions[chunk], batch_size=batch_size)
+        if context_used is not None:
+            context_used += [c.context_used for c in caches]
         out += generate(model, caches, inputs[chunk], max_new_tokens=max_new_tokens, **GREEDY)
         if on_batch is not None:
             on_batch(len(caches))

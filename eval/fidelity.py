@@ -79,8 +79,7 @@ def fidelity_markdown(results: dict) -> str:
     lines = ["## Fidelity: what the gist keeps of the full prompt", "",
              f"Splits {', '.join(cfg['splits'])}, first {cfg['limit'] or 'all'} examples of each, greedy, "
              f"{cfg['max_new_tokens']} new tokens.", "",
-             "| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             *markdown_table(headers, rows)]
     lines += ["", "Retention: gist / full ROUGE-L. Gap closed: (gist - none) / (full - none). Retention vs base: "
               "gist / base (the untouched base model reading the full prompt). Agreement: ROUGE-L F and exact "
               "match between the gist answer and the full-prompt answer of the same run (full) or of the base "
@@ -89,3 +88,9 @@ def fidelity_markdown(results: dict) -> str:
         f"{r['split']} {r['condition']} {r['rouge_l']['mean']:.1f} [{r['rouge_l']['ci_low']:.1f}, "
         f"{r['rouge_l']['ci_high']:.1f}]" for r in results["rows"]) + ".", ""]
     return "\n".join(lines)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table: the header row, the rule, one line a row."""
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]

@@ -7,7 +7,7 @@ condition is built). Reported per (run, split, condition):
 - ROUGE-L F x100 with a 95% percentile-bootstrap interval (1000 resamples, fixed seed), and
   exact match x100 (stripped, lower-cased);
 - compression: instruction tokens (`len(encode_instruction)`, template text included: what the
-  gist replaces) / prompt-state positions (N for gist, so P/N), mean and max;
+  gist replaces) / prompt-state positions (the gist slots M for gist: N, or N per chunk), mean and max;
 - FLOPs per example on the first `flops_examples` examples of each split, batch size 1:
   prefill, generation, and for gist the one-time compress separately; prefill reduction against
   `full` (1 - prefill / full prefill);
@@ -33,10 +33,11 @@ from gistcache.config import GistConfig, torch_dtype
 from gistcache.data.alpaca import Example, load_examples
 from gistcache.errors import GistError
 from gistcache.eval import flops as F
-from gistcache.eval.conditions import (Prepared, condition_sequences, generate_gist, state_positions,
-                                       template_only_ids, truncate_prompt)
+from gistcache.eval.conditions import (Prepared, condition_sequences, generate_gist, instruction_token_count,
+                                       state_positions, template_only_ids, truncate_budget, truncate_prompt)
 from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_row
+from gistcache.eval.length import length_records, length_rows
 from gistcache.eval.report import write_outputs
 from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
 from gistcache.generation import check_context, generate_causal
@@ -84,6 +85,7 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
     predictions = {split: [{} for _ in rows] for split, rows in examples.items()}
     rows: list[dict] = []
     fidelity: list[dict] = []
+    length: list[dict] = []
     runs_info: list[dict] = []
     single = len(config.runs) == 1
     total = sum(len(r) for r in examples.values()) * sum(len(s.conditions) for s in specs)
@@ -103,11 +105,13 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
                     label = _label(condition, spec, single)
                     progress.update(task, description=f"{spec.name} {split} {condition}")
                     advance = lambda n: progress.advance(task, n)  # noqa: E731
-                    row, outputs = _condition_row(config, spec, models, condition, label, split, exs, items,
-                                                  k, full_ref, advance)
+                    row, outputs, cached = _condition_row(config, spec, models, condition, label, split, exs, items,
+                                                          k, full_ref, advance)
                     rows.append(row)
-                    for pred, out, p in zip(predictions[split], outputs, items):
+                    for pred, out, p, n in zip(predictions[split], outputs, items, cached):
                         pred[label] = out
+                        pred.setdefault("cached_positions", {})[label] = n
+                        pred.setdefault("instruction_only_tokens", p.instruction_tokens)
                         if condition == "truncate":
                             # one key per truncate row: runs with different N keep different counts
                             pred["truncate_kept_tokens" if label == "truncate" else f"{label}:kept_tokens"] = p.kept
@@ -119,6 +123,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
                                          [ex.output for ex in exs], resamples=config.bootstrap_resamples,
                                          seed=config.seed)}
                          for split, exs in examples.items() if spec.condition == "gist"]
+            if spec.condition == "gist":
+                length += _length_rows(config, spec, single, examples, prepared[spec.name], predictions)
             del models
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -131,6 +137,7 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
         "runs": runs_info,
         "rows": rows,
         "fidelity": fidelity,
+        "length": length,
         "wall_s_total": round(time.perf_counter() - started, 2),
         "out": str(config.out),
     }
@@ -169,11 +176,14 @@ def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Exam
         for ex in rows:
             item = Prepared(prompt=encode_instruction(tok, ex.instruction, spec.template),
                             input=encode_input(tok, ex.input, spec.template))
-            if truncate:
-                cut = truncate_prompt(tok, ex.instruction, spec.template, spec.truncate_tokens)
+            if truncate:  # as many instruction tokens as this prompt's gist cache has gist slots (conditions.py)
+                budget = truncate_budget(tok, gist_config, spec.template, len(item.prompt), config.truncate_tokens)
+                cut = truncate_prompt(tok, ex.instruction, spec.template, budget)
                 item.truncated, item.kept, item.instruction_tokens = cut.ids, cut.kept, cut.instruction_tokens
+            else:
+                item.instruction_tokens = instruction_token_count(tok, ex.instruction, spec.template)
             prepared[split].append(item)
-    if truncate:
+    if truncate and (config.truncate_tokens or not gist_config.gist_every):  # a chunked run's budget grows with P
         longest = max(p.instruction_tokens for rows in prepared.values() for p in rows)
         if spec.truncate_tokens >= longest:
             source = "--truncate-tokens" if config.truncate_tokens else f"the run's num_gist_tokens (run {spec.name})"
@@ -217,9 +227,11 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
     """Generate one condition on one split: (its row of the results, the stripped answers)."""
     gm = models.base_gm if condition == "base" else models.gm
     t0 = time.perf_counter()
+    context_used: list[int] = []
     if condition == "gist":
         outputs = generate_gist(gm, [ex.instruction for ex in exs], [ex.input for ex in exs],
-                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, on_batch=advance)
+                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, on_batch=advance,
+                                context_used=context_used)
     else:
         seqs, offsets = condition_sequences(condition, items, models.gist_ids, models.template_ids)
         outputs = generate_causal(gm, seqs, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
@@ -230,6 +242,8 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
     refs = [ex.output for ex in exs]
     em = [exact_match(o, r) for o, r in zip(outputs, refs)]
     positions = [state_positions(condition, p, models.gm.num_gist_tokens, models.template_ids) for p in items]
+    if condition == "gist" and len(context_used) == len(items):  # each cache's own M (N * chunks for gist_every)
+        positions = [n - models.gm.num_prefix_tokens for n in context_used]
     ratios = [len(p.prompt) / n for p, n in zip(items, positions) if n]
     row = {
         "run": spec.name, "split": split, "condition": condition, "label": label,
@@ -250,7 +264,25 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
         row["truncate_kept_mean"] = _mean([p.kept for p in items])
     row["full_prefill_flops"] = (counts["prefill_flops"] if condition == "full"
                                  else _mean(full_ref) if full_ref else None)
-    return row, outputs
+    # positions held before the input, per example: the gist cache's own count (F + its gist slots)
+    return row, outputs, (context_used if condition == "gist" else positions)
+
+
+def _length_rows(config: EvalConfig, spec: RunSpec, single: bool, examples: dict[str, list[Example]],
+                 items: dict[str, list[Prepared]], predictions: dict[str, list[dict]]) -> list[dict]:
+    """The by-length table of one gist run (eval/length.py): one row per (split, instruction-length bucket)."""
+    out = []
+    for split, exs in examples.items():
+        labels = {c: _label(c, spec, single) for c in spec.conditions}
+        preds = predictions[split]
+        records = length_records([p.instruction_tokens for p in items[split]], [len(p.prompt) for p in items[split]],
+                                 [ex.output for ex in exs],
+                                 {c: [pred[label] for pred in preds] for c, label in labels.items()},
+                                 {c: [pred["cached_positions"][label] for pred in preds]
+                                  for c, label in labels.items()})
+        out += [{"run": spec.name, "split": split, **row}
+                for row in length_rows(records, resamples=config.bootstrap_resamples, seed=config.seed)]
+    return out
 
 
 def _label(condition: str, spec: RunSpec, single: bool) -> str:

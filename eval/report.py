@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
+from rich.table import Table
+
 from gistcache._io import atomic_path, format_bytes
 from gistcache.errors import GistError
 from gistcache.eval.fidelity import fidelity_markdown
+from gistcache.eval.length import length_markdown, length_table
 from gistcache.eval.plot import plot_results
 
 
@@ -75,6 +79,7 @@ def results_markdown(results: dict) -> str:
         f"Runs: {runs}. Greedy, max_new_tokens={cfg['max_new_tokens']}, device {cfg['device_resolved']}.", "",
         markdown_table(results), "",
         fidelity_markdown(results),
+        length_markdown(results),
         f"ROUGE-L: F x100, 95% bootstrap interval ({cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}). "
         "EM: exact match x100 after strip + lower-case. Compression: instruction tokens (template included) / "
         "prompt-state positions. FLOPs: mean per example over the first "
@@ -82,6 +87,20 @@ def results_markdown(results: dict) -> str:
         "given the gist cache, its compress FLOPs are one-time per instruction. vs full: change of prefill FLOPs "
         "against the full prompt. Prompt state: positions x layers x 2 x kv_heads x head_dim x dtype bytes.", "",
     ])
+
+
+def length_rich_table(results: dict):
+    """The by-length table as a rich Table for the screen, or None when the results have none."""
+    if not results.get("length"):
+        return None
+    headers, rows = length_table(results["length"])
+    table = Table(title="by instruction length (tokens): ROUGE-L, EM, retention, gap closed, compression",
+                  box=box.SIMPLE_HEAD)
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("run", "split", "tokens") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def write_outputs(out: str | Path, results: dict, examples: dict, predictions: dict) -> None:

@@ -62,14 +62,28 @@ class BenchServeConfig:
                             f"fit --max-model-len {self.max_model_len}")
 
 
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
 def bench_serve(config: BenchServeConfig, progress: Callable[[str], None] | None = None) -> dict:
     if not vllm_available():
         raise GistError("gist bench serve needs vLLM: `make vllm-venv`, then .venv-vllm/bin/gist bench serve")
+    # vLLM's CPU KV cache size, unless the caller set one: for this call only
+    unset = os.environ.get(KV_CACHE_ENV) is None
+    if unset:
+        os.environ[KV_CACHE_ENV] = str(config.kv_cache_gib)
+    try:
+        return _bench_serve(config, progress)
+    finally:
+        if unset:
+            os.environ.pop(KV_CACHE_ENV, None)
+
+
+def _bench_serve(config: BenchServeConfig, progress: Callable[[str], None] | None) -> dict:
     from vllm import LLM, SamplingParams  # deferred: vLLM is optional and slow to import
 
     say = progress or (lambda msg: None)
     load_before = os.getloadavg()[0]  # 1-minute load average: other processes share these cores
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
     model = GistModel.from_pretrained(config.run)
     tok, template = model.tokenizer, model.template
     instructions = [synth_instruction(tok, config.instruction_tokens, seed=i) for i in range(config.instructions)]

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import importlib.util
 import inspect
-import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -126,17 +125,25 @@ def load_base_model(spec: str, *, dtype: torch.dtype = torch.float32, device: st
     if for_training:
         check_masked_attention(attn_implementation)
     source, gguf_file = resolve_model(spec)
-    # transformers' GGUF loader draws a tqdm bar of its own on stderr, past its logging switches
-    quiet = contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext()
+    # transformers' GGUF loader draws a tqdm bar of its own on stderr, past its logging switches: that bar alone is
+    # switched off, for this load only (sys.stderr itself is never swapped: other threads keep writing to it)
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils  # deferred: as above
+
+    bar = getattr(gguf_utils, "tqdm", None)
     placement = {"device_map": device_map} if device_map is not None else {}
     try:
-        with quiet, quiet_transformers():
+        if gguf_file and bar is not None:
+            gguf_utils.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 source, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation, **placement
             )
     except Exception as exc:
         raise GistError(f"cannot load model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
                         f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     check_architecture(model)
     return model if device_map is not None else model.to(device)
 

@@ -21,10 +21,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -225,7 +226,7 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_mode
         tmp = Path(tmp)
         save_file({"gist_embedding": model.gist_embedding.detach().float().cpu().contiguous()}, tmp / GIST_FILE)
         if tune == "lora":
-            with quiet_transformers():
+            with quiet_transformers(), hub_offline():  # peft would look the base model's name up on the hub
                 model.model.save_pretrained(tmp, safe_serialization=True)
             _name_base_model(tmp / ADAPTER_CONFIG_FILE, base_model)
         elif tune == "full":
@@ -246,22 +247,81 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_mode
 
 
 def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, train_config: dict | None = None,
-             base_fingerprint: str, base_fingerprints: dict[str, str] | None = None) -> None:
-    """Write a complete run folder: tokenizer, weights, then config.json last (its presence marks a run).
+             base_fingerprint: str, base_fingerprints: dict[str, str] | None = None,
+             write_extra: Callable[[Path], None] | None = None) -> None:
+    """Write a complete run folder: tokenizer, weights, config.json (its presence marks a run), and what
+    `write_extra(folder)` writes beside them (metrics, the model card), all or nothing (`staged_run`).
 
     `base_fingerprints` maps other dtype names to the fingerprint of the base weights loaded in that
     dtype (`fingerprint_model(base, as_dtype=...)`), so that a load in that dtype is checked without
     a float32 copy.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
-    save_run_weights(model, out_dir, gist_config.tune, gist_config.model)
-    config = {"gistcache_version": __version__, "gist": gist_config.to_dict(),
-              "train": train_config or {}, "base_fingerprint": base_fingerprint}
-    if base_fingerprints:
-        config["base_fingerprints"] = base_fingerprints
-    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    with staged_run(Path(out_dir)) as staged:
+        model.tokenizer.save_pretrained(staged / TOKENIZER_DIR)
+        save_run_weights(model, staged, gist_config.tune, gist_config.model)
+        config = {"gistcache_version": __version__, "gist": gist_config.to_dict(),
+                  "train": train_config or {}, "base_fingerprint": base_fingerprint}
+        if base_fingerprints:
+            config["base_fingerprints"] = base_fingerprints
+        atomic_write_text(staged / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(staged)
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside `out_dir` to write a run into; when the block ends, its files move into
+    `out_dir` (the folder renamed when `out_dir` does not exist; else file by file, config.json last, after the
+    old config.json is removed). After any failure (a full disk, a write refused) the temporary folder is
+    removed and `out_dir` holds no run files of this save: the run is complete or absent. What else `out_dir`
+    holds (train.log, checkpoints/) stays."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.saving-"))
+    try:
+        yield staged
+        if not out_dir.exists():
+            os.rename(staged, out_dir)
+            return
+        names = sorted(p.name for p in staged.iterdir() if p.name != CONFIG_FILE) + [CONFIG_FILE]
+        (out_dir / CONFIG_FILE).unlink(missing_ok=True)  # no run there until the new one is whole
+        moved = []
+        try:
+            for name in names:
+                target = out_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(staged / name, target)
+                moved.append(target)
+        except BaseException:
+            for target in moved:
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face offline mode for the block (`HF_HUB_OFFLINE`), restored after it: loading or saving a run
+    reads only its own folder, and peft would otherwise look the adapter's base model (a short name such as
+    smollm2-135m) up on the hub."""
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    constants = sys.modules.get("huggingface_hub.constants")  # imported by transformers before any load
+    saved_constant = constants.HF_HUB_OFFLINE if constants is not None else None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        constants = sys.modules.get("huggingface_hub.constants")  # perhaps first imported inside the block
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = (saved_constant if saved_constant is not None else
+                                        os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"))
 
 
 def dtype_fingerprints(base) -> dict[str, str]:
@@ -346,7 +406,7 @@ def attach_adapter(base, folder: Path, model_name: str):
     The base model the adapter config records is replaced by `model_name`: the run's config.json names it."""
     from peft import PeftConfig, PeftModel  # deferred: peft takes seconds to import
 
-    with quiet_transformers():
+    with quiet_transformers(), hub_offline():  # the adapter is in `folder` and its base loaded: nothing to look up
         adapter = PeftConfig.from_pretrained(str(folder))
         adapter.base_model_name_or_path = model_name
         return PeftModel.from_pretrained(base, str(folder), config=adapter, use_safetensors=True)
@@ -393,11 +453,15 @@ def save_gist_model(model: GistModel, out_dir: str | Path, *, train_config: dict
     if model.run_dir is not None and out_dir.resolve() == model.run_dir.resolve():
         raise GistError(f"{out_dir} is the run this model was loaded from: give another folder")
     source = read_run_config(model.run_dir) if model.run_dir is not None else {}
+
+    def copy_card_and_metrics(staged: Path) -> None:
+        for name in (MODEL_CARD_FILE, METRICS_FILE):
+            if model.run_dir is not None and (model.run_dir / name).is_file():
+                shutil.copy2(model.run_dir / name, staged / name)
+
     save_run(model, out_dir, model.gist_config, train_config=train_config or source.get("train"),
-             base_fingerprint=model.base_fingerprint, base_fingerprints=source.get("base_fingerprints"))
-    for name in (MODEL_CARD_FILE, METRICS_FILE):
-        if model.run_dir is not None and (model.run_dir / name).is_file():
-            shutil.copy2(model.run_dir / name, out_dir / name)
+             base_fingerprint=model.base_fingerprint, base_fingerprints=source.get("base_fingerprints"),
+             write_extra=copy_card_and_metrics)
     return out_dir
 
 

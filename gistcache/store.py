@@ -2,11 +2,14 @@
 
 The key is a SHA-256 over canonical JSON of everything that decides the cache's content::
 
-    {"base_fingerprint": ..., "num_gist_tokens": N, "prompt_sha256": ..., "run_fingerprint": ..., "template": ...}
+    {"base_fingerprint": ..., "dtype": "bfloat16", "num_gist_tokens": N, "prompt_sha256": ..., "run_fingerprint": ...,
+     "template": ...}
 
 (sorted keys, no spaces; never Python's `hash`, which changes between processes). The run
 fingerprint covers the run's mask and positions (its config.json), so they need no place of their
-own in the key. A store folder holds only what it made::
+own in the key; the dtype has one, so a float32 and a bfloat16 user of one store keep an entry each.
+An entry keyed before the dtype was (`legacy_key`) is moved under its key on the first lookup that
+asks for its prompt. A store folder holds only what it made::
 
     STORE/.gistcache-store          the marker, written when the store is created
     STORE/<key>.safetensors         an entry: an ordinary cache file
@@ -45,6 +48,7 @@ from pathlib import Path
 from gistcache._io import atomic_write_text, sha256_text
 from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
 from gistcache.compression import compress
+from gistcache.config import dtype_name
 from gistcache.errors import GistError
 from gistcache.identity import ModelIdentity, check_cache, model_identity
 from gistcache.model import GistModel
@@ -67,17 +71,30 @@ def default_store_dir() -> Path:
 
 
 def cache_key(base_fingerprint: str, run_fingerprint: str, template: str, num_gist_tokens: int,
-              prompt_sha256: str) -> str:
-    """SHA-256 (hex) of the canonical JSON of what determines a cache."""
-    fields = {"base_fingerprint": base_fingerprint, "run_fingerprint": run_fingerprint, "template": template,
-              "num_gist_tokens": int(num_gist_tokens), "prompt_sha256": prompt_sha256}
+              prompt_sha256: str, dtype: str) -> str:
+    """SHA-256 (hex) of the canonical JSON of what determines a cache; `dtype` by its name ("float32")."""
+    return _sha256_json({"base_fingerprint": base_fingerprint, "run_fingerprint": run_fingerprint,
+                         "template": template, "num_gist_tokens": int(num_gist_tokens),
+                         "prompt_sha256": prompt_sha256, "dtype": dtype})
+
+
+def legacy_key(base_fingerprint: str, run_fingerprint: str, template: str, num_gist_tokens: int,
+               prompt_sha256: str) -> str:
+    """The key of a store entry written before the key held the dtype (a lookup moves it, `CacheStore.get`)."""
+    return _sha256_json({"base_fingerprint": base_fingerprint, "run_fingerprint": run_fingerprint,
+                         "template": template, "num_gist_tokens": int(num_gist_tokens),
+                         "prompt_sha256": prompt_sha256})
+
+
+def _sha256_json(fields: dict) -> str:
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def key_of(cache: GistCache) -> str:
-    return cache_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.num_gist_tokens,
-                     cache.prompt_sha256)
+    # the run's N (per chunk): a chunked run's M follows from the prompt, and its ratio from the run fingerprint
+    return cache_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.gist_per_chunk,
+                     cache.prompt_sha256, dtype_name(cache.dtype))
 
 
 @dataclass(frozen=True)
@@ -91,24 +108,31 @@ class Wanted:
     prompt_sha256: str
     mask: str
     positions: str
+    dtype: str  # its name: "float32", "bfloat16", ...
 
     @classmethod
-    def of(cls, identity: ModelIdentity, num_gist_tokens: int, prompt_sha256: str) -> Wanted:
+    def of(cls, identity: ModelIdentity, num_gist_tokens: int, prompt_sha256: str, dtype: str) -> Wanted:
         return cls(identity.base_fingerprint, identity.run_fingerprint, identity.template, num_gist_tokens,
-                   prompt_sha256, identity.mask, identity.positions)
+                   prompt_sha256, identity.mask, identity.positions, dtype)
 
     @property
     def key(self) -> str:
         return cache_key(self.base_fingerprint, self.run_fingerprint, self.template, self.num_gist_tokens,
-                         self.prompt_sha256)
+                         self.prompt_sha256, self.dtype)
+
+    @property
+    def legacy_key(self) -> str:
+        return legacy_key(self.base_fingerprint, self.run_fingerprint, self.template, self.num_gist_tokens,
+                          self.prompt_sha256)
 
     def mismatch(self, cache: GistCache) -> str | None:
         """The first field of `cache` that is not the one asked for, or None."""
         for name in ("prompt_sha256", "base_fingerprint", "run_fingerprint", "num_gist_tokens", "template", "mask",
                      "positions"):
-            if getattr(cache, name) != getattr(self, name):
+            held = cache.gist_per_chunk if name == "num_gist_tokens" else getattr(cache, name)  # N, as the key
+            if held != getattr(self, name):
                 return name
-        return None
+        return None if dtype_name(cache.dtype) == self.dtype else "dtype"
 
 
 @dataclass
@@ -274,6 +298,8 @@ class CacheStore:
         With `model`, a cache that does not fit it is a miss too, but stays.
         """
         path = self.path_for(key)
+        if _regular(path) is None and wanted is not None:
+            self._move_legacy(wanted.legacy_key)
         if _regular(path) is None:
             return None  # absent, or a link: never read as an entry
         try:
@@ -295,6 +321,29 @@ class CacheStore:
             pass
         return cache
 
+    def _move_legacy(self, old: str) -> None:
+        """Move the entry that a store written before the key held the dtype kept under `old` (and its prompt) to
+        its key now; one that cannot be read is removed, one that cannot be moved (a read-only store) stays."""
+        path = self.path_for(old)
+        if _regular(path) is None:
+            return
+        try:
+            cache = load_cache(path)
+        except (GistError, OSError):
+            self._discard(old)
+            return
+        if legacy_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.num_gist_tokens,
+                      cache.prompt_sha256) != old:
+            self._discard(old)  # another prompt's cache under this name
+            return
+        new = key_of(cache)
+        try:
+            if _regular(self.prompt_path(old)) is not None:
+                os.replace(self.prompt_path(old), self.prompt_path(new))
+            os.replace(path, self.path_for(new))
+        except OSError:
+            pass
+
     def put(self, cache: GistCache, prompt: str | None = None) -> Path:
         """Store `cache` under its key (creating the store), with the instruction it was made from when given."""
         self.claim()
@@ -309,6 +358,9 @@ class CacheStore:
     def prompt_for(self, cache: GistCache) -> str | None:
         """The instruction `cache` was compressed from, when this store kept it (checked by its SHA-256)."""
         path = self.prompt_path(key_of(cache))
+        if _regular(path) is None:  # an entry kept since before the key held the dtype
+            path = self.prompt_path(legacy_key(cache.base_fingerprint, cache.run_fingerprint, cache.template,
+                                               cache.num_gist_tokens, cache.prompt_sha256))
         if _regular(path) is None:
             return None
         try:
@@ -405,13 +457,12 @@ def compress_cached(model: GistModel, instructions: str | list[str], store: Cach
         raise GistError("no instructions to compress: give at least one")
     store.check_claimable()  # a folder that is not a store is refused before any work
     identity: ModelIdentity = model_identity(model)
-    wanted = [Wanted.of(identity, model.num_gist_tokens, sha256_text(t)) for t in texts]
+    dtype = dtype_name(model.model.dtype)  # what compress makes: the weights' dtype
+    wanted = [Wanted.of(identity, model.num_gist_tokens, sha256_text(t), dtype) for t in texts]
     keys = [w.key for w in wanted]
     found: dict[str, GistCache | None] = {}
     for key, want in dict(zip(keys, wanted)).items():
         cache = store.get(key, wanted=want)
-        if cache is not None and cache.dtype != model.model.dtype:
-            cache = None  # the key has no dtype: a cache made in another dtype is recompressed and replaced
         if cache is not None:
             check_cache(model, cache, identity=identity, source=f"stored cache {key[:12]}")
         found[key] = cache

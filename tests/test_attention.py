@@ -77,7 +77,10 @@ def test_config_checks():
         AttentionConfig(num_gist_tokens=0)
 
 
-def test_cli_measures_every_condition(tiny_model_dir):
+def test_cli_measures_every_condition(tiny_model_dir, monkeypatch):
+    from gistcache.cli import common
+
+    monkeypatch.setattr(common.console, "width", 200)  # a table fits the terminal: its headers wrap at COLUMNS=40
     result = runner.invoke(app, ["attention", "--model", str(tiny_model_dir), "--examples", "4", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

@@ -220,15 +220,16 @@ def test_altered_metadata_is_refused(saved, tmp_path):
 # --- store -----------------------------------------------------------------------------------------
 
 def test_cache_key_is_canonical_sha256():
-    """The key is a SHA-256 over sorted-key JSON of the five fields; each field changes it."""
-    args = ("b" * 64, "r" * 64, "chat", 2, "p" * 64)
+    """The key is a SHA-256 over sorted-key JSON of the six fields; each field changes it, the dtype included."""
+    args = ("b" * 64, "r" * 64, "chat", 2, "p" * 64, "float32")
     key = cache_key(*args)
     assert len(key) == 64 and key == cache_key(*args)
     import hashlib
-    canonical = json.dumps({"base_fingerprint": args[0], "num_gist_tokens": 2, "prompt_sha256": args[4],
-                            "run_fingerprint": args[1], "template": "chat"}, separators=(",", ":"))
+    canonical = json.dumps({"base_fingerprint": args[0], "dtype": "float32", "num_gist_tokens": 2,
+                            "prompt_sha256": args[4], "run_fingerprint": args[1], "template": "chat"},
+                           separators=(",", ":"))
     assert key == hashlib.sha256(canonical.encode()).hexdigest()
-    for i, changed in enumerate(("x" * 64, "y" * 64, "plain", 3, "q" * 64)):
+    for i, changed in enumerate(("x" * 64, "y" * 64, "plain", 3, "q" * 64, "bfloat16")):
         assert cache_key(*args[:i], changed, *args[i + 1:]) != key
 
 
@@ -243,7 +244,7 @@ def test_store_hit_on_second_compress(gm, tmp_path):
     assert_same_cache(first[1].cache, second[0].cache)
     identity = model_identity(gm)
     assert second[2].key == cache_key(identity.base_fingerprint, identity.run_fingerprint, "chat", 2,
-                                      sha256_text(INSTRUCTIONS[2]))
+                                      sha256_text(INSTRUCTIONS[2]), "float32")
 
 
 def test_store_damaged_entry_is_a_miss(gm, tmp_path):
@@ -255,16 +256,20 @@ def test_store_damaged_entry_is_a_miss(gm, tmp_path):
     assert not again.hit and load_cache(again.path, gm).offset == res.cache.offset
 
 
-def test_store_entry_in_another_dtype_is_replaced(tmp_path):
-    """The key has no dtype: a stored float32 cache is recompressed (not refused) for a bfloat16 model."""
+def test_store_keeps_an_entry_per_dtype(tmp_path):
+    """The key holds the dtype: a float32 and a bfloat16 user of one store keep an entry each, and both hit."""
     model = make_gist_model("llama", 1)
     model.base_fingerprint, model.run_fingerprint = "b" * 64, "r" * 64  # as load_run sets them
     store = CacheStore(tmp_path)
     (first,) = compress_cached(model, ["Say hi"], store)
     model.model.to(torch.bfloat16)
     (second,) = compress_cached(model, ["Say hi"], store)
-    assert not second.hit and second.key == first.key and second.cache.dtype == torch.bfloat16
+    assert not second.hit and second.key != first.key and second.cache.dtype == torch.bfloat16
     assert load_cache(second.path, model).dtype == torch.bfloat16
+    assert compress_cached(model, ["Say hi"], store)[0].hit
+    model.model.to(torch.float32)
+    (again,) = compress_cached(model, ["Say hi"], store)
+    assert again.hit and again.key == first.key and load_cache(first.path).dtype == torch.float32
 
 
 def test_prune_removes_least_recently_used(gm, tmp_path):

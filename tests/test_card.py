@@ -2,6 +2,7 @@
 package, which every command uses when no run is named (`make ship-run` evaluates the package's copy with
 `gist eval --update-card`, which writes the card there)."""
 
+import json
 import shutil
 
 from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR
@@ -38,3 +39,28 @@ def test_shipped_card_tells_users_to_use_it_without_a_run_folder():
     text = (SHIPPED / "README.md").read_text()
     assert "--run" not in _use_section(text)
     assert "## Fidelity" in text and "retention" in text
+
+
+def test_card_names_paths_by_file_name(tmp_path):
+    """A card never carries the training machine's paths: --out, --data, --exclude, --eval-data and a model
+    folder are named by file name; a hub id or alias stays as it is."""
+    run = _run_folder(tmp_path / "r")
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(out="/home/someone/runs/r7", data=["/home/someone/data/a.json"],
+                           eval_data=["/home/someone/data/e.json"], model="/home/someone/models/tiny")
+    config["gist"]["model"] = "/home/someone/models/tiny"
+    (run / "config.json").write_text(json.dumps(config))
+    text = card.model_card(run)
+    assert "/home/someone" not in text
+    for shown in ("--out r7", "--data a.json", "--eval-data e.json", "--model tiny", "`tiny`"):
+        assert shown in text, shown
+    assert card.shown_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_shipped_card_is_what_the_renderer_writes():
+    """The shipped card equals the card rendered from its own run folder (with its fidelity section): no path of
+    the machine that trained it."""
+    text = (SHIPPED / "README.md").read_text()
+    fidelity = "## Fidelity" + text.split("## Fidelity", 1)[1].split("\n## Use", 1)[0]
+    assert card.model_card(SHIPPED, [fidelity]) == text
+    assert "/work/" not in text and "/home/" not in text

@@ -89,8 +89,11 @@ def test_shipped_preset_is_the_whole_recipe_and_given_flags_win(tmp_path):
     assert (config.lr, config.decoder, config.objective, config.lora_r, config.max_length) == (1e-4, "tuned", "labels", 16, 512)
 
 
-def test_train_table_shows_each_heldout_split(tmp_path):
+def test_train_table_shows_each_heldout_split(tmp_path, monkeypatch):
     """Without --json the train table lists the held-out loss of each split, before -> after."""
+    from gistcache.cli import common
+
+    monkeypatch.setattr(common.console, "width", 200)  # a table fits the terminal: its cells wrap at COLUMNS=40
     fake = {"condition": "gist", "steps": 3, "heldout_loss": 1.5, "heldout_loss_before": 6.5, "loss_curve": [],
             "heldout_loss_by_split": {"seen_tasks": {"before": 7.398, "after": 1.346, "examples": 48},
                                       "unseen_tasks": {"before": 6.253, "after": 2.111, "examples": 48}}}

@@ -181,8 +181,11 @@ FAKE_BENCH = {
 }
 
 
-def test_bench_cache_flags_reach_the_config():
+def test_bench_cache_flags_reach_the_config(monkeypatch):
     """`gist bench cache --lengths 128 512 2048` (space- or comma-separated) builds the config; table renders."""
+    from gistcache.cli import common
+
+    monkeypatch.setattr(common.console, "width", 200)  # a table fits the terminal: its cells wrap at COLUMNS=40
     with mock.patch("gistcache.eval.bench.bench_cache", return_value=FAKE_BENCH) as bench:
         result = invoke("bench", "cache", "--lengths", 128, 512, 2048, "--repeats", 5, "--new-tokens", 64,
                         "--threads", 1, "--model", "smollm2-135m")

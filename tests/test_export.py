@@ -29,12 +29,14 @@ INPUTS = ["stone", "abc de"]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", params=["compact", "original"])
+@pytest.fixture(scope="module", params=["compact", "original", "chunked"])
 def lora_run(request, base_dir, tmp_path_factory):  # noqa: F811
-    """A LoRA prefix-mask run in each position layout ("original": the prefix keys move to prefix_start = F - P)."""
+    """A LoRA prefix-mask run in each position layout ("original": the prefix keys move to prefix_start = F - P;
+    "chunked": compact, with gist tokens after every 4 instruction tokens, so each prompt has its own M)."""
     run = make_run(tmp_path_factory.mktemp("export") / "run", base_dir, tune="lora")
     config = json.loads((run / "config.json").read_text())
-    config["gist"]["positions"] = request.param
+    config["gist"]["positions"] = "compact" if request.param == "chunked" else request.param
+    config["gist"]["gist_every"] = 4 if request.param == "chunked" else 0
     (run / "config.json").write_text(json.dumps(config))
     return run
 
@@ -83,7 +85,8 @@ def test_served_slots_are_stack_layers(lora_run, exported):
         check_served_cache(info, cache)
         assert (cache.prefix_start < 0) == (model.positions == "original")
         for (k, v), (sk, sv) in zip(served_kv(cache, prefix, inv_freq), stack_layers(model, [cache], "cpu")):
-            assert k.shape == (1, info.kv_heads, info.num_cached, info.head_dim)
+            assert k.shape == (1, info.kv_heads, cache.offset, info.head_dim)  # F + M slots (M = N for one chunk)
+            assert cache.offset == info.num_cached or model.gist_every
             torch.testing.assert_close(k, sk, atol=1e-6, rtol=0)
             torch.testing.assert_close(v, sv, atol=1e-6, rtol=0)
 
@@ -99,7 +102,7 @@ def test_request_layout_gives_gist_generate_tokens(lora_run, exported):
         for text in INPUTS:
             expected = generate_ids(model, cache, text, max_new_tokens=8, **GREEDY)[0]
             ids = torch.tensor([request_ids(model.tokenizer, info.identity.template, cache, text)])
-            assert ids.shape[1] > info.num_cached and ids[0, :info.num_cached].eq(0).all()
+            assert ids.shape[1] > cache.offset and ids[0, :cache.offset].eq(0).all()
             past = DynamicCache(ddp_cache_data=served_kv(cache, prefix, inv_freq), config=hf.config)
             out = hf.generate(input_ids=ids, max_new_tokens=8, eos_token_id=model.tokenizer.eos_token_id,
                               suppress_tokens=[model.gist_token_id] if model.gist_token_id < 260 else None,
@@ -114,7 +117,7 @@ def test_foreign_caches_and_folders_are_refused(lora_run, exported, base_dir, tm
     named."""
     other = GistModel.from_pretrained(make_run(tmp_path / "other", base_dir, tune="gist"))
     info = read_export(exported)
-    with pytest.raises(GistError, match="cache x was made .*(another run|positions)"):
+    with pytest.raises(GistError, match="cache x was made .*(another run|positions|one chunk)"):
         check_served_cache(info, compress(other, PROMPTS[0]), source="cache x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")

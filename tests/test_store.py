@@ -174,3 +174,27 @@ def test_a_bad_entry_that_cannot_be_removed_is_a_miss(gm, tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "unlink", refuse)
     assert store.get(res.key) is None and res.path.exists()
+
+
+def test_an_entry_keyed_before_the_dtype_is_moved_and_served(gm, tmp_path):
+    """A store written before the key held the dtype: its entry (and prompt) moves under the key that names the
+    dtype on the first lookup and is a hit; `gist cache ls` lists it before; an unreadable one is a miss."""
+    from gistcache.store import Wanted, legacy_key
+    from gistcache.identity import model_identity
+
+    store = CacheStore(tmp_path / "store")
+    (made,) = compress_cached(gm, [PROMPTS[0]], CacheStore(tmp_path / "fresh"))
+    old = legacy_key(made.cache.base_fingerprint, made.cache.run_fingerprint, made.cache.template,
+                     made.cache.num_gist_tokens, made.cache.prompt_sha256)
+    assert old != made.key
+    store.claim()
+    save_cache(made.cache, store.path_for(old))
+    store.prompt_path(old).write_text(PROMPTS[0], encoding="utf-8")
+    assert [e.key for e in store.entries()] == [old]
+    assert store.prompt_for(made.cache) == PROMPTS[0]
+    (found,) = compress_cached(gm, [PROMPTS[0]], store)
+    assert found.hit and found.key == made.key and not store.path_for(old).exists()
+    assert store.prompt_path(made.key).read_text(encoding="utf-8") == PROMPTS[0]
+    want = Wanted.of(model_identity(gm), gm.num_gist_tokens, sha256_text(PROMPTS[1]), "float32")
+    store.path_for(want.legacy_key).write_bytes(b"not a cache")
+    assert store.get(want.key, wanted=want) is None and not store.path_for(want.legacy_key).exists()

@@ -168,3 +168,69 @@ def test_classification_labels_are_balanced(train_rows):
 def test_negative_count_rejected():
     with pytest.raises(ValueError):
         make_builtin_tasks(-1)
+
+
+# --- the long family ---------------------------------------------------------------------------------
+
+def _long():
+    from gistcache.data.tasks import HELD_OUT_RULES, LONG_FAMILIES, RULES, make_long_tasks, _code_words
+
+    return HELD_OUT_RULES, LONG_FAMILIES, RULES, make_long_tasks, _code_words
+
+
+def _shown_pairs(instruction):
+    """(input, output) pairs of the worked examples in a long-rule instruction."""
+    body = instruction.split("\n\n")[1:-1]
+    return [tuple(line.split(": ", 1)[1] for line in block.split("\n")) for block in body]
+
+
+def test_long_family_answers_follow_the_shown_rule():
+    """Each long row shows 10-99 worked examples of one rule; the answer is that rule on a word not shown."""
+    held_rules, _, rules, make_long_tasks, _ = _long()
+    for held_out, allowed in ((False, rules), (True, held_rules)):
+        rows = make_long_tasks(40, seed=1, held_out=held_out)
+        for r in rows:
+            pairs = _shown_pairs(r["instruction"])
+            assert 10 <= len(pairs) <= 99, len(pairs)
+            words = [w for w, _ in pairs]
+            assert r["input"] not in words and len(set(words)) == len(words)
+            code = next(c for c in _code_candidates(pairs[0], allowed))
+            rule = next(rule for rule in allowed if rule.format(word=pairs[0][0], code=code) == pairs[0][1])
+            assert all(out == rule.format(word=w, code=code) for w, out in pairs)
+            assert r["output"] == rule.format(word=r["input"], code=code)
+            assert r["instruction"].endswith("Answer with the output only.")
+
+
+def _code_candidates(pair, rules):
+    """The code words that explain one worked example (word, output) under some rule."""
+    import re
+
+    word, out = pair
+    for rule in rules:
+        pattern = re.escape(rule).replace(re.escape("{word}"), re.escape(word))
+        pattern = pattern.replace(re.escape("{code}"), "(?P<code>[a-z]+)", 1).replace(re.escape("{code}"), "(?P=code)")
+        match = re.fullmatch(pattern, out)
+        if match:
+            yield match["code"]
+
+
+def test_long_family_is_seeded_split_and_long():
+    """Same seed, same rows; the held-out family uses other rule shapes; prompts span hundreds of words."""
+    held_rules, families, rules, make_long_tasks, code_words = _long()
+    assert make_long_tasks(5, seed=3) == make_long_tasks(5, seed=3) != make_long_tasks(5, seed=4)
+    assert not set(held_rules) & set(rules)
+    assert [f.held_out for f in families] == [False, True]
+    assert {r["family"] for r in make_long_tasks(4, seed=0, held_out=True)} == {"long_word_rule_wrap"}
+    lengths = [len(r["instruction"].split()) for r in make_long_tasks(60, seed=0)]
+    assert min(lengths) < 100 and max(lengths) > 300
+    assert make_long_tasks(0) == []
+    with pytest.raises(ValueError):
+        make_long_tasks(-1)
+    import random
+    assert not set(code_words(random.Random(0), 50)) & set(__import__("gistcache.data.tasks").data.tasks.WORDS)
+
+
+def test_long_family_leaves_the_short_set_unchanged():
+    """The long families are kept apart: FAMILIES and make_builtin_tasks do not include them."""
+    _, families, _, _, _ = _long()
+    assert not {f.name for f in families} & {f.name for f in FAMILIES}

@@ -19,12 +19,25 @@ from gistcache.train.config import TrainConfig
 FLAG_NAMES = {"num_gist_tokens": "--num-gist", "attn_implementation": "--attn", "exclude_data": "--exclude"}
 # fields that say where and how a run was written, not what it is
 NOT_RECIPE = ("out", "resume", "overwrite", "save_every")
+# fields that name files or folders: the card names them by file name, never by the training machine's path
+PATH_FIELDS = ("data", "eval_data", "exclude_data")
+
+
+def shown_path(path: str) -> str:
+    """A path as a card shows it: its file name (`/home/me/data/train.json` -> `train.json`)."""
+    return Path(path).name or str(path)
+
+
+def shown_model(model: str) -> str:
+    """The base model as a card shows it: an alias or hub id as it is, a local path (absolute or from the home
+    folder) by its name."""
+    return shown_path(model) if model.startswith(("/", "~")) or Path(model).is_absolute() else model
 
 
 def train_command(train: dict) -> str:
     """The `gist train` command that gives this train config: every flag whose value is not the default."""
     defaults = TrainConfig(out="RUN", preset=train.get("preset", "test"))
-    parts = ["gist train", f"--out {train.get('out', 'RUN')}"]
+    parts = ["gist train", f"--out {shown_path(train.get('out', 'RUN'))}"]
     for f in fields(TrainConfig):
         if f.name in NOT_RECIPE or f.name not in train:
             continue
@@ -34,6 +47,10 @@ def train_command(train: dict) -> str:
         if value == default:
             continue
         flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name in PATH_FIELDS:
+            value = [shown_path(item) for item in value] if isinstance(value, list) else shown_path(value)
+        elif f.name == "model":
+            value = shown_model(value)
         if isinstance(value, bool):
             parts.append(flag)
         elif isinstance(value, list):
@@ -72,9 +89,11 @@ def _run_flag(run_dir: Path) -> str:
     return "" if run_dir.resolve() == (PRETRAINED_DIR / DEFAULT_RUN).resolve() else f" --run {run_dir}"
 
 
-def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
-    """Markdown for RUN/README.md; `extra_sections` (markdown) go after the command."""
+def model_card(run_dir: str | Path, extra_sections: list[str] = (), *, folder: str | Path | None = None) -> str:
+    """Markdown for RUN/README.md; `extra_sections` (markdown) go after the command. The card reads the files in
+    `run_dir` and names the run by `folder` (default: `run_dir`), where the run is saved through a temporary one."""
     run_dir = Path(run_dir)
+    shown = Path(folder) if folder is not None else run_dir
     config = json.loads((run_dir / "config.json").read_text())
     gist, train = config["gist"], config.get("train", {})
     metrics_path = run_dir / "metrics.json"
@@ -84,11 +103,11 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
               "gist": "the gist embedding only (the base model frozen)",
               "full": "all weights and the gist embedding"}[gist["tune"]]
     lines = [
-        f"# gist run `{run_dir.name}`", "",
+        f"# gist run `{shown.name}`", "",
         f"Compresses an instruction into the keys/values of {gist['num_gist_tokens']} gist token(s) of "
-        f"`{gist['model']}`.", "",
+        f"`{shown_model(gist['model'])}`.", "",
         "| | |", "| --- | --- |",
-        f"| base model | `{gist['model']}` (fingerprint `{config['base_fingerprint'][:16]}`) |",
+        f"| base model | `{shown_model(gist['model'])}` (fingerprint `{config['base_fingerprint'][:16]}`) |",
         f"| gist tokens | {gist['num_gist_tokens']} |",
         f"| mask | `{gist.get('mask', 'paper')}`" + (f", `{gist.get('positions', 'original')}` positions"
                                                      if gist.get("mask") == "prefix" else "")
@@ -98,10 +117,10 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
         *([f"| reads the caches | the untouched base model (`--decoder base`: the adapter works only where the gist "
            f"is written) |"] if gist.get("decoder") == "base" else []),
         f"| objective | `{train.get('objective', 'labels')}` |",
-        f"| data | {', '.join(Path(d).name for d in train.get('data', [])) or 'the built-in instruction set'} |",
+        f"| data | {', '.join(shown_path(d) for d in train.get('data', [])) or 'the built-in instruction set'} |",
     ]
     if train.get("exclude_data"):
-        lines.append(f"| instructions excluded | those of {', '.join(Path(d).name for d in train['exclude_data'])} |")
+        lines.append(f"| instructions excluded | those of {', '.join(shown_path(d) for d in train['exclude_data'])} |")
     if metrics:
         lines += [
             f"| training examples | {metrics.get('train_examples')} ({_fmt(metrics.get('dropped_contaminated'))} "
@@ -117,14 +136,14 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> str:
         lines += ["", "## Command", "", "```bash", train_command(train), "```"]
     for section in extra_sections:
         lines += ["", section.strip()]
-    run_flag = _run_flag(run_dir)
+    run_flag = _run_flag(shown)
     lines += ["", "## Use", "", "```bash", f"gist compress \"<instruction>\"{run_flag} --out prompt.safetensors",
               f"gist generate{run_flag} --cache prompt.safetensors --input \"<input>\"", "```", ""]
     return "\n".join(lines)
 
 
-def write_model_card(run_dir: str | Path, extra_sections: list[str] = ()) -> Path:
+def write_model_card(run_dir: str | Path, extra_sections: list[str] = (), *, folder: str | Path | None = None) -> Path:
     path = Path(run_dir) / "README.md"
-    atomic_write_text(path, model_card(run_dir, extra_sections))
+    atomic_write_text(path, model_card(run_dir, extra_sections, folder=folder))
     return path
 

@@ -81,6 +81,8 @@ class TrainConfig:
     max_steps: int | None = None
     # batches of like length under this many padded tokens (rows x longest row), at most batch_size rows; 0: off
     batch_tokens: int = 0
+    # start from a finished run's gist embedding and LoRA adapter ("shipped": the package's run); None: fresh
+    init_from: str | None = None
     # run folder
     save_every: int = 0
     resume: bool = False

@@ -35,14 +35,29 @@ from gistcache.train.checkpoint import (check_out_dir, comparable_config, find_r
 from gistcache.train.config import TrainConfig
 from gistcache.train.data import collate, fingerprint_rows, make_loader, prepare_examples
 from gistcache.train.distill import Teacher, distill_loss, make_teacher, teacher_logits, with_teacher_answers
-from gistcache.train.tuning import (MAX_GRAD_NORM, make_optimizer, make_scheduler, norm_before_clip,
+from gistcache.train.tuning import (MAX_GRAD_NORM, init_from_run, make_optimizer, make_scheduler, norm_before_clip,
                                     trainable_parameters, wrap_for_tuning)
 
 log = logging.getLogger("gistcache.train")
 
 
 def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
-    """Train gist tokens as `config` says and write the run folder. Returns the metrics."""
+    """Train gist tokens as `config` says and write the run folder. Returns the metrics.
+
+    The run's log file is attached to the `gistcache.train` logger for the call only: removed, closed and the
+    logger's level and propagation put back whether training ends or raises."""
+    level, propagate, handlers = log.level, log.propagate, list(log.handlers)
+    try:
+        return _train(config, show_progress=show_progress)
+    finally:
+        for handler in [h for h in log.handlers if h not in handlers]:
+            log.removeHandler(handler)
+            handler.close()
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _train(config: TrainConfig, *, show_progress: bool) -> dict:
     from accelerate import Accelerator  # deferred: accelerate is needed only when training runs
     from accelerate.utils import GradientAccumulationPlugin, set_seed
 
@@ -86,6 +101,8 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask,
                       positions=config.positions, decoder=config.decoder, gist_every=config.gist_every)
+    if config.init_from and resume is None:  # refused here, before anything is written
+        init_from_run(model, config.init_from, config, base_fingerprint)
     if teacher is not None and teacher.disable_adapter:
         teacher.module = model.model  # the peft wrapper, whose adapter the teacher switches off
     encoded, eval_groups = encode_rows(model, train_rows, eval_rows, config, stats)
@@ -97,14 +114,15 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
             remove_run_outputs(out)
         stale = remove_stale_temps(out)
     accelerator.wait_for_everyone()
-    handler = _log_to(out / LOG_FILE) if main else None
+    if main:
+        _log_to(out / LOG_FILE)  # detached by `train`, whatever happens
     log.info("config %s", json.dumps(config.to_dict()))
     log.info("data %s", json.dumps(stats))
     if main and stale:
         log.info("removed what a killed run left: %s", ", ".join(stale))
 
     pad_id = pad_token_id(tokenizer)
-    loader = accelerator.prepare(make_loader(encoded, config.batch_size, config.seed, pad_id))
+    loader = accelerator.prepare(make_loader(encoded, config.batch_size, config.seed, pad_id, config.batch_tokens))
     steps_per_epoch = max(1, len(loader) // config.grad_accum)  # len: this process's batches per epoch
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     device = accelerator.device
@@ -155,14 +173,14 @@ def train(config: TrainConfig, *, show_progress: bool = True) -> dict:
     if main:
         run_config = config.gist_config()
         run_config.trained_prompt_tokens = stats["trained_prompt_tokens"]  # what `gist compress` warns past
-        save_run(unwrapped, out, run_config, train_config=config.to_dict(),
-                 base_fingerprint=base_fingerprint, base_fingerprints=base_fingerprints)
-        atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-        write_model_card(out)
+
+        def write_metrics_and_card(staged: Path) -> None:  # inside the run's all-or-nothing save
+            atomic_write_text(staged / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+            write_model_card(staged, folder=out)
+
+        save_run(unwrapped, out, run_config, train_config=config.to_dict(), base_fingerprint=base_fingerprint,
+                 base_fingerprints=base_fingerprints, write_extra=write_metrics_and_card)
         log.info("held-out loss %s (before %s)", json.dumps(after), json.dumps(before))
-    if handler:
-        log.removeHandler(handler)
-        handler.close()
     return metrics
 
 

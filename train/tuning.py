@@ -36,6 +36,43 @@ def wrap_for_tuning(base, config: TrainConfig):
     return base
 
 
+def init_from_run(model: GistModel, run_dir: str, config: TrainConfig, base_fingerprint: str) -> None:
+    """Start training from a finished run's gist embedding (and LoRA adapter): a second stage on other data, such
+    as long prompts after the shipped recipe. "shipped" names the run shipped with the package. The run must be of
+    the same base weights, --tune and LoRA shape; nothing else of it is taken (its ratio, mask and data may differ)."""
+    from safetensors.torch import load_file
+
+    from gistcache.config import GistConfig
+    from gistcache.run import ADAPTER_FILE, GIST_FILE, read_run_config, resolve_run_dir
+
+    folder = resolve_run_dir(None if run_dir == "shipped" else run_dir)
+    data = read_run_config(folder)
+    source = GistConfig.from_dict(data["gist"])
+    if data.get("base_fingerprint") != base_fingerprint:
+        raise GistError(f"--init-from {run_dir}: that run was trained on other base weights than --model "
+                        f"{config.model}: start from a run of the same base model")
+    wanted = config.gist_config()
+    for name in ("tune", "lora_r", "lora_alpha", "lora_target_modules"):
+        if name != "tune" and config.tune != "lora":
+            break
+        if getattr(source, name) != getattr(wanted, name):
+            raise GistError(f"--init-from {run_dir}: that run has {name} {getattr(source, name)}, this one "
+                            f"{getattr(wanted, name)}: give the same --{name.replace('_', '-')}")
+    if config.tune == "full":
+        raise GistError("--init-from takes a gist or LoRA run: a --tune full run is a whole model, give it as --model")
+    gist = load_file(folder / GIST_FILE)["gist_embedding"]
+    with torch.no_grad():
+        model.gist_embedding.copy_(gist.to(model.gist_embedding.dtype))
+    if config.tune == "lora":
+        from peft import set_peft_model_state_dict  # deferred: peft takes seconds to import
+
+        result = set_peft_model_state_dict(model.model, load_file(folder / ADAPTER_FILE))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise GistError(f"--init-from {run_dir}: its adapter does not fit this model (missing {missing[:2]}, "
+                            f"unexpected {list(result.unexpected_keys)[:2]})")
+
+
 def trainable_parameters(model: GistModel) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

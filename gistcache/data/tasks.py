@@ -9,8 +9,15 @@ always correct. Many families share an input format (a word, "12, 7", a phrase),
 different outputs under different instructions, which forces a model to read the instruction.
 Families marked ``held_out=True`` never appear in training rows; they are for evaluation.
 
-Public API: ``FAMILIES`` (tuple of TaskFamily), ``HELD_OUT_FAMILIES`` (their names) and
-``make_builtin_tasks(num_examples, *, seed, held_out)``.
+Long prompts are a table apart (``LONG_FAMILIES``, ``make_long_tasks``), so the short set's rows stay as
+they were: a made-up rule (a code word added to a word) shown by 10-99 worked examples (about 150-1,300
+tokens), then a new word; the held-out family uses rules of another shape. Plain look-ups (a code book of
+made-up words, a staff directory) were tried first and the 135M base model reading the full prompt answered
+none of them; this family it answers (the measurement is in ``make_long_tasks``'s docstring).
+
+Public API: ``FAMILIES`` (tuple of TaskFamily), ``HELD_OUT_FAMILIES`` (their names),
+``make_builtin_tasks(num_examples, *, seed, held_out)``, ``LONG_FAMILIES``, ``LONG_HELD_OUT_FAMILIES`` and
+``make_long_tasks(num_examples, *, seed, held_out)``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Union
 
-__all__ = ["FAMILIES", "HELD_OUT_FAMILIES", "TaskFamily", "make_builtin_tasks"]
+__all__ = ["FAMILIES", "HELD_OUT_FAMILIES", "LONG_FAMILIES", "LONG_HELD_OUT_FAMILIES", "TaskFamily",
+           "make_builtin_tasks", "make_long_tasks"]
 
 # --- Small built-in vocabularies ---
 
@@ -446,3 +454,79 @@ def make_builtin_tasks(num_examples: int, *, seed: int = 0, held_out: bool = Fal
         k = i % len(families)
         rows.append(families[k].example(rngs[k]))
     return rows
+
+
+# --- Long prompts: families whose instruction is hundreds of tokens and whose answer only the prompt gives ---
+
+ONSETS = ("b", "bl", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kr", "m", "n", "p", "pl", "pr", "s", "sk",
+          "sl", "st", "t", "tr", "v", "z")
+NUCLEI = ("a", "e", "i", "o", "u", "oo", "ee", "ai")
+CODAS = ("ck", "n", "rp", "x", "m", "sh", "lt", "nd", "b", "g", "zz", "rk", "p", "t")
+
+
+def _code_words(rng: random.Random, n: int) -> list[str]:
+    """n distinct made-up words ('blick', 'stoorp', 'zaimsh'), none an English word of WORDS."""
+    out: dict[str, None] = {}
+    while len(out) < n:
+        w = rng.choice(ONSETS) + rng.choice(NUCLEI) + rng.choice(CODAS)
+        if rng.random() < 0.3:
+            w += rng.choice(NUCLEI) + rng.choice(CODAS)
+        if w not in WORDS:
+            out[w] = None
+    return list(out)
+
+
+RULES: tuple[str, ...] = ("{word}-{code}", "{code} {word}", "{word} {code}", "{code}-{word}")
+HELD_OUT_RULES: tuple[str, ...] = ("<{code}>{word}</{code}>", "[{code}: {word}]")
+
+
+def _word_rule(lo: int, hi: int, rules: tuple[str, ...]):
+    """Many worked examples of one made-up rule on a word: a rule of `rules` ({word}, {code}) with a made-up
+    code word drawn per prompt; the input is a word not among the examples. n in [lo, hi] examples."""
+    def generate(rng: random.Random) -> Generated:
+        rule = rng.choice(rules)
+        code = _code_words(rng, 1)[0]
+        words = rng.sample(WORDS, min(rng.randint(lo, hi), len(WORDS) - 1) + 1)
+        query, shown = words[0], words[1:]
+        table = "\n\n".join(f"Input: {w}\nOutput: {rule.format(word=w, code=code)}" for w in shown)
+        return query, rule.format(word=query, code=code), {"table": table}
+    return generate
+
+
+_RULE_INSTRUCTIONS = (
+    "Learn the rule from these worked examples.\n\n{table}\n\nApply the same rule to the next input. "
+    "Answer with the output only.",
+    "Every input below is rewritten by one rule.\n\n{table}\n\nRewrite the next input by the same rule. "
+    "Answer with the output only.",
+)
+
+# Long prompts (hundreds to about 1,300 tokens) whose answer only the prompt gives: a made-up rule (a code word
+# added to a word) shown by 10-99 worked examples, then a new word. Kept apart from FAMILIES (the short
+# built-in set keeps its rows); measured before adding (make_long_tasks). The held-out family uses rules of
+# another shape.
+LONG_FAMILIES: tuple[TaskFamily, ...] = (
+    _f("long_word_rule", _word_rule(10, 99, RULES), *_RULE_INSTRUCTIONS),
+    _f("long_word_rule_wrap", _word_rule(10, 99, HELD_OUT_RULES), *_RULE_INSTRUCTIONS, held_out=True),
+)
+LONG_HELD_OUT_FAMILIES: frozenset[str] = frozenset(f.name for f in LONG_FAMILIES if f.held_out)
+
+
+def make_long_tasks(num_examples: int, *, seed: int = 0, held_out: bool = False) -> list[dict[str, str]]:
+    """num_examples rows of the long families, as `make_builtin_tasks` (round-robin, seeded): the training
+    family (held_out=False) or the held-out one.
+
+    Measured before adding (smollm2-135m base model, greedy, chat template, 30 rows each, seed 0; the full
+    prompt vs the template alone, as `gist eval`'s base / none build them):
+
+        family                prompt tokens (min/median/max)   EM full / none    ROUGE-L full / none
+        long_word_rule        202 / 701 / 1257                 5/30 / 0/30       47.1 / 0.4
+        long_word_rule_wrap   247 / 764 / 1605                 7/30 / 0/30       49.2 / 1.5
+
+    Plain look-ups fail on this model: a code book of 20-100 made-up words -> English words (175-1066
+    tokens, as "code = word" lines or as Input/Output pairs) scored 0/30 both ways.
+    """
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    families = [f for f in LONG_FAMILIES if f.held_out == held_out]
+    rngs = [_family_rng(seed, f.name) for f in families]
+    return [families[i % len(families)].example(rngs[i % len(families)]) for i in range(num_examples)]

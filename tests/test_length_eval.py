@@ -1,0 +1,188 @@
+"""`gist eval` by instruction length (eval/length.py): buckets, per-bucket metrics on literal inputs, the
+truncation budget that matches the gist cache, and the table in an evaluation's outputs (tiny run)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import tiny
+from gistcache.config import GistConfig
+from gistcache.eval.conditions import instruction_token_count, truncate_budget, truncate_prompt
+from gistcache.eval.config import EvalConfig
+from gistcache.eval.length import bucket_of, length_records, length_rows, length_table
+from gistcache.eval.loop import evaluate
+from gistcache.eval.report import length_rich_table
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.prompts import fixed_prefix_ids
+from gistcache.run import load_run, save_run
+
+
+@pytest.mark.parametrize("tokens, label", [
+    (0, "<=128"), (1, "<=128"), (128, "<=128"), (129, "129-256"), (256, "129-256"), (257, "257-512"),
+    (512, "257-512"), (513, "513-1024"), (1024, "513-1024"), (1025, "1025-2048"), (2048, "1025-2048"),
+    (2049, ">2048"), (10_000, ">2048"),
+])
+def test_bucket_edges(tokens, label):
+    """Each bucket holds its two edges: <=128, 129-256, 257-512, 513-1024, 1025-2048, then >2048."""
+    assert bucket_of(tokens) == label
+
+
+def record(tokens, prompt, gist, full, none, truncate, gist_cached=5, trunc_cached=6):
+    """One example whose reference is 'a b'; each condition's answer is right (1) or wrong (0)."""
+    say = {1: "a b", 0: "x"}
+    return {"instruction_tokens": tokens, "prompt_positions": prompt, "reference": "a b",
+            "outputs": {"gist": say[gist], "full": say[full], "none": say[none], "truncate": say[truncate]},
+            "cached_positions": {"gist": gist_cached, "full": prompt, "none": 4, "truncate": trunc_cached}}
+
+
+LITERAL = [
+    record(10, 30, 1, 1, 0, 0),
+    record(128, 150, 1, 1, 0, 1),
+    record(300, 320, 1, 1, 0, 0, gist_cached=10),
+    record(400, 420, 0, 1, 0, 0, gist_cached=10),
+]
+
+
+def test_bucket_numbers_on_literal_examples():
+    """Per bucket: ROUGE-L and EM of each condition, retention, gap closed, gist - truncate, compression."""
+    rows = length_rows(LITERAL, resamples=200)
+    assert [(r["bucket"], r["examples"]) for r in rows] == [("<=128", 2), ("257-512", 2)]  # empty buckets left out
+    short, long = rows
+    assert short["instruction_tokens_mean"] == 69 and short["prompt_positions_mean"] == 90
+    rl = {c: v["rouge_l"]["mean"] for c, v in short["conditions"].items()}
+    assert rl == {"gist": 100, "full": 100, "none": 0, "truncate": 50}
+    assert {c: v["exact_match"]["mean"] for c, v in short["conditions"].items()} == rl
+    assert short["gist_retention"] == {"mean": 100, "ci_low": 100, "ci_high": 100}
+    assert short["gist_gap_closed"]["mean"] == 100 and short["truncate_retention"]["mean"] == 50
+    assert short["truncate_gap_closed"]["mean"] == 50 and short["gist_minus_truncate"]["mean"] == 50
+    assert short["conditions"]["gist"]["cached_positions_mean"] == 5
+    assert short["conditions"]["gist"]["compression_mean"] == (30 / 5 + 150 / 5) / 2  # the mean of per-example ratios
+    assert short["conditions"]["truncate"]["compression_mean"] == (30 / 6 + 150 / 6) / 2
+    assert short["conditions"]["full"]["compression_mean"] == 1
+    assert long["conditions"]["gist"]["rouge_l"]["mean"] == 50 and long["gist_retention"]["mean"] == 50
+    assert long["gist_gap_closed"]["mean"] == 50 and long["truncate_retention"]["mean"] == 0
+    assert long["conditions"]["gist"]["compression_mean"] == (320 / 10 + 420 / 10) / 2
+    lo, hi = long["gist_retention"]["ci_low"], long["gist_retention"]["ci_high"]
+    assert lo <= 50 <= hi and (lo, hi) != (50, 50)  # two examples that differ: a real interval
+
+
+def test_conditions_missing_give_none():
+    """Without truncate (or none) the metrics that need it are None; the rest is still there."""
+    exs = [{**r, "outputs": {c: r["outputs"][c] for c in ("gist", "full")}} for r in LITERAL[:2]]
+    (row,) = length_rows(exs, resamples=50)
+    assert set(row["conditions"]) == {"gist", "full"} and row["gist_retention"]["mean"] == 100
+    assert row["gist_gap_closed"] is None and row["truncate_retention"] is None and row["gist_minus_truncate"] is None
+
+
+def test_records_from_columns_and_table_text():
+    """length_records turns per-condition columns into records; length_table writes one line per bucket."""
+    recs = length_records([10, 300], [30, 320], ["a b", "a b"], {"gist": ["a b", "x"], "full": ["a b", "a b"]},
+                          {"gist": [5, 10], "full": [30, 320]})
+    assert recs[1] == {"instruction_tokens": 300, "prompt_positions": 320, "reference": "a b",
+                       "outputs": {"gist": "x", "full": "a b"}, "cached_positions": {"gist": 10, "full": 320}}
+    rows = [{"run": "r", "split": "dev", **row} for row in length_rows(recs, resamples=50)]
+    headers, cells = length_table(rows)
+    assert headers[:5] == ["split", "tokens", "n", "gist R-L", "full R-L"]
+    assert cells[0][:5] == ["dev", "<=128", "1", "100.0", "100.0"]
+    assert cells[1][headers.index("gist ret.")] == "0.0% [0.0, 0.0]"
+    assert cells[0][headers.index("gist comp.")] == "6.0x" and cells[0][headers.index("trunc comp.")] == "—"
+
+
+def test_truncate_budget_matches_the_gist_slots():
+    """truncate keeps as many instruction tokens as the cache has gist slots: N, or N per chunk of K past F."""
+    tok = tiny.make_tokenizer()
+    paper = SimpleNamespace(mask="paper", num_gist_tokens=2, gist_every=0)
+    assert truncate_budget(tok, paper, "chat", 500) == 2
+    assert truncate_budget(tok, paper, "chat", 500, fixed=7) == 7
+    chunked = SimpleNamespace(mask="paper", num_gist_tokens=2, gist_every=64)
+    assert truncate_budget(tok, chunked, "chat", 129) == 2 * 3  # ceil(129 / 64) chunks
+    prefix = SimpleNamespace(mask="prefix", num_gist_tokens=1, gist_every=64)
+    f = len(fixed_prefix_ids(tok, "chat"))
+    assert f > 0 and truncate_budget(tok, prefix, "chat", f + 128) == 2 and truncate_budget(tok, prefix, "chat",
+                                                                                              f + 129) == 3
+
+
+def test_instruction_token_count_is_truncation_count():
+    """The bucket key is the instruction's own tokens: what truncate_prompt counts."""
+    tok = tiny.make_tokenizer()
+    text = "Spell the word backwards."
+    assert instruction_token_count(tok, text, "chat") == truncate_prompt(tok, text, "chat", 3).instruction_tokens
+    assert instruction_token_count(tok, text, "chat") == len(text)  # byte-level: one token per character
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello"},
+    {"instruction": "Write the word in capital letters. " * 5, "input": "dog", "output": "DOG"},
+    {"instruction": "Reverse the letters of the word you are given, and answer with nothing else. " * 4,
+     "input": "red", "output": "der"},
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("length-run")
+    model_dir = tiny.save_model_folder(root / "model")
+    base = load_base_model(str(model_dir))
+    fp = fingerprint_model(base)
+    gm = GistModel(base, load_tokenizer(str(model_dir)), 2, base_fingerprint=fp)
+    save_run(gm, root / "run", GistConfig(model=str(model_dir), num_gist_tokens=2, tune="gist"), base_fingerprint=fp)
+    return root / "run"
+
+
+def test_evaluate_reports_length_table(run_dir, tmp_path):
+    """results.json holds one length row per bucket present, with every condition; results.md the section."""
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "eval"
+    results = evaluate(EvalConfig(runs=str(run_dir), splits=[str(data)], out=str(out), max_new_tokens=2,
+                                  batch_size=2, flops_examples=0, baselines=["full", "none", "truncate"]),
+                       show_progress=False)
+    lengths = [len(r["instruction"].strip()) for r in ROWS]  # byte-level tokenizer
+    assert lengths[0] <= 128 < lengths[1] <= 256 < lengths[2] <= 512
+    rows = json.loads((out / "results.json").read_text())["length"]
+    assert [(r["split"], r["bucket"], r["examples"]) for r in rows] == [
+        ("dev", "<=128", 1), ("dev", "129-256", 1), ("dev", "257-512", 1)]
+    assert rows[1]["instruction_tokens_mean"] == lengths[1]
+    gm = load_run(str(run_dir))
+    for r in rows:
+        assert set(r["conditions"]) == {"gist", "full", "none", "truncate"}
+        assert r["conditions"]["gist"]["cached_positions_mean"] == gm.num_prefix_tokens + 2  # the cache's context_used
+        assert r["conditions"]["truncate"]["cached_positions_mean"] < r["prompt_positions_mean"]
+        assert r["conditions"]["gist"]["compression_mean"] == pytest.approx(
+            r["prompt_positions_mean"] / (gm.num_prefix_tokens + 2), rel=1e-3)
+    assert "## By instruction length" in (out / "results.md").read_text()
+    assert [r["bucket"] for r in results["length"]] == [r["bucket"] for r in rows]
+    assert length_rich_table(results).row_count == 3
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert preds[2]["instruction_only_tokens"] == lengths[2] and preds[2]["truncate_kept_tokens"] == 2
+
+
+def test_chunked_run_truncates_to_its_gist_slots(tmp_path):
+    """A chunked run (gist_every K): per example, truncate keeps M = N * ceil((P - F) / K) instruction tokens, the
+    gist cache's slot count, and the gist's cached positions are its context_used, F + M."""
+    from gistcache.masks import count_gist_slots
+
+    model_dir = tiny.save_model_folder(tmp_path / "model")
+    base = load_base_model(str(model_dir))
+    fp = fingerprint_model(base)
+    gm = GistModel(base, load_tokenizer(str(model_dir)), 1, base_fingerprint=fp, mask="prefix", gist_every=32)
+    save_run(gm, tmp_path / "run", GistConfig(model=str(model_dir), num_gist_tokens=1, gist_every=32, mask="prefix",
+                                              tune="gist"), base_fingerprint=fp)
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(ROWS))
+    results = evaluate(EvalConfig(runs=str(tmp_path / "run"), splits=[str(data)], out=str(tmp_path / "eval"),
+                                  max_new_tokens=2, batch_size=2, flops_examples=0, baselines=["full", "truncate"]),
+                       show_progress=False)
+    gm = load_run(str(tmp_path / "run"))
+    f = gm.num_prefix_tokens
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    for pred in preds:
+        m = count_gist_slots(pred["instruction_tokens"], 1, 32, f)
+        assert m == gm.num_gist_slots(pred["instruction_tokens"])
+        assert pred["truncate_kept_tokens"] == min(m, pred["instruction_only_tokens"])
+        assert pred["cached_positions"]["gist"] == f + m
+    assert [p["cached_positions"]["gist"] - f for p in preds] == [1, 6, 10]  # grows with the prompt
+    assert [r["bucket"] for r in results["length"]] == ["<=128", "129-256", "257-512"]
