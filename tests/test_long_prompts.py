@@ -114,3 +114,36 @@ def test_compress_warns_past_the_trained_range(chunked_run, tmp_path):
     assert out.is_file()
     warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and f"-{longest} tokens" in warned[0]
+
+
+def test_init_from_a_run_takes_its_gist_and_adapter_and_refuses_another_shape(chunked_run, tmp_path):
+    """--init-from: the new model starts with the run's gist embedding and LoRA weights; another LoRA rank is refused
+    by name."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+    from gistcache.train.tuning import init_from_run, wrap_for_tuning
+
+    config = json.loads((chunked_run / "config.json").read_text())
+    model_dir = config["gist"]["model"]
+
+    def fresh(lora_r):
+        cfg = TrainConfig(out=str(tmp_path / f"r{lora_r}"), model=model_dir, lora_r=lora_r, lora_alpha=8,
+                          gist_every=8, decoder="base")
+        base = load_base_model(model_dir)
+        fp = fingerprint_model(base)  # before the adapter goes in, as training takes it
+        gm = GistModel(wrap_for_tuning(base, cfg), load_tokenizer(model_dir), 1, mask="prefix", decoder="base",
+                       gist_every=8)
+        return gm, cfg, fp
+
+    gm, cfg, fp = fresh(4)
+    init_from_run(gm, str(chunked_run), cfg, fp)
+    assert torch.equal(gm.gist_embedding.data, load_file(chunked_run / "gist_embedding.safetensors")["gist_embedding"])
+    saved = load_file(chunked_run / "adapter_model.safetensors")
+    state = {k: v for k, v in gm.model.state_dict().items() if "lora_B" in k}
+    assert state and any(v.abs().sum() > 0 for v in state.values())  # a fresh adapter's B is all zeros
+    assert sum(v.numel() for k, v in saved.items() if "lora_B" in k) == sum(v.numel() for v in state.values())
+    gm8, cfg8, fp8 = fresh(8)
+    with pytest.raises(GistError, match="that run has lora_r 4, this one 8"):
+        init_from_run(gm8, str(chunked_run), cfg8, fp8)
