@@ -98,7 +98,7 @@ vllm-venv: $(VSTAMP)
 
 # The vLLM equality test (greedy vLLM from gist caches == gist generate), in the vLLM virtualenv.
 test-vllm: $(VSTAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm.py tests/test_export.py tests/test_serve.py
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm.py tests/test_vllm_chunked.py tests/test_export.py tests/test_serve.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info
