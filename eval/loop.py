@@ -54,8 +54,9 @@ class RunSpec:
     condition: str  # the condition it was trained under
     conditions: list[str]  # what is evaluated with it
     num_gist_tokens: int
+    gist_every: int = 0  # 0: one chunk; else N gist tokens per chunk of this many instruction tokens
     template: str = ""
-    truncate_tokens: int | None = None
+    truncate_tokens: int | None = None  # None for a chunked run: its budget is each prompt's own M
 
 
 @dataclass
@@ -158,7 +159,7 @@ def run_specs(config: EvalConfig) -> list[RunSpec]:
             name, i = f"{Path(run).resolve().name}-{i}", i + 1
         names.add(name)
         specs.append(RunSpec(path=run, name=name, condition=trained, conditions=conditions,
-                             num_gist_tokens=int(gist["num_gist_tokens"])))
+                             num_gist_tokens=int(gist["num_gist_tokens"]), gist_every=int(gist.get("gist_every", 0))))
     return specs
 
 
@@ -169,7 +170,7 @@ def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Exam
     spec.template = resolve_template(tok, gist_config.template)
     truncate = "truncate" in spec.conditions
     if truncate:
-        spec.truncate_tokens = config.truncate_tokens or spec.num_gist_tokens
+        spec.truncate_tokens = config.truncate_tokens or (None if gist_config.gist_every else spec.num_gist_tokens)
     prepared: dict[str, list[Prepared]] = {}
     for split, rows in examples.items():
         prepared[split] = []
@@ -208,7 +209,7 @@ def _load_models(spec: RunSpec, device: str, dtype: torch.dtype) -> RunModels:
 def _run_info(spec: RunSpec, models: RunModels) -> dict:
     gm = models.gm
     return {"name": spec.name, "path": str(spec.path), "condition": spec.condition, "conditions": spec.conditions,
-            "num_gist_tokens": gm.num_gist_tokens, "template": spec.template, "truncate_tokens": spec.truncate_tokens,
+            "num_gist_tokens": gm.num_gist_tokens, "gist_every": spec.gist_every, "template": spec.template, "truncate_tokens": spec.truncate_tokens,
             "run_fingerprint": gm.run_fingerprint, "base_model": gm.gist_config.model,
             "kv_bytes_per_position": models.bytes_per_position, "template_tokens": len(models.template_ids)}
 

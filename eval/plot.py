@@ -5,9 +5,11 @@
 - `fidelity.png`, when a gist run was evaluated with its baselines: retention (gist / full),
   gap closed ((gist - none) / (full - none)) and retention against the base model, per split,
   with their 95% intervals and a line at 100%;
-- `rouge_vs_compression.png`, when more than one run is evaluated (several `--run`, or control
-  runs): ROUGE-L against the mean compression ratio (log scale), one point per (run, condition)
-  whose ratio is defined (neg_control keeps no prompt state, so it has none), one marker per split.
+- `rouge_vs_compression.png`, when more than one run is evaluated (several `--run`, e.g. runs at
+  several `--gist-every` ratios, or control runs): one panel per split, ROUGE-L against the mean
+  compression ratio (log scale), one line per condition (gist, truncate, ...) through its runs, each
+  point named by its run, so gist at several ratios sits beside truncation to the same state
+  (neg_control keeps no prompt state, so it has no ratio).
 """
 
 from __future__ import annotations
@@ -73,26 +75,7 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
         paths.append(_save(plt, fig, out_dir / "fidelity.png"))
 
     if len(results.get("runs", [])) > 1:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        markers = "osD^v<>ph"
-        for label in labels:
-            pts = [(r["compression_mean"], r["rouge_l"]["mean"], splits.index(r["split"])) for r in rows
-                   if r["label"] == label and r["compression_mean"]]
-            if not pts:
-                continue
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=":", alpha=0.5)[0]
-            for x, y, s in pts:
-                ax.scatter([x], [y], color=line.get_color(), marker=markers[s % len(markers)])
-            ax.annotate(label, (pts[0][0], pts[0][1]), fontsize="small", xytext=(4, 4), textcoords="offset points")
-        for s, split in enumerate(splits):
-            ax.scatter([], [], color="grey", marker=markers[s % len(markers)], label=split)
-        ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("compression (instruction tokens / prompt-state positions)")
-        ax.set_ylabel("ROUGE-L (F x100)")
-        ax.set_title("ROUGE-L vs compression")
-        ax.legend(fontsize="small")
-        paths.append(_save(plt, fig, out_dir / "rouge_vs_compression.png"))
+        paths.append(_plot_compression(plt, rows, splits, out_dir / "rouge_vs_compression.png"))
     return paths
 
 
@@ -101,3 +84,31 @@ def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> Path:
+    """One panel per split: ROUGE-L (95% interval) against compression, a line per condition through its runs."""
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits) + 1, 4.4), squeeze=False)
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    for ax, split in zip(axes[0], splits):
+        for condition in conditions:
+            pts = sorted([(r["compression_mean"], r["rouge_l"], r["run"]) for r in rows
+                          if r["split"] == split and r["condition"] == condition and r["compression_mean"]],
+                         key=lambda p: p[0])
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1]["mean"] for p in pts]
+            errs = [[max(0.0, p[1]["mean"] - p[1]["ci_low"]) for p in pts],
+                    [max(0.0, p[1]["ci_high"] - p[1]["mean"]) for p in pts]]
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, linestyle="-" if len(pts) > 1 else "none",
+                        label=condition)
+            if condition in ("gist", "truncate"):
+                for x, y, (_, _, run) in zip(xs, ys, pts):
+                    ax.annotate(run, (x, y), fontsize="x-small", xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("compression (prompt positions / cached positions)")
+        ax.set_ylabel("ROUGE-L (F x100)")
+        ax.set_title(f"{split}: ROUGE-L vs compression")
+        ax.legend(fontsize="small")
+    return _save(plt, fig, path)

@@ -73,7 +73,8 @@ def results_markdown(results: dict) -> str:
     """results.md: the runs, the summary table, the fidelity section and how each column is measured."""
     cfg = results["config"]
     k = cfg["flops_examples"]
-    runs = ", ".join(f"{r['name']} ({r['condition']}, N={r['num_gist_tokens']})" for r in results["runs"])
+    runs = ", ".join(f"{r['name']} ({r['condition']}, N={r['num_gist_tokens']}"
+                     + (f" per {r['gist_every']} tokens)" if r.get("gist_every") else ")") for r in results["runs"])
     return "\n".join([
         "# gist eval", "",
         f"Runs: {runs}. Greedy, max_new_tokens={cfg['max_new_tokens']}, device {cfg['device_resolved']}.", "",

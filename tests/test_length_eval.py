@@ -186,3 +186,8 @@ def test_chunked_run_truncates_to_its_gist_slots(tmp_path):
         assert pred["cached_positions"]["gist"] == f + m
     assert [p["cached_positions"]["gist"] - f for p in preds] == [1, 6, 10]  # grows with the prompt
     assert [r["bucket"] for r in results["length"]] == ["<=128", "129-256", "257-512"]
+    rows = {row["condition"]: row for row in results["rows"]}
+    assert rows["gist"]["prompt_state_positions_mean"] == pytest.approx((1 + 6 + 10) / 3, abs=1e-3)  # M, not N
+    assert rows["truncate"]["truncate_tokens"] is None  # per prompt, not one budget
+    assert results["runs"][0]["gist_every"] == 32
+    assert "N=1 per 32 tokens" in (tmp_path / "eval" / "results.md").read_text()
