@@ -64,3 +64,14 @@ def test_shipped_card_is_what_the_renderer_writes():
     fidelity = "## Fidelity" + text.split("## Fidelity", 1)[1].split("\n## Use", 1)[0]
     assert card.model_card(SHIPPED, [fidelity]) == text
     assert "/work/" not in text and "/home/" not in text
+
+
+def test_card_names_a_chunked_runs_ratio_and_trained_lengths(tmp_path):
+    """A run with --gist-every says its cache grows with the prompt and the prompt lengths it trained on."""
+    run = _run_folder(tmp_path / "r")
+    config = json.loads((run / "config.json").read_text())
+    config["gist"].update(gist_every=64, trained_prompt_tokens=[13, 1990])
+    (run / "config.json").write_text(json.dumps(config))
+    text = card.model_card(run)
+    assert "1 gist token(s) after every 64 instruction tokens" in text
+    assert "| trained prompt lengths | 13-1990 tokens" in text

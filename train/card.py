@@ -82,6 +82,14 @@ def _training_time(metrics: dict) -> str:
     return f"{train / 60:.1f} min of optimizer steps, {wall / 60:.1f} min in all"
 
 
+def _gist_count(gist: dict) -> str:
+    """`N gist token(s)`, or N per chunk of K instruction tokens for a chunked run (masks.count_gist_slots)."""
+    n = gist["num_gist_tokens"]
+    if gist.get("gist_every"):
+        return f"{n} gist token(s) after every {gist['gist_every']} instruction tokens (the cache grows with the prompt)"
+    return f"{n} gist token(s)"
+
+
 def _run_flag(run_dir: Path) -> str:
     """` --run RUN` for the card's commands; nothing for the run shipped in the package, which every command
     uses when no run is named (a card rendered in a run folder and then copied into the package would send
@@ -104,11 +112,14 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = (), *, folder: s
               "full": "all weights and the gist embedding"}[gist["tune"]]
     lines = [
         f"# gist run `{shown.name}`", "",
-        f"Compresses an instruction into the keys/values of {gist['num_gist_tokens']} gist token(s) of "
+        f"Compresses an instruction into the keys/values of {_gist_count(gist)} of "
         f"`{shown_model(gist['model'])}`.", "",
         "| | |", "| --- | --- |",
         f"| base model | `{shown_model(gist['model'])}` (fingerprint `{config['base_fingerprint'][:16]}`) |",
-        f"| gist tokens | {gist['num_gist_tokens']} |",
+        f"| gist tokens | {gist['num_gist_tokens']}"
+        + (f" after every {gist['gist_every']} instruction tokens" if gist.get("gist_every") else "") + " |",
+        *([f"| trained prompt lengths | {gist['trained_prompt_tokens'][0]}-{gist['trained_prompt_tokens'][1]} tokens "
+           f"(`gist compress` warns past them) |"] if gist.get("trained_prompt_tokens") else []),
         f"| mask | `{gist.get('mask', 'paper')}`" + (f", `{gist.get('positions', 'original')}` positions"
                                                      if gist.get("mask") == "prefix" else "")
         + f" (condition `{gist['condition']}`) |",
