@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Annotated, Optional
 
 import typer
@@ -32,6 +33,7 @@ def kshot(
     max_shots: Annotated[Optional[int], typer.Option("--max-shots", help="Most worked examples per prompt. Default: all other rows of the task that fit.")] = None,
     per_task: Annotated[Optional[int], typer.Option("--per-task", help="Rows kept per task (a seeded draw). Default: all.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shot order and of k.")] = 0,
+    shuffle: Annotated[Optional[int], typer.Option("--shuffle", help="Write the rows in an order shuffled with this seed (default: grouped by task), so `gist eval --limit N` reads a mix of tasks.")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Turn rows that name their task into k-shot prompts: the task's instruction plus k worked examples of it."""
@@ -43,6 +45,8 @@ def kshot(
     built = build_kshot(rows, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens, seed=seed,
                         include_tasks=tasks, exclude_tasks=exclude_tasks, min_shots=min_shots, max_shots=max_shots,
                         per_task=per_task, min_prompt_tokens=min_prompt_tokens)
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(built)
     write_rows(built, out)
     summary = {"out": out, **summarize(built)}
     if json_out:

@@ -200,6 +200,22 @@ def test_cli_writes_alpaca_rows(cli_env):
     assert [p.name for p in out.parent.iterdir()] == ["kshot.json"]  # no temporary file left
 
 
+def test_cli_shuffle_mixes_tasks_same_rows(cli_env):
+    """--shuffle S writes the same rows in an order drawn with seed S (the same each time), not grouped by task."""
+    tmp_path, data = cli_env
+    outs = {}
+    for name, extra in (("plain", []), ("a", ["--shuffle", "0"]), ("b", ["--shuffle", "0"]), ("c", ["--shuffle", "1"])):
+        outs[name] = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["data", "kshot", str(data), "--out", str(outs[name]), "--json", *extra])
+        assert result.exit_code == 0, result.output
+    rows = {name: json.loads(path.read_text()) for name, path in outs.items()}
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, rows["a"])) == sorted(map(key, rows["plain"])) and rows["a"] != rows["plain"]
+    assert rows["a"] == rows["b"] and rows["a"] != rows["c"]
+    sources = [r["source"] for r in rows["plain"]]
+    assert sources == sorted(sources, key=sources.index)  # plain: grouped by task
+
+
 @pytest.mark.parametrize("case, text", [
     ("no_source", "no task field 'source'"),
     ("missing", "does not exist"),
