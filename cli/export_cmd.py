@@ -29,5 +29,5 @@ def export(
     console.print(f"exported {info.source_run} to {out} ({info.dtype}, {info.num_layers} layers, "
                   f"{info.num_gist_tokens} gist token(s) after a fixed prefix of {info.num_prefix_tokens})",
                   highlight=False)
-    console.print(f"serve it: gist serve --model {out}   (or any engine: it is a plain {out}/config.json folder)",
+    console.print(f"serve it: gist serve --export {out}   (or any engine: it is a plain {out}/config.json folder)",
                   style="dim", highlight=False)

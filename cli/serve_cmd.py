@@ -37,8 +37,9 @@ def serve(
     max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="vLLM's context limit.")] = None,
     name: Annotated[str, typer.Option("--name", help="The model name clients send.")] = "gist",
 ) -> None:
-    """Serve the run with vLLM: /v1/completions requests name a gist cache in kv_transfer_params. Arguments after
-    `--` go to `vllm serve`."""
+    """Serve the run with vLLM: /v1/completions requests name a gist cache in kv_transfer_params; on
+    /v1/chat/completions the system message is the instruction, the user message the input. Arguments after `--`
+    go to `vllm serve`."""
     from gistcache.vllm.server import ENV_EXPORT, ENV_STORE, check_port, vllm_command
 
     torch_dtype(dtype)
