@@ -80,25 +80,21 @@ import torch  # noqa: E402
 
 from gistcache._io import atomic_write_text  # noqa: E402
 from gistcache._version import __version__  # noqa: E402
+from gistcache.byte_tokenizer import VOCAB_SIZE, byte_tokenizer  # noqa: E402
 from gistcache.compression import compress  # noqa: E402
 from gistcache.environment import cpu_name, package_versions  # noqa: E402
 from gistcache.errors import GistError  # noqa: E402
 from gistcache.generation import (GREEDY, build_batch, generate_ids, generate_masked_ids,  # noqa: E402
                                   suppressed_token_ids)
 from gistcache.identity import model_kv_shape  # noqa: E402
-from gistcache.model import (GistModel, add_gist_token, cache_kwarg, cache_layers, fingerprint_model,  # noqa: E402
+from gistcache.model import (GistModel, cache_kwarg, cache_layers, fingerprint_model,  # noqa: E402
                              quiet_transformers, returned_cache)
 from gistcache.prompts import encode_input, encode_instruction  # noqa: E402
 
 PREFIX = "gpu_bench:"
 FAILED, USAGE = 1, 2
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..3: bos, pad, chat start, eos
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-COMMON = dict(vocab_size=len(SPECIALS) + 256, max_position_embeddings=8192, tie_word_embeddings=False,
+COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=8192, tie_word_embeddings=False,
               bos_token_id=0, eos_token_id=3, pad_token_id=1)
 # model shapes: "8b" is Llama-3-8B (Qwen2-7B for --arch qwen2), "1b" Llama-3.2-1B; vocabularies as the real ones
 SHAPES = {
@@ -231,23 +227,6 @@ def deadline(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with a chat template (one token a byte, ids 0..3 the specials), plus <GIST>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # deferred: transformers brings them
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
-                                  pad_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tok.chat_template = CHAT_TEMPLATE
-    return add_gist_token(tok)
 
 
 def model_config(shape: str, arch: str):

@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from gistcache.model import add_gist_token
+from gistcache.byte_tokenizer import CHAT_TEMPLATE, SPECIALS, VOCAB_SIZE, byte_tokenizer  # noqa: F401
 
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 
 def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer: every byte is one token, plus the chat specials (and <GIST>)."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
-                                  pad_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    return add_gist_token(tok)
+    return byte_tokenizer(chat)
 
 
 def vocab_size() -> int:
-    return len(SPECIALS) + 256
+    return VOCAB_SIZE
 
 
 def make_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
