@@ -1,7 +1,7 @@
 """Generate from gist caches, in one batch, and the slow masked reference that defines the result.
 
 `generate` loads each cache's gist keys/values into a transformers `DynamicCache` and lets
-`model.generate` continue with the input tokens. The caches are position-free (see cache.py):
+`model.generate` continue with the input tokens. The caches are position-free (see gistcache/cache/):
 the gist sits at positions F..F+N-1 after the run's fixed prefix, whatever the prompt's length.
 Row b of a batch of B (cache, input) pairs::
 
@@ -13,7 +13,7 @@ Row b of a batch of B (cache, input) pairs::
 The prefix slots exist only for runs trained with the `prefix` mask (F = 0 otherwise): the
 keys/values of the template's fixed prefix, computed once per loaded run (`GistModel.prefix_kv`),
 never stored in a cache file, and turned per row to the cache's `prefix_start` (F - P), so that
-the input reads them at the distance it had in training (see cache.py). Their position ids above
+the input reads them at the distance it had in training (see gistcache/cache/). Their position ids above
 are never used: the cache slots are not run again.
 
 The left padding sits between the gist and the input; the 2D attention mask hides it and the

@@ -16,8 +16,8 @@ from gistcache.config import dtype_name
 from gistcache.errors import GistError
 from gistcache.model import GistModel, fingerprint_model
 
-if TYPE_CHECKING:  # cache.py imports this module to check what it loads
-    from gistcache.cache import GistCache
+if TYPE_CHECKING:  # gistcache.cache.gist_cache imports this module to check what it loads
+    from gistcache.cache.gist_cache import GistCache
 
 
 @dataclass(frozen=True)

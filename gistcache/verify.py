@@ -3,7 +3,7 @@
 Three checks, each as far as the inputs allow:
 
 1. the file itself (always): every header field, the seal, the tensor bytes and their values
-   (`load_cache`; see cache.py for what the hashes do and do not protect against);
+   (`load_cache`; see gistcache/cache/ for what the hashes do and do not protect against);
 2. that it fits a run (with a model): fingerprints, N, template, mask, positions, shapes, dtype
    (`identity.check_cache`);
 3. that it is what the run computes for its prompt (with a model and the prompt's text, which a

@@ -154,7 +154,7 @@ def test_a_failed_save_leaves_no_folder(lora_runs, tmp_path, monkeypatch):
         model.save_pretrained(tmp_path / "copy")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(type(model.tokenizer), "save_pretrained", real)
-    monkeypatch.setattr("gistcache.run.save_file", disk_full)
+    monkeypatch.setattr("gistcache.run.save.save_file", disk_full)  # where save_run_weights writes
     with pytest.raises(OSError):
         model.save_pretrained(tmp_path / "copy")
     assert list(tmp_path.iterdir()) == []

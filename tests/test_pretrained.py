@@ -81,7 +81,7 @@ def test_loads_once_in_its_dtype(base_dir, tmp_path, dtype):
     new, old = make_run(tmp_path / "new", base_dir), make_run(tmp_path / "old", base_dir, dtype_prints=False)
     for run, expected in ((new, [dtype]), (old, [dtype, torch.float32]), (new, [torch.float32])):
         loads = Loads()
-        with mock.patch.object(run_module, "load_base_model", loads):
+        with mock.patch("gistcache.run.load.load_base_model", loads):  # where from_pretrained loads the base
             model = GistModel.from_pretrained(run, dtype=expected[0])
         assert loads.dtypes == expected and model.model.dtype == expected[0]
         assert model.base_fingerprint == run_module.read_run_config(run)["base_fingerprint"]

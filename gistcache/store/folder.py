@@ -1,190 +1,21 @@
-"""A content-keyed folder of gist caches: compressing the same prompt twice is a lookup.
-
-The key is a SHA-256 over canonical JSON of everything that decides the cache's content::
-
-    {"base_fingerprint": ..., "dtype": "bfloat16", "num_gist_tokens": N, "prompt_sha256": ..., "run_fingerprint": ...,
-     "template": ...}
-
-(sorted keys, no spaces; never Python's `hash`, which changes between processes). The run
-fingerprint covers the run's mask and positions (its config.json), so they need no place of their
-own in the key; the dtype has one, so a float32 and a bfloat16 user of one store keep an entry each.
-An entry keyed before the dtype was (`legacy_key`) is moved under its key on the first lookup that
-asks for its prompt. A store folder holds only what it made::
-
-    STORE/.gistcache-store          the marker, written when the store is created
-    STORE/<key>.safetensors         an entry: an ordinary cache file
-    STORE/<key>.prompt.txt          the instruction it was compressed from (for `gist cache verify`)
-    STORE/exports/                  exported runs (`gist serve`)
-
-A lookup checks that the entry's own fields are the ones asked for (prompt SHA-256, both
-fingerprints, N, template, mask, positions): an entry that holds another prompt's cache (copied or
-renamed under the wrong key), or that cannot be read, is a miss, and is removed. A hit touches the
-file's modification time, which is what `prune` orders by: least recently used first. There is no
-index to go stale; listing reads only the safetensors headers.
-
-`remove` and `prune` delete only in a folder that carries the marker, only regular files named
-`<64 hex digits>.safetensors` or `.prompt.txt`, and never follow a symbolic link. A folder that
-holds anything else is never made a store: `put` refuses it (so `gist compress --store RUN` cannot
-turn a run folder into one). A store made before the marker existed (only entries in it) is marked
-on its next `put`, or by `adopt` (`gist cache adopt`); until then `gist cache ls` lists it and
-`rm`/`prune` refuse it with that command.
-
-The folder is `--store DIR`, else `$GISTCACHE_HOME`, else `$XDG_CACHE_HOME/gistcache`, else
-`~/.cache/gistcache`.
-"""
+"""`CacheStore`: a folder of `<key>.safetensors` gist caches; lookups, writes, listing, rm and prune."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from gistcache._io import atomic_write_text, sha256_text
 from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
-from gistcache.compression import compress
-from gistcache.config import dtype_name
 from gistcache.errors import GistError
-from gistcache.identity import ModelIdentity, check_cache, model_identity
+from gistcache.identity import check_cache
 from gistcache.model import GistModel
-
-SUFFIX = ".safetensors"
-PROMPT_SUFFIX = ".prompt.txt"
-MARKER = ".gistcache-store"
-STORE_FORMAT = "gistcache-store"
-EXPORTS_DIR = "exports"  # `gist serve` exports runs here
-_KEY = re.compile(r"[0-9a-f]{64}")
-_OWN = re.compile(r"([0-9a-f]{64})(\.safetensors|\.prompt\.txt)")  # the only names rm and prune touch
-_OWN_TMP = re.compile(r"\.[0-9a-f]{64}(\.safetensors|\.prompt\.txt)\.tmp-[0-9]+")  # a write cut short
-
-
-def default_store_dir() -> Path:
-    if os.environ.get("GISTCACHE_HOME"):
-        return Path(os.environ["GISTCACHE_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "gistcache"
-
-
-def cache_key(base_fingerprint: str, run_fingerprint: str, template: str, num_gist_tokens: int,
-              prompt_sha256: str, dtype: str) -> str:
-    """SHA-256 (hex) of the canonical JSON of what determines a cache; `dtype` by its name ("float32")."""
-    return _sha256_json({"base_fingerprint": base_fingerprint, "run_fingerprint": run_fingerprint,
-                         "template": template, "num_gist_tokens": int(num_gist_tokens),
-                         "prompt_sha256": prompt_sha256, "dtype": dtype})
-
-
-def legacy_key(base_fingerprint: str, run_fingerprint: str, template: str, num_gist_tokens: int,
-               prompt_sha256: str) -> str:
-    """The key of a store entry written before the key held the dtype (a lookup moves it, `CacheStore.get`)."""
-    return _sha256_json({"base_fingerprint": base_fingerprint, "run_fingerprint": run_fingerprint,
-                         "template": template, "num_gist_tokens": int(num_gist_tokens),
-                         "prompt_sha256": prompt_sha256})
-
-
-def _sha256_json(fields: dict) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
-
-
-def key_of(cache: GistCache) -> str:
-    # the run's N (per chunk): a chunked run's M follows from the prompt, and its ratio from the run fingerprint
-    return cache_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.gist_per_chunk,
-                     cache.prompt_sha256, dtype_name(cache.dtype))
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """What a lookup asks for: the key's fields, and the mask and positions a cache of the model must have."""
-
-    base_fingerprint: str
-    run_fingerprint: str
-    template: str
-    num_gist_tokens: int
-    prompt_sha256: str
-    mask: str
-    positions: str
-    dtype: str  # its name: "float32", "bfloat16", ...
-
-    @classmethod
-    def of(cls, identity: ModelIdentity, num_gist_tokens: int, prompt_sha256: str, dtype: str) -> Wanted:
-        return cls(identity.base_fingerprint, identity.run_fingerprint, identity.template, num_gist_tokens,
-                   prompt_sha256, identity.mask, identity.positions, dtype)
-
-    @property
-    def key(self) -> str:
-        return cache_key(self.base_fingerprint, self.run_fingerprint, self.template, self.num_gist_tokens,
-                         self.prompt_sha256, self.dtype)
-
-    @property
-    def legacy_key(self) -> str:
-        return legacy_key(self.base_fingerprint, self.run_fingerprint, self.template, self.num_gist_tokens,
-                          self.prompt_sha256)
-
-    def mismatch(self, cache: GistCache) -> str | None:
-        """The first field of `cache` that is not the one asked for, or None."""
-        for name in ("prompt_sha256", "base_fingerprint", "run_fingerprint", "num_gist_tokens", "template", "mask",
-                     "positions"):
-            held = cache.gist_per_chunk if name == "num_gist_tokens" else getattr(cache, name)  # N, as the key
-            if held != getattr(self, name):
-                return name
-        return None if dtype_name(cache.dtype) == self.dtype else "dtype"
-
-
-@dataclass
-class StoreEntry:
-    """One cache in the store, as `gist cache ls` shows it (read from the header only)."""
-
-    key: str
-    path: Path
-    prompt_preview: str
-    prompt_sha256: str
-    num_prompt_tokens: int
-    num_gist_tokens: int
-    bytes: int
-    created: str
-    last_used: float  # file mtime, seconds since the epoch
-    readable: bool = True  # False: a damaged entry (prune still reaches it; ls does not show it)
-
-    def to_dict(self) -> dict:
-        return {"key": self.key, "path": str(self.path), "prompt_preview": self.prompt_preview,
-                "prompt_sha256": self.prompt_sha256, "num_prompt_tokens": self.num_prompt_tokens,
-                "num_gist_tokens": self.num_gist_tokens, "bytes": self.bytes, "created": self.created,
-                "last_used": self.last_used}
-
-
-@dataclass
-class CompressResult:
-    """A cache from `compress_cached`: where it lives in the store and whether it was already there."""
-
-    cache: GistCache
-    key: str
-    path: Path
-    hit: bool
-
-    def summary(self, path: str | Path | None = None) -> dict:
-        """What `gist compress` reports: sizes and ratios, read from the file at `path` (default: the store entry)."""
-        path = self.path if path is None else Path(path)
-        c, size = self.cache, path.stat().st_size
-        return {"key": self.key, "store": "hit" if self.hit else "compressed", "path": str(path),
-                "prompt_preview": c.prompt_preview, "prompt_tokens": c.num_prompt_tokens,
-                "gist_tokens": c.num_gist_tokens, "compression_ratio": round(c.compression_ratio, 2),
-                "bytes_on_disk": size, "full_prompt_kv_bytes": c.full_prompt_kv_bytes,
-                "bytes_ratio": round(c.full_prompt_kv_bytes / size, 2), "key_start": c.key_start,
-                "input_position": c.offset, "context_used": c.context_used}
-
-
-def _regular(path: Path) -> os.stat_result | None:
-    """The file's own status when it is a regular file (a symbolic link is never followed), else None."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
+from gistcache.store.files import (_KEY, _OWN, _OWN_TMP, EXPORTS_DIR, MARKER, PROMPT_SUFFIX, STORE_FORMAT, SUFFIX,
+                                   StoreEntry, _regular, default_store_dir)
+from gistcache.store.keys import Wanted, key_of, legacy_key
 
 
 class CacheStore:
@@ -447,32 +278,3 @@ class CacheStore:
 
     def total_bytes(self) -> int:
         return sum(e.bytes for e in self.entries(unreadable=True))
-
-
-def compress_cached(model: GistModel, instructions: str | list[str], store: CacheStore, *,
-                    batch_size: int = 8) -> list[CompressResult]:
-    """Look each instruction up in `store`; compress the misses in batches and store them (with their text)."""
-    texts = [instructions] if isinstance(instructions, str) else list(instructions)
-    if not texts:
-        raise GistError("no instructions to compress: give at least one")
-    store.check_claimable()  # a folder that is not a store is refused before any work
-    identity: ModelIdentity = model_identity(model)
-    dtype = dtype_name(model.model.dtype)  # what compress makes: the weights' dtype
-    wanted = [Wanted.of(identity, model.num_gist_tokens, sha256_text(t), dtype) for t in texts]
-    keys = [w.key for w in wanted]
-    found: dict[str, GistCache | None] = {}
-    for key, want in dict(zip(keys, wanted)).items():
-        cache = store.get(key, wanted=want)
-        if cache is not None:
-            check_cache(model, cache, identity=identity, source=f"stored cache {key[:12]}")
-        found[key] = cache
-    hits = {key for key, cache in found.items() if cache is not None}
-    misses = [i for i, key in enumerate(keys) if key not in hits]
-    first_miss = list(dict.fromkeys(keys[i] for i in misses))
-    miss_texts = [texts[keys.index(k)] for k in first_miss]
-    if miss_texts:
-        for key, text, cache in zip(first_miss, miss_texts, compress(model, miss_texts, batch_size=batch_size)):
-            assert key_of(cache) == key, "store key and cache fields disagree"
-            store.put(cache, text)
-            found[key] = cache
-    return [CompressResult(cache=found[k], key=k, path=store.path_for(k), hit=k in hits) for k in keys]
