@@ -16,7 +16,7 @@ SHIP_RECIPE ?= --preset shipped --save-every 20
 SHIP_EVAL_LIMIT ?= 252
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
-.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-chat peers-venv test-peers
+.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-chat test-serve-load serve-load peers-venv test-peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -103,6 +103,16 @@ test-vllm: $(VSTAMP)
 # gist serve's /v1/chat/completions through the openai client == gist generate (one server start, ~3 min).
 test-chat: $(VSTAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm_chat.py
+
+# gist serve under load and faults: 60 requests at concurrency 8 with a bad one of each kind, a store entry
+# replaced on disk while it is served, a SIGKILL mid-load and a restart (two server starts, ~3-4.5 min).
+test-serve-load: $(VSTAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q -p no:cacheprovider tests/test_serve_load.py
+
+# The full run whose table is in docs/benchmarks.md (500 requests at concurrency 32, ~7.5 min on the 2-core CPU).
+serve-load: $(VSTAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m gistcache.eval.serve_load --requests 500 --concurrency 32 \
+	  --out runs/serve-load.json
 
 # KV-cache presses as eval baselines (issue 24): NVIDIA's kvpress pins transformers < 5.3, so it lives in its own
 # virtualenv. `gist eval --baseline kvpress:PRESS` (run from .venv) runs eval/peers_worker.py with this python

@@ -35,7 +35,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from gistcache.cache import PLACEHOLDER_ID, load_cache
 from gistcache.errors import GistError
 from gistcache.export import read_export, read_prefix_kv, served_kv
-from gistcache.store import CacheStore
+from gistcache.store import CacheStore, key_of
 from gistcache.vllm.requests import PARAM, CacheResolver
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class Plan:
     start: int
     stop: int
     error: str | None = None
+    key: str | None = None  # the cache's store key, as checked: the worker loads only a file that still holds it
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Load:
     stop: int
     block_ids: list[int]  # the blocks holding those slots (reported as failed when `error` is set)
     error: str | None = None
+    key: str | None = None
 
 
 @dataclass
@@ -100,7 +102,7 @@ class GistConnector(KVConnectorBase_V1):
         stop = self.info.num_cached  # F + N; a chunked run's cache names its own F + M below
         plan = Plan(path=None, start=num_computed_tokens, stop=stop)
         try:
-            plan.path, stop = self._check(request)
+            plan.path, stop, plan.key = self._check(request)
             plan.stop = stop
         except GistError as exc:
             plan.error = str(exc)
@@ -113,8 +115,9 @@ class GistConnector(KVConnectorBase_V1):
         self._plans[request.request_id] = plan
         return stop - plan.start, False
 
-    def _check(self, request: "Request") -> tuple[str, int]:
-        """(cache file, F + M slots it fills) of a request, after every check; a GistError names what is wrong."""
+    def _check(self, request: "Request") -> tuple[str, int, str]:
+        """(cache file, F + M slots it fills, its key) of a request, after every check; a GistError names what is
+        wrong."""
         params = request.kv_transfer_params
         if not isinstance(params, dict):
             raise GistError(f"kv_transfer_params must be an object such as {{\"{PARAM}\": KEY}}, got {params!r}")
@@ -127,7 +130,7 @@ class GistConnector(KVConnectorBase_V1):
         if request.cache_salt != key:
             raise GistError(f"the request's cache_salt must be its cache key {key} (so the prefix cache never mixes "
                             f"caches), got {request.cache_salt!r}")
-        return str(path), n
+        return str(path), n, key
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         if num_external_tokens == 0:
@@ -152,7 +155,7 @@ class GistConnector(KVConnectorBase_V1):
         if plan.error:
             logger.error("gist request %s failed: %s", req_id, plan.error)
         return Load(req_id=req_id, path=plan.path, slots=slots, start=plan.start, stop=plan.stop, block_ids=blocks,
-                    error=plan.error)
+                    error=plan.error, key=plan.key)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._plans.pop(request.request_id, None)
@@ -178,7 +181,7 @@ class GistConnector(KVConnectorBase_V1):
             self._failed_blocks.update(load.block_ids)
 
     def _write(self, load: Load, layers: dict) -> None:
-        kv = self._served(load.path)
+        kv = self._served(load.path, load.key)
         slots = torch.tensor(load.slots, dtype=torch.int64)
         for name, layer in layers.items():
             keys, values = kv[extract_layer_index(name)]  # (1, kv_heads, F+N, head_dim)
@@ -189,17 +192,24 @@ class GistConnector(KVConnectorBase_V1):
             layer.impl.do_kv_cache_update(layer, k.to(cache.device, self.dtype), v.to(cache.device, self.dtype), cache,
                                           slot_mapping)
 
-    def _served(self, path: str) -> list:
-        """The F+N slots of the cache at `path`, per layer (kept for the last 256 files, by size and mtime)."""
+    def _served(self, path: str, key: str | None) -> list:
+        """The F+N slots of the cache at `path`, per layer (kept for the last 256 files, by size and mtime). The file
+        is read again here, after the scheduler's check: one replaced in between (another prompt's cache copied
+        over it) must fail the request, never fill its blocks, so it must still hold the cache of `key`."""
         if self._slots is None:
             self._slots, self._prefix = {}, read_prefix_kv(self.export_dir, self.info)
         stat = Path(path).stat()
         tag = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
         if tag not in self._slots:
-            self._slots[tag] = served_kv(load_cache(path), *self._prefix)
+            cache = load_cache(path)
+            self._slots[tag] = (key_of(cache), served_kv(cache, *self._prefix))
             while len(self._slots) > 256:
                 self._slots.pop(next(iter(self._slots)))
-        return self._slots[tag]
+        held, kv = self._slots[tag]
+        if key is not None and held != key:
+            raise GistError(f"{path} was replaced after it was checked: it holds the cache of key {held[:12]}, not "
+                            f"{key[:12]}")
+        return kv
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

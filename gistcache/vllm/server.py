@@ -164,7 +164,10 @@ class GistMiddleware:
         raw = b"".join(chunks)
         try:
             body = json.loads(raw) if raw else None
-        except ValueError:
+        except ValueError as exc:
+            if scope["path"] == COMPLETIONS:  # vLLM's own answer to it spreads a pydantic error over lines
+                return await reply(send, 400, f"the request body is not JSON ({shown(str(exc), 120)[1:-1]}): send a "
+                                              f"JSON object with `prompt` (the input) and kv_transfer_params")
             body = None
         if scope["path"] == CHAT:
             if not isinstance(body, dict):
@@ -235,6 +238,8 @@ def check_port(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise GistError(f"--port {port} is not a port: give 1..65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as vLLM binds: the connections of a server that just died (TIME_WAIT) do not hold the port, a listener does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
