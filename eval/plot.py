@@ -111,4 +111,8 @@ def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> P
         ax.set_ylabel("ROUGE-L (F x100)")
         ax.set_title(f"{split}: ROUGE-L vs compression")
         ax.legend(fontsize="small")
+    fig.text(0.01, 0.01, "gist: its cache's slots, the template prefix every cache of a run shares not counted; "
+             "the others: the positions they keep, template included (the by-length table counts both alike)",
+             fontsize="x-small")
+    fig.subplots_adjust(bottom=0.2)
     return _save(plt, fig, path)
