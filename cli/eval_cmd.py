@@ -11,7 +11,7 @@ from rich.table import Table
 from gistcache.cli.common import check_writable_folder, console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
 from gistcache.errors import GistError
-from gistcache.eval import loop
+from gistcache.eval import loop, peers
 from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_markdown, fidelity_table
 from gistcache.eval.report import length_rich_table, table_rows
@@ -26,7 +26,7 @@ NARROW_DROPPED = ("EM", "prefill FLOPs", "gen FLOPs", "compress FLOPs", "wall s"
 @quiet_transformers()
 def eval_(
     run: Annotated[list[str], typer.Option("--run", help="A run folder written by `gist train` (repeatable).")],
-    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) (repeatable). Default: all four.")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) | kvpress:PRESS (a KV-cache press at the gist cache's memory, run in .venv-peers: snapkv, expected_attention, knorm, streaming_llm, tova, random; kvpress:PRESS@R removes the fraction R of the prompt) (repeatable). Default: the first four; presses alone are added to them.")] = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="seen | unseen | human | an Alpaca-format FILE (repeatable). Default: all three splits.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples of each split.")] = None,
     truncate_tokens: Annotated[Optional[int], typer.Option("--truncate-tokens", help="Instruction tokens the truncate baseline keeps. Default: the run's number of gist tokens.")] = None,
@@ -52,11 +52,17 @@ def eval_(
     check_writable_folder(config.out, "--out")
     if update_card and len(config.runs) != 1:
         raise GistError(f"--update-card writes one run's model card: give one --run, not {len(config.runs)}")
-    results = loop.evaluate(config, show_progress=not json_out)
+    # kvpress baselines run in the peers virtualenv and are merged into the same results (eval/peers.py)
+    evaluate = peers.evaluate if peers.has_presses(config) else loop.evaluate
+    results = evaluate(config, show_progress=not json_out)
+    failure = peers.failure_line(results)  # a press that failed: the other conditions are written, then exit 2
     if update_card:
         write_model_card(config.runs[0], [fidelity_markdown(results)])
     if json_out:
-        print_json({**{k: results[k] for k in ("out", "runs", "rows")}, "length": results.get("length", [])})
+        print_json({**{k: results[k] for k in ("out", "runs", "rows")}, "length": results.get("length", []),
+                    **({"failed": results["failed"]} if "failed" in results else {})})
+        if failure:
+            raise GistError(failure)
         return
     headers, rows = table_rows(results)
     keep, table = list(range(len(headers))), Table(title=f"gist eval -> {results['out']}")
@@ -83,4 +89,6 @@ def eval_(
         console.print(length_table)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)
+    if failure:
+        raise GistError(failure)
 

@@ -11,6 +11,7 @@ included: what the gist tokens replace), G = N gist ids and I = `encode_input(in
     none          P[instruction removed] + G + I       plain causal    template positions
     pos_control   P + G + I (the pos_control run)      plain causal    P positions
     neg_control   I at positions P+N.. (neg_control)   see below       0 positions
+    kvpress:PRESS P compressed by the press, then I     plain causal    K positions (below)
 
 `base` is what a user runs without gistcache: the base model before any tuning (no adapter, no
 trained weights) reading the full prompt, with no gist token. The other baselines keep the N gist
@@ -26,14 +27,23 @@ positions P+N onwards. That is exactly greedy generation over I alone with posit
 P+N and no cache, which is how it is generated here (batched). The gist-cache path would be
 wrong for it: it would let the input attend to the gist keys/values, which this run never did
 in training and which do carry the prompt (the gist tokens themselves see it).
+
+`kvpress:PRESS` (issue 24): a training-free KV-cache press of NVIDIA's kvpress compresses P during its prefill
+(the untouched base model, for every run) so that every layer keeps K positions per KV head, then I is read
+after them, at positions len(P).. (kvpress's layout). K is the gist cache's own count for that prompt, F + M
+(`press_kept_positions`), so both hold the same memory; `kvpress:PRESS@R` removes the fraction R of P instead.
+kvpress pins an older transformers, so these run in the peers virtualenv (`gistcache.eval.peers`,
+`eval/peers_worker.py`), not here.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gistcache.compression import compress
 from gistcache.errors import GistError
+from gistcache.eval.peers_worker import PRESSES
 from gistcache.generation import GREEDY, generate
 from gistcache.masks import count_gist_slots
 from gistcache.model import GistModel
@@ -42,6 +52,58 @@ from gistcache.prompts import (INSTRUCTION_SLOT, PromptText, encode_prompt, form
 
 BASELINES = ("full", "none", "truncate", "base")
 CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
+PRESS_PREFIX = "kvpress:"
+PRESS_USAGE = f"write {PRESS_PREFIX}PRESS or {PRESS_PREFIX}PRESS@RATIO with PRESS one of {', '.join(PRESSES)}"
+
+
+@dataclass(frozen=True)
+class PressBaseline:
+    """`kvpress:PRESS` (the gist cache's memory per prompt) or `kvpress:PRESS@R` (the fraction R of P removed)."""
+
+    press: str
+    ratio: float | None = None
+
+    @property
+    def name(self) -> str:
+        return PRESS_PREFIX + self.press + ("" if self.ratio is None else f"@{self.ratio:g}")
+
+
+def is_press(baseline: str) -> bool:
+    return isinstance(baseline, str) and baseline.strip().lower().startswith(PRESS_PREFIX)
+
+
+def parse_press(baseline: str) -> PressBaseline:
+    """`kvpress:snapkv` -> PressBaseline("snapkv"), `kvpress:knorm@0.5` -> PressBaseline("knorm", 0.5); refuses an
+    unknown press, a missing name and a ratio outside [0, 1) in one line each."""
+    text = baseline.strip()
+    body = text[len(PRESS_PREFIX):]
+    name, at, ratio_text = body.partition("@")
+    name = name.strip().lower().replace("-", "_")
+    if not name:
+        raise GistError(f"--baseline {text!r} names no press: {PRESS_USAGE}")
+    if name not in PRESSES:
+        raise GistError(f"unknown press {name!r} in --baseline {text!r}: {PRESS_USAGE}")
+    if not at:
+        return PressBaseline(name)
+    try:
+        ratio = float(ratio_text)
+    except ValueError:
+        ratio = math.nan
+    if not 0 <= ratio < 1:  # NaN fails too
+        raise GistError(f"--baseline {text!r}: the ratio after @ is the fraction of prompt positions the press "
+                        f"removes and must be in [0, 1), got {ratio_text.strip()!r}")
+    return PressBaseline(name, ratio)
+
+
+def press_kept_positions(tokenizer, gist_config, template: str, num_prompt_tokens: int,
+                         ratio: float | None = None) -> int:
+    """K: the positions a press keeps of a prompt of `num_prompt_tokens` (P). Without a ratio, as many as that
+    prompt's gist cache holds: F (the run's visible fixed prefix) + its M gist slots (`truncate_budget`), at most
+    P; with `ratio` R, kvpress's own count max(1, int(P * (1 - R))) (P when R is 0)."""
+    if ratio is not None:
+        return num_prompt_tokens if ratio == 0 else max(1, int(num_prompt_tokens * (1 - ratio)))
+    prefix = len(visible_prefix_ids(tokenizer, template, gist_config.mask))
+    return min(num_prompt_tokens, prefix + truncate_budget(tokenizer, gist_config, template, num_prompt_tokens))
 
 
 @dataclass
@@ -68,6 +130,9 @@ def condition_sequences(condition: str, items: list[Prepared], gist_ids: list[in
         return [[*template_ids, *gist_ids, *p.input] for p in items], None
     if condition == "neg_control":
         return [list(p.input) for p in items], [len(p.prompt) + len(gist_ids) for p in items]
+    if is_press(condition):
+        raise GistError(f"{condition} runs in the peers virtualenv: evaluate it with gistcache.eval.peers.evaluate "
+                        f"(what `gist eval` calls), not gistcache.eval.loop.evaluate")
     raise AssertionError(condition)
 
 

@@ -4,7 +4,9 @@ The dataclass checks its own fields (no I/O), so the library refuses what the CL
 `resolve_config` does the rest before any model loads: it reads each run's config.json (and
 checks the control runs' conditions), finds the split files (a named split lives in `--data-dir`,
 else `$GISTCACHE_DATA`, else `../shared/data/alpaca_plus` when that folder exists) and picks the
-output folder (default: `<first run>/eval-<timestamp>`, which must not hold anything yet).
+output folder (default: `<first run>/eval-<timestamp>`, which must not hold anything yet). A `kvpress:PRESS`
+baseline needs the peers virtualenv's python (`peers_python`): `$GISTCACHE_PEERS_PYTHON`, else
+`.venv-peers/bin/python` in the current folder or the gistcache checkout (`make peers-venv` builds it).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from pathlib import Path
 
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
-from gistcache.eval.conditions import BASELINES, CONTROL_CONDITIONS
+from gistcache.eval.conditions import BASELINES, CONTROL_CONDITIONS, PRESS_PREFIX, is_press, parse_press
 from gistcache.run import read_run_config
 
 SPLITS = ("seen", "unseen", "human")
 SPLIT_FILE = "alpaca_plus_validation_{}.json"
 DATA_ENV = "GISTCACHE_DATA"
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "alpaca_plus"
+PEERS_PYTHON_ENV = "GISTCACHE_PEERS_PYTHON"
+PEERS_VENV = ".venv-peers"
 
 
 @dataclass
@@ -30,7 +34,7 @@ class EvalConfig:
     """What `gist eval` evaluates; checked here so the library refuses what the CLI does."""
 
     runs: list[str] | str
-    baselines: list[str] | None = None  # default: full, none, truncate, base
+    baselines: list[str] | None = None  # default: full, none, truncate, base; kvpress:PRESS[@R] alone adds to them
     splits: list[str] | None = None  # default: seen, unseen, human
     limit: int | None = None  # first N examples of each split
     truncate_tokens: int | None = None  # default: each run's num_gist_tokens
@@ -52,9 +56,13 @@ class EvalConfig:
             raise GistError("no run to evaluate: pass --run RUN (a folder written by `gist train`)")
         self.control_runs = parse_control_runs(self.control_runs)
         baselines = list(BASELINES) if self.baselines is None else list(self.baselines)
-        for name in baselines:
-            if name not in BASELINES:
-                raise GistError(f"unknown baseline {name!r}: use {', '.join(BASELINES)}")
+        if baselines and all(is_press(name) for name in baselines):  # presses alone: beside the default baselines
+            baselines = [*BASELINES, *baselines]
+        for i, name in enumerate(baselines):
+            if is_press(name):
+                baselines[i] = parse_press(name).name  # one spelling per press: kvpress:snapkv
+            elif name not in BASELINES:
+                raise GistError(f"unknown baseline {name!r}: use {', '.join(BASELINES)} or {PRESS_PREFIX}PRESS")
         self.baselines = list(dict.fromkeys(baselines))
         self.splits = list(SPLITS) if not self.splits else list(self.splits)
         for name, value, low in (("--limit", self.limit, 1), ("--truncate-tokens", self.truncate_tokens, 1)):
@@ -87,10 +95,29 @@ def resolve_config(config: EvalConfig) -> EvalConfig:
                             f"{CONTROL_CONDITIONS[key]!r}: give a run trained with --condition "
                             f"{CONTROL_CONDITIONS[key]}")
     split_files = resolve_splits(config.splits, config.data_dir)
+    if any(is_press(b) for b in config.baselines):
+        peers_python()
     out = config.out or str(Path(config.runs[0]) / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise GistError(f"--out {out} already exists and is not an empty folder: choose another --out")
     return replace(config, split_files=split_files, out=out)
+
+
+def peers_python() -> Path:
+    """The python of the peers virtualenv, where the kvpress baselines run; refuses in one line when there is none."""
+    env = os.environ.get(PEERS_PYTHON_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise GistError(f"${PEERS_PYTHON_ENV} is {env}, which does not exist: point it at the python of the peers "
+                            f"virtualenv, or unset it and build {PEERS_VENV} with `make peers-venv`")
+        return Path(env)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):  # here, or the gistcache checkout
+        python = root / PEERS_VENV / "bin" / "python"
+        if python.is_file():
+            return python
+    raise GistError(f"kvpress baselines run in the peers virtualenv {PEERS_VENV} (kvpress pins transformers < 5.3), "
+                    f"which is not here: build it with `make peers-venv` in the gistcache checkout, or set "
+                    f"${PEERS_PYTHON_ENV} to its python")
 
 
 def default_data_dir() -> Path | None:
