@@ -10,12 +10,6 @@ tests need none of them and run everywhere.
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gistcache.errors import GistError
+from gistcache.eval.serve_load import Deadline, LoadConfig, ServeProcess, free_port
 from gistcache.export import request_ids
 from gistcache.generation import GREEDY, generate, generate_ids
 from gistcache.model import GistModel, resolve_model
@@ -125,49 +120,23 @@ def test_chat_requests_become_the_completion_request(served):  # noqa: F811
 
 
 class Server:
-    """`gist serve` of the shipped run on a free port, with its own store; the reference model beside it."""
+    """`gist serve` of the shipped run on a free port, with its own store (eval.serve_load.ServeProcess: its own
+    process group, /health waited for, stopped with the engine it started); the reference model beside it."""
 
     def __init__(self, root: Path):
         self.root, self.store = root, root / "store"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = root / "serve.log"
-        cmd = [str(Path(sys.executable).parent / "gist"), "serve", "--store", str(self.store), "--port",
-               str(self.port), "--", "--enforce-eager", "--max-model-len", "1024", "--seed", "0"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.model = GistModel.from_pretrained(None)  # loads while the server starts
-        self.wait()
-
-    def wait(self) -> None:
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"gist serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(2)
-        self.stop()
-        pytest.fail(f"gist serve did not answer /health in {START_S} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        self.process = ServeProcess(self.store, free_port(), self.log, LoadConfig(start_timeout_s=START_S))
+        self.url = f"{self.process.url}/v1"
+        self.model = GistModel.from_pretrained(None)
+        try:
+            self.process.start(Deadline(START_S))
+        except GistError as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and the engine process it started
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.process.stop()
 
     def reference(self, instruction: str, text: str, max_new_tokens: int = NEW) -> tuple[str, list[int]]:
         """What `gist generate --prompt INSTRUCTION --input TEXT` prints (greedy), and its token ids (EOS kept)."""
