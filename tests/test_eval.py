@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 import tiny
 from gistcache.cli.main import app
-from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.eval import flops as F
 from gistcache.eval.conditions import template_only_ids, truncate_prompt
@@ -17,9 +16,8 @@ from gistcache.generation import generate_causal
 from gistcache.eval.rouge import bootstrap_ci, exact_match, rouge_l, summarize
 from gistcache.eval.config import EvalConfig
 from gistcache.eval.loop import evaluate
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
-from gistcache.run import save_run
 from clitools import one_line_error
 
 runner = CliRunner()
@@ -160,11 +158,7 @@ def runs(tmp_path_factory):
     model_dir = tiny.save_model_folder(root / "model")
     out = {}
     for name, condition in (("run", "gist"), ("pos", "pos_control"), ("neg", "neg_control")):
-        base = load_base_model(str(model_dir))
-        fp = fingerprint_model(base)
-        gm = GistModel(base, load_tokenizer(str(model_dir)), 2, base_fingerprint=fp)
-        save_run(gm, root / name, GistConfig(model=str(model_dir), num_gist_tokens=2, condition=condition, tune="gist"),
-                 base_fingerprint=fp)
+        tiny.save_run_folder(model_dir, root / name, 2, condition=condition)
         out[name] = str(root / name)
     return out
 

@@ -7,15 +7,13 @@ from types import SimpleNamespace
 import pytest
 
 import tiny
-from gistcache.config import GistConfig
 from gistcache.eval.conditions import instruction_token_count, truncate_budget, truncate_prompt
 from gistcache.eval.config import EvalConfig
 from gistcache.eval.length import bucket_of, length_records, length_rows, length_table
 from gistcache.eval.loop import evaluate
 from gistcache.eval.report import length_rich_table
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
 from gistcache.prompts import fixed_prefix_ids
-from gistcache.run import load_run, save_run
+from gistcache.run import load_run
 
 
 @pytest.mark.parametrize("tokens, label", [
@@ -124,11 +122,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("length-run")
-    model_dir = tiny.save_model_folder(root / "model")
-    base = load_base_model(str(model_dir))
-    fp = fingerprint_model(base)
-    gm = GistModel(base, load_tokenizer(str(model_dir)), 2, base_fingerprint=fp)
-    save_run(gm, root / "run", GistConfig(model=str(model_dir), num_gist_tokens=2, tune="gist"), base_fingerprint=fp)
+    tiny.save_run_folder(tiny.save_model_folder(root / "model"), root / "run", 2)
     return root / "run"
 
 
@@ -165,12 +159,7 @@ def test_chunked_run_truncates_to_its_gist_slots(tmp_path):
     gist cache's slot count, and the gist's cached positions are its context_used, F + M."""
     from gistcache.masks import count_gist_slots
 
-    model_dir = tiny.save_model_folder(tmp_path / "model")
-    base = load_base_model(str(model_dir))
-    fp = fingerprint_model(base)
-    gm = GistModel(base, load_tokenizer(str(model_dir)), 1, base_fingerprint=fp, mask="prefix", gist_every=32)
-    save_run(gm, tmp_path / "run", GistConfig(model=str(model_dir), num_gist_tokens=1, gist_every=32, mask="prefix",
-                                              tune="gist"), base_fingerprint=fp)
+    tiny.save_run_folder(tiny.save_model_folder(tmp_path / "model"), tmp_path / "run", 1, mask="prefix", gist_every=32)
     data = tmp_path / "dev.json"
     data.write_text(json.dumps(ROWS))
     results = evaluate(EvalConfig(runs=str(tmp_path / "run"), splits=[str(data)], out=str(tmp_path / "eval"),

@@ -163,16 +163,8 @@ def test_kept_positions_are_the_gist_caches(mask, every, positions):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny gist run (prefix mask: F > 0) saved as a run folder."""
-    from gistcache.config import GistConfig
-    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-    from gistcache.run import save_run
-
     root = tmp_path_factory.mktemp("peers-run")
-    model_dir = tiny.save_model_folder(root / "model")
-    base = load_base_model(str(model_dir))
-    fp = fingerprint_model(base)
-    save_run(GistModel(base, load_tokenizer(str(model_dir)), 1, base_fingerprint=fp, mask="prefix"), root / "run",
-             GistConfig(model=str(model_dir), num_gist_tokens=1, mask="prefix", tune="gist"), base_fingerprint=fp)
+    tiny.save_run_folder(tiny.save_model_folder(root / "model"), root / "run", 1, mask="prefix")
     return str(root / "run")
 
 

@@ -15,6 +15,22 @@ def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     return byte_tokenizer(chat)
 
 
+def save_run_folder(model_dir, run_dir, num_gist: int = 1, **gist_fields):
+    """An untrained gist run of the tiny model in `model_dir` (gist embedding only), saved as a run folder; the
+    GistModel and GistConfig take `gist_fields` (mask, gist_every, condition, ...). Returns the GistModel."""
+    from gistcache.config import GistConfig
+    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+    from gistcache.run import save_run
+
+    base = load_base_model(str(model_dir))
+    fp = fingerprint_model(base)
+    model_fields = {k: v for k, v in gist_fields.items() if k in ("mask", "gist_every")}
+    gm = GistModel(base, load_tokenizer(str(model_dir)), num_gist, base_fingerprint=fp, **model_fields)
+    save_run(gm, run_dir, GistConfig(model=str(model_dir), num_gist_tokens=num_gist, tune="gist", **gist_fields),
+             base_fingerprint=fp)
+    return gm
+
+
 def vocab_size() -> int:
     return VOCAB_SIZE
 
