@@ -66,7 +66,8 @@ def eval_(
         return
     headers, rows = table_rows(results)
     keep, table = list(range(len(headers))), Table(title=f"gist eval -> {results['out']}")
-    if console.width < 150:  # a narrow terminal gets the columns people compare; results.md has them all
+    narrow = console.width < 150  # a narrow terminal gets the columns people compare; results.md has them all
+    if narrow:
         keep = [i for i, h in enumerate(headers) if h not in NARROW_DROPPED]
         table = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for i in keep:
@@ -79,13 +80,18 @@ def eval_(
         console.print("(narrow terminal: all columns are in results.md)", highlight=False)
     if results.get("fidelity"):
         headers, rows = fidelity_table(results["fidelity"])
-        table = Table(title="fidelity: what the gist keeps of the full prompt (95% bootstrap)", box=box.SIMPLE_HEAD)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if h in ("run", "split") else "right")
+        keep, table = list(range(len(headers))), Table(
+            title="fidelity: what the gist keeps of the full prompt (95% bootstrap)", box=box.SIMPLE_HEAD)
+        if narrow:  # retention and gap closed; the agreement columns are in results.md
+            keep = [i for i, h in enumerate(headers) if h in ("run", "split", "n", "retention", "gap closed")]
+            table = Table(title=table.title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for i in keep:
+            table.add_column(headers[i], justify="left" if headers[i] in ("run", "split") else "right",
+                             no_wrap=headers[i] in ("retention", "gap closed"))
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(row[i] for i in keep))
         console.print(table)
-    if (length_table := length_rich_table(results)) is not None:
+    if (length_table := length_rich_table(results, narrow=narrow)) is not None:
         console.print(length_table)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)

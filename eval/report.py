@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from gistcache._io import atomic_path, format_bytes
@@ -90,10 +91,14 @@ def results_markdown(results: dict) -> str:
     ])
 
 
-def length_rich_table(results: dict):
-    """The by-length table as a rich Table for the screen, or None when the results have none."""
+def length_rich_table(results: dict, *, narrow: bool = False):
+    """The by-length table as a rich Table for the screen, or None when the results have none. `narrow` (a
+    terminal under 150 columns): one table per (run, split) of ROUGE-L by condition, gist retention and
+    compression; results.md has every column."""
     if not results.get("length"):
         return None
+    if narrow:
+        return Group(*(_narrow_length_table(rows) for rows in _by_run_split(results["length"])))
     headers, rows = length_table(results["length"])
     table = Table(title="by instruction length (tokens): ROUGE-L, EM, retention, gap closed, compression",
                   box=box.SIMPLE_HEAD)
@@ -101,6 +106,31 @@ def length_rich_table(results: dict):
         table.add_column(h, justify="left" if h in ("run", "split", "tokens") else "right")
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def _by_run_split(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("run", ""), r.get("split", "")), []).append(r)
+    return list(groups.values())
+
+
+def _narrow_length_table(rows: list[dict]) -> Table:
+    run, split = rows[0].get("run", ""), rows[0].get("split", "")
+    present = [c for c in ("gist", "truncate", "none", "full", "base") if any(c in r["conditions"] for r in rows)]
+    table = Table(title=f"ROUGE-L by length: {' '.join(x for x in (run, split) if x)}", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    for h in ["tokens", "n", *present, "gist ret.", "gist comp."]:
+        table.add_column(h, justify="left" if h == "tokens" else "right", no_wrap=True)
+    for r in rows:
+        retention = r.get("gist_retention")
+        gist = r["conditions"].get("gist")
+        table.add_row(r["bucket"], str(r["examples"]),
+                      *(f"{r['conditions'][c]['rouge_l']['mean']:.1f}" if c in r["conditions"] else "—"
+                        for c in present),
+                      "—" if retention is None else f"{retention['mean']:.1f}%",
+                      "—" if not gist or gist.get("compression_mean") is None else f"{gist['compression_mean']:.1f}x")
     return table
 
 

@@ -1,10 +1,12 @@
 """`gist eval` by instruction length (eval/length.py): buckets, per-bucket metrics on literal inputs, the
 truncation budget that matches the gist cache, and the table in an evaluation's outputs (tiny run)."""
 
+import io
 import json
 from types import SimpleNamespace
 
 import pytest
+from rich.console import Console
 
 import tiny
 from gistcache.eval.conditions import instruction_token_count, truncate_budget, truncate_prompt
@@ -150,6 +152,13 @@ def test_evaluate_reports_length_table(run_dir, tmp_path):
     assert "## By instruction length" in (out / "results.md").read_text()
     assert [r["bucket"] for r in results["length"]] == [r["bucket"] for r in rows]
     assert length_rich_table(results).row_count == 3
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(length_rich_table(results, narrow=True))  # a narrow terminal: ROUGE-L by condition, unbroken
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80 and not any("…" in line for line in lines), lines
+    for r in rows:
+        assert any(line.split()[:2] == [r["bucket"], "1"] and f"{r['conditions']['gist']['rouge_l']['mean']:.1f}" in
+                   line and f"{r['conditions']['gist']['compression_mean']:.1f}x" in line for line in lines), lines
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert preds[2]["instruction_only_tokens"] == lengths[2] and preds[2]["truncate_kept_tokens"] == 2
 
