@@ -25,13 +25,13 @@ each (1, kv_heads, N, head_dim), and string metadata (`HEADER`: the format versi
 and run fingerprints, the template, mask and positions, where the keys start, the prompt's token
 count and SHA-256, dtype, shapes, `tensor_sha256` over the tensor bytes and `sha256`, the seal).
 
-Reading a file (`read_cache_file`) takes the header and the tensors from one open file descriptor
-(a writer replacing the file meanwhile cannot mix two versions), and refuses, in one line naming the
-field, before anything is allocated for the tensors: a header that is not safetensors, a field of
-the wrong type, out of its bounds or contradicting another (`num_layers` must be the number of layer
-tensors in the file, each shape four whole numbers equal to the tensor's, `input_position` =
-`key_start` + N, ...), an unknown or missing field. Then the seal, the tensor bytes, and any NaN or
-inf among the keys and values (refused; a model that produces them is refused at save time too).
+Reading a file (`read_cache_file`) reads its bytes once (a writer replacing the file meanwhile cannot
+mix two versions) and has safetensors decode the tensors from them, and refuses, in one line naming
+the field: a file that is not safetensors, a tensor that is not float, a field of the wrong type, out
+of its bounds or contradicting another (`num_layers` must be the number of layer tensors in the file,
+each shape four whole numbers equal to the tensor's, `input_position` = `key_start` + N, ...), an
+unknown or missing field. Then the seal, the tensor bytes, and any NaN or inf among the keys and
+values (refused; a model that produces them is refused at save time too).
 
 What the hashes protect against: `tensor_sha256` is a SHA-256 over every tensor's name, dtype,
 shape and bytes; `sha256` is a SHA-256 over the canonical JSON (sorted keys, no spaces, ASCII) of

@@ -1,5 +1,5 @@
 """A cache file's header checked field by field (type, bounds, agreement with the others and with the
-tensors in the file, then the seal) before anything is allocated for the tensors; see `gistcache.cache`."""
+tensors safetensors decoded from the file, then the seal); see `gistcache.cache`."""
 
 from __future__ import annotations
 
@@ -30,14 +30,6 @@ ALTERED = "the file was altered or damaged; compress the prompt again"
 
 
 @dataclass(frozen=True)
-class _TensorInfo:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-@dataclass(frozen=True)
 class _Header:
     """A cache file's header, every field checked: what `read_cache_file` builds the cache from."""
 
@@ -59,7 +51,7 @@ def _int_list(value: object, lo: int, hi: int) -> bool:
         isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value)
 
 
-def _check_header(path: Path, meta: dict[str, str], infos: dict[str, _TensorInfo], *,
+def _check_header(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], *,
                   versions: tuple[int, ...], need_seal: bool) -> _Header:
     """Every header field checked for type, bounds and agreement with the others and with the tensors in the file,
     then the seal; the first field that does not fit is named."""
@@ -99,7 +91,7 @@ def _check_header(path: Path, meta: dict[str, str], infos: dict[str, _TensorInfo
     f.text("gistcache_version", 64, pattern=_VERSION_TEXT, default="")
     num_gist = f.number("num_gist_tokens", 1, MAX_GIST_TOKENS)
     num_prompt = f.number("num_prompt_tokens", 0, MAX_PROMPT_TOKENS)
-    names = set(infos)
+    names = set(tensors)
     num_layers = f.number("num_layers", 1, max(1, len(names) // 2))
     expected = {f"layers.{i}.{kind}" for i in range(num_layers) for kind in ("keys", "values")}
     if names != expected:
@@ -143,15 +135,15 @@ def _check_header(path: Path, meta: dict[str, str], infos: dict[str, _TensorInfo
     for kind in ("keys", "values"):
         shapes = f.shapes(f"{kind[:-1]}_shapes", num_layers)
         for i, shape in enumerate(shapes):
-            info = infos[f"layers.{i}.{kind}"]
-            if tuple(shape) != info.shape:
-                raise GistError(f"{path} layer {i} {kind} shape {list(info.shape)} differs from its metadata "
+            tensor = tensors[f"layers.{i}.{kind}"]
+            if tuple(shape) != tuple(tensor.shape):
+                raise GistError(f"{path} layer {i} {kind} shape {list(tensor.shape)} differs from its metadata "
                                 f"{kind[:-1]}_shapes {shape}: {ALTERED}")
             if shape[0] != 1 or shape[2] != num_gist or not 1 <= shape[1] <= MAX_HEADS or not 1 <= shape[3] <= MAX_HEAD_DIM:
                 raise GistError(f"{path} layer {i} {kind} have shape {shape}: expected (1, kv_heads, "
                                 f"num_gist_tokens {num_gist}, head_dim); {ALTERED}")
-            if info.dtype != dtype:
-                raise GistError(f"{path} layer {i} {kind} are {dtype_name(info.dtype)}, metadata dtype says "
+            if tensor.dtype != dtype:
+                raise GistError(f"{path} layer {i} {kind} are {dtype_name(tensor.dtype)}, metadata dtype says "
                                 f"{dtype_name(dtype)}: {ALTERED}")
     if sealed and meta[SEAL] != metadata_sha256(meta):
         raise GistError(f"{path} header does not match its seal (sha256): a metadata field was changed; {ALTERED}")
