@@ -3,6 +3,9 @@
 A cache is only meaningful for the base weights, the trained run, the template and the mask variant
 that made it, and only fits a model of the same layer count, shapes and dtype. `check_cache`
 compares field by field and names the first that differs, with how to fix it.
+
+This module knows nothing of the cache file: the cache package imports it to check what it loads, and
+the checks read a cache through `CacheFields`, the fields they compare (a `GistCache` has them all).
 """
 
 from __future__ import annotations
@@ -10,14 +13,38 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+import torch
 
 from gistcache.config import dtype_name
 from gistcache.errors import GistError
 from gistcache.model import GistModel, fingerprint_model
 
-if TYPE_CHECKING:  # gistcache.cache.gist_cache imports this module to check what it loads
-    from gistcache.cache.gist_cache import GistCache
+
+class CacheFields(Protocol):
+    """What `check_identity` and `check_cache` read of a cache: `gistcache.cache.GistCache`'s fields."""
+
+    keys: list[torch.Tensor]  # per layer (1, kv_heads, N, head_dim)
+    values: list[torch.Tensor]
+    num_gist_tokens: int
+    base_fingerprint: str
+    run_fingerprint: str
+    template: str
+    mask: str
+    positions: str
+    key_start: int
+    gist_every: int
+    gist_per_chunk: int
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def context_used(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -88,7 +115,7 @@ def model_kv_shape(model: GistModel) -> tuple[int, int, int]:
 FIX = "compress the prompt again with this run (gist compress ... --run RUN)"
 
 
-def check_identity(cache: GistCache, identity: ModelIdentity, num_gist_tokens: int, *,
+def check_identity(cache: CacheFields, identity: ModelIdentity, num_gist_tokens: int, *,
                    source: str = "the cache") -> None:
     """Refuse a cache made by another base model, run, mask, ratio, N or template, naming the first field that
     differs. `num_gist_tokens` is the run's N (gist tokens after each chunk)."""
@@ -116,7 +143,7 @@ def check_identity(cache: GistCache, identity: ModelIdentity, num_gist_tokens: i
         raise GistError(f"{source} has template {cache.template!r}, this run uses {identity.template!r}: {FIX}")
 
 
-def check_cache(model: GistModel, cache: GistCache, *, identity: ModelIdentity | None = None,
+def check_cache(model: GistModel, cache: CacheFields, *, identity: ModelIdentity | None = None,
                 source: str = "the cache") -> None:
     """Refuse a cache that does not fit `model`, naming the first field that differs."""
     check_identity(cache, identity or model_identity(model), model.num_gist_tokens, source=source)
