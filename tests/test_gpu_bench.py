@@ -1,4 +1,4 @@
-"""eval/gpu_bench.py, the GPU run of issue 26 item 4, on the CPU with a tiny shape: the same code path as the
+"""eval/gpu_bench/, the GPU run of issue 26 item 4, on the CPU with a tiny shape: the same code path as the
 8B run on a GPU (compress, TTFT, the generate engine, the static-cache decode loop), in seconds.
 
 Checked: the table and the JSON have every row and every number; the gist answer path gives the same tokens
@@ -50,12 +50,12 @@ def parse(stdout: str) -> tuple[dict, list[str]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The script run as the GPU run starts it (`PYTHONPATH=. python3 eval/gpu_bench.py ...`), on a 40-column
+    """The script run as the GPU run starts it (`PYTHONPATH=. python3 eval/gpu_bench ...`), on a 40-column
     terminal, with a long --out path: (exit code, stdout, stderr, the JSON it wrote, the --out path)."""
     out = tmp_path_factory.mktemp("gpu-bench") / "a-folder-with-a-rather-long-name" / "and-another-one" / "b.json"
     out.parent.mkdir(parents=True)
     env = {**os.environ, "COLUMNS": "40", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "eval/gpu_bench.py", *TINY, "--out", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "eval/gpu_bench", *TINY, "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     written = json.loads(out.read_text()) if out.exists() else None
     return proc.returncode, proc.stdout, proc.stderr, written, out
@@ -121,7 +121,7 @@ def test_failed_compile_falls_back_and_a_failed_stage_keeps_the_table(monkeypatc
     def broken_checks(self):
         raise ValueError("boom")
 
-    monkeypatch.setattr(gpu_bench, "compiled_step", no_compile)
+    monkeypatch.setattr(gpu_bench.decode, "compiled_step", no_compile)  # where DecodeLoop looks it up
     monkeypatch.setattr(gpu_bench.Bench, "checks", broken_checks)
     code, stdout, stderr = bench("--decode", "compile", "--compile-reserve", "0")
     assert code == 1

@@ -1,0 +1,8 @@
+"""`python -m gistcache.eval.serve_load ...` (cli.py)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
