@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -149,7 +150,7 @@ def test_the_time_budget_stops_a_stage_and_the_table_is_printed(monkeypatch):
     assert time.perf_counter() - start < 10
     assert code == 1
     result, table = parse(stdout)
-    assert result["errors"]["setup"].startswith("stopped after 0 s: the time budget ran out")
+    assert re.match(r"stopped after \d+ s: the time budget ran out", result["errors"]["setup"])  # 0 s, or 1 under load
     assert result["skipped"]["ttft"] == "skipped: the run was stopped (the time budget ran out)"
     rows = {row[0]: row for row in result["table"]}
     assert rows["TTFT, generate call"][-1].startswith("failed (setup): stopped after")
