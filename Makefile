@@ -16,7 +16,7 @@ SHIP_RECIPE ?= --preset shipped --save-every 20
 SHIP_EVAL_LIMIT ?= 252
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
-.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-chat test-serve-load serve-load peers-venv test-peers
+.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-chat test-serve-load serve-load peers-venv test-peers cli-transcript
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -138,6 +138,27 @@ peers-venv: $(PSTAMP)
 # The press tests (each press keeps the stated positions; ratio 0 == the full prompt), in the peers virtualenv.
 test-peers: $(PSTAMP)
 	OMP_NUM_THREADS=2 $(PPY) -m pytest -q -p no:cacheprovider tests/test_peers.py
+
+# The CLI unchanged by a change (issue 25): tests/cli_transcript.py writes `--help` of every verb and 70+ calls on a
+# tiny run (exit codes, output, SHA-256 of the files written) for BASE, checked out in a temporary git worktree, and
+# for NEW (default: this working tree), then diffs them: exit code 1 on any difference (the diff is in
+# $(CLI_TRANSCRIPT_OUT)/diff.txt). ~1 min each on an idle 2-core CPU. E.g. make cli-transcript BASE=5797fc9 NEW=6f4a3ed.
+BASE ?= HEAD
+NEW ?=
+CLI_TRANSCRIPT_OUT ?= $(or $(TMPDIR),/tmp)/gist-cli-transcript-out
+cli-transcript:
+	@set -e; out="$(CLI_TRANSCRIPT_OUT)"; mkdir -p "$$out"; py="$(abspath $(PY))"; \
+	script="$(CURDIR)/tests/cli_transcript.py"; wts=""; \
+	trap 'for w in $$wts; do git worktree remove --force "$$w" 2>/dev/null || true; done; git worktree prune' EXIT; \
+	transcript() { if [ -z "$$1" ]; then "$$py" "$$script" "$$2"; else \
+	  w=$$(mktemp -d "$${TMPDIR:-/tmp}/gist-cli-wt.XXXXXX"); rmdir "$$w"; wts="$$wts $$w"; \
+	  git worktree add --detach --quiet "$$w" "$$1"; \
+	  (cd "$$w" && PYTHONPATH="$$w" "$$py" "$$script" "$$2"); fi; }; \
+	transcript "$(BASE)" "$$out/base.txt"; transcript "$(NEW)" "$$out/new.txt"; \
+	if diff -u "$$out/base.txt" "$$out/new.txt" > "$$out/diff.txt"; then \
+	  echo "cli-transcript: $(or $(NEW),the working tree) == $(BASE), byte for byte ($$out/new.txt)"; \
+	else head -n 200 "$$out/diff.txt"; \
+	  echo "cli-transcript: $(or $(NEW),the working tree) differs from $(BASE): $$out/diff.txt"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info
