@@ -31,8 +31,8 @@ from gistcache.config import check_batch_size
 from gistcache.errors import GistError
 from gistcache.identity import model_identity
 from gistcache.model import GistModel, cache_layers, returned_cache
+from gistcache.model.compact import gist_slots
 from gistcache.prompts import check_instruction, encode_instruction
-from gistcache.compact import gist_slots
 from gistcache.masks import make_position_ids
 from gistcache.rotary import model_inv_freq, turn_keys
 

@@ -45,8 +45,8 @@ Under the prefix mask, two position layouts say where the tokens after the gist 
   had never been there: prefix at 0..F-1, gist at F..F+N-1, input from F+N. Then a cache is a plain
   prefix of F+N positions and the instruction's length never counts against the context. One
   sequence cannot give the prefix two positions, so this forward runs in two passes
-  (`gistcache.compact`): prefix + instruction + gist causally, then the rest after the prefix's and
-  the gist's keys/values, the gist keys turned from P.. to F.. (what a cache does).
+  (`gistcache.model.compact`): prefix + instruction + gist causally, then the rest after the
+  prefix's and the gist's keys/values, the gist keys turned from P.. to F.. (what a cache does).
 - `original`: one masked forward over the whole prompt: the input at P+N reads the prefix P+N
   positions back, so a cache keeps the prefix at F-P and uses P+N positions of the context.
 
@@ -69,8 +69,8 @@ K = 2, N = 1, chunks `a b` and `c`)::
     e  1 0 0 1 0 1 1 1
 
 Such a run computes in the compact positions (prefix 0..F-1, the M gist slots F..F+M-1, input from
-F+M; under the paper's mask F = 0), in two passes as above (`gistcache.compact`), so its cache is a
-plain F+M prefix too.
+F+M; under the paper's mask F = 0), in two passes as above (`gistcache.model.compact`), so its
+cache is a plain F+M prefix too.
 
 Padding (left or right) is never attended to; a padding query attends to itself only, so no
 softmax row is empty.

@@ -1,5 +1,5 @@
-"""The compact positions of the prefix mask (gistcache/compact.py): batched two-pass forward, gradients, the run's
-record of its layout, and refusals."""
+"""The compact positions of the prefix mask (gistcache/model/compact.py): batched two-pass forward, gradients, the
+run's record of its layout, and refusals."""
 
 import json
 

@@ -22,12 +22,9 @@ PACKAGE_DIRS = {"gistcache": ROOT / "gistcache", "gistcache.cli": ROOT / "cli", 
 # Cycles closed only by a deferred import (inside a function or under TYPE_CHECKING), each written from its
 # smallest module name round to itself. None of them can fail at import time (the deferred edge runs after both
 # modules have loaded), but each still ties two layers together (issue 25):
-# - GistModel.forward hands the compact positions' two-pass forward to gistcache.compact (imported in the method),
-#   which builds on GistModel (through the gistcache.model package);
 # - GistModel.from_pretrained / save_pretrained are gistcache.run.load.load_gist_model / run.save.save_gist_model
 #   (imported in the methods), and the run folder code builds GistModels (through the gistcache.model package).
 KNOWN_DEFERRED_CYCLES = {
-    ("gistcache.compact", "gistcache.model", "gistcache.model.gist_model"),
     ("gistcache.model", "gistcache.model.gist_model", "gistcache.run.load"),
     ("gistcache.model", "gistcache.model.gist_model", "gistcache.run.save"),
 }

@@ -14,6 +14,7 @@ from gistcache.errors import GistError
 from gistcache.masks import (check_gist_every, check_mask, check_positions, count_gist_slots, gist_attention_mask,
                              insert_gist_tokens, make_position_ids)
 from gistcache.model.base import check_masked_attention
+from gistcache.model.compact import compact_forward
 from gistcache.model.kv import cache_layers, returned_cache
 from gistcache.prompts import resolve_template, visible_prefix_ids
 
@@ -24,7 +25,7 @@ class GistModel(nn.Module):
     `forward` runs the whole sequence (prompt, gist tokens, rest) under the gist mask of
     `condition` and of the run's mask variant (`mask`: "paper" or "prefix", see masks.py),
     passing the stock model a 4D additive mask and explicit position ids; a prefix-mask run in the
-    `compact` position layout runs it in two passes instead (`gistcache.compact`). `template` is the
+    `compact` position layout runs it in two passes instead (`gistcache.model.compact`). `template` is the
     prompt template the run uses ("auto" resolves by the tokenizer).
 
     A run folder loads with `GistModel.from_pretrained(RUN)` and is written with
@@ -141,7 +142,7 @@ class GistModel(nn.Module):
 
     @property
     def computes_compact(self) -> bool:
-        """Does the gist condition run as two passes (`gistcache.compact`)? Prefix-mask runs in the compact
+        """Does the gist condition run as two passes (`gistcache.model.compact`)? Prefix-mask runs in the compact
         positions, and every chunked run (its M gist slots move to F..F+M-1)."""
         return bool(self.gist_every) or (self.positions == "compact" and self.num_prefix_tokens > 0)
 
@@ -171,8 +172,6 @@ class GistModel(nn.Module):
         """Masked forward over (B, T) ids; `attention_mask` (B, T) marks real tokens (left padding)."""
         check_masked_attention(getattr(self.config, "_attn_implementation", None))
         if condition == "gist" and self.computes_compact:
-            from gistcache.compact import compact_forward  # deferred: compact.py builds on this module
-
             return compact_forward(self, input_ids, attention_mask, labels=labels, **kwargs)
         embeds = self.embed(input_ids)
         mask = gist_attention_mask(input_ids, attention_mask, self.gist_token_id, condition, embeds.dtype,
