@@ -14,7 +14,7 @@ condition is built). Reported per (run, split, condition):
 - bytes of cached prompt state: positions x layers x 2 x kv_heads x head_dim x dtype bytes;
 - wall seconds of the condition's batched generation (gist: compress included).
 
-`report.py` formats and writes what this returns.
+`runs.py` names the runs and tokenizes their examples; `report.py` formats and writes what this returns.
 """
 
 from __future__ import annotations
@@ -22,41 +22,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gistcache._version import __version__
 from gistcache.compression import compress
-from gistcache.config import GistConfig, torch_dtype
+from gistcache.config import torch_dtype
 from gistcache.data.alpaca import Example, load_examples
 from gistcache.errors import GistError
 from gistcache.eval import flops as F
-from gistcache.eval.conditions import (Prepared, condition_sequences, generate_gist, instruction_token_count,
-                                       state_positions, template_only_ids, truncate_budget, truncate_prompt)
+from gistcache.eval.conditions import Prepared, condition_sequences, generate_gist, state_positions, template_only_ids
 from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_row
 from gistcache.eval.length import length_records, length_rows
 from gistcache.eval.report import write_outputs
 from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
+from gistcache.eval.runs import RunSpec, prepare_run, run_specs
 from gistcache.generation import check_context, generate_causal
 from gistcache.identity import model_kv_shape
 from gistcache.model import GistModel
-from gistcache.prompts import encode_input, encode_instruction, resolve_template
-from gistcache.run import load_run, load_run_tokenizer, load_untouched_base, read_run_config
-
-
-@dataclass
-class RunSpec:
-    path: str
-    name: str
-    condition: str  # the condition it was trained under
-    conditions: list[str]  # what is evaluated with it
-    num_gist_tokens: int
-    gist_every: int = 0  # 0: one chunk; else N gist tokens per chunk of this many instruction tokens
-    template: str = ""
-    truncate_tokens: int | None = None  # None for a chunked run: its budget is each prompt's own M
+from gistcache.run import load_run, load_untouched_base
 
 
 @dataclass
@@ -144,54 +130,6 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
     }
     write_outputs(config.out, results, examples, predictions)
     return results
-
-
-def run_specs(config: EvalConfig) -> list[RunSpec]:
-    """The runs to evaluate, each with a unique name and the conditions evaluated with it."""
-    specs, names = [], set()
-    entries = [(run, None) for run in config.runs] + [(run, key) for key, run in config.control_runs.items()]
-    for run, key in entries:
-        gist = read_run_config(run)["gist"]
-        trained = gist.get("condition", "gist")
-        conditions = ["gist", *config.baselines] if trained == "gist" else [trained]
-        name, i = Path(run).resolve().name, 2
-        while name in names:
-            name, i = f"{Path(run).resolve().name}-{i}", i + 1
-        names.add(name)
-        specs.append(RunSpec(path=run, name=name, condition=trained, conditions=conditions,
-                             num_gist_tokens=int(gist["num_gist_tokens"]), gist_every=int(gist.get("gist_every", 0))))
-    return specs
-
-
-def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Example]]) -> dict[str, list[Prepared]]:
-    """Tokenize every example for one run and refuse a truncation budget that truncates nothing."""
-    tok = load_run_tokenizer(spec.path)
-    gist_config = GistConfig.from_dict(read_run_config(spec.path)["gist"])
-    spec.template = resolve_template(tok, gist_config.template)
-    truncate = "truncate" in spec.conditions
-    if truncate:
-        spec.truncate_tokens = config.truncate_tokens or (None if gist_config.gist_every else spec.num_gist_tokens)
-    prepared: dict[str, list[Prepared]] = {}
-    for split, rows in examples.items():
-        prepared[split] = []
-        for ex in rows:
-            item = Prepared(prompt=encode_instruction(tok, ex.instruction, spec.template),
-                            input=encode_input(tok, ex.input, spec.template))
-            if truncate:  # as many instruction tokens as this prompt's gist cache has gist slots (conditions.py)
-                budget = truncate_budget(tok, gist_config, spec.template, len(item.prompt), config.truncate_tokens)
-                cut = truncate_prompt(tok, ex.instruction, spec.template, budget)
-                item.truncated, item.kept, item.instruction_tokens = cut.ids, cut.kept, cut.instruction_tokens
-            else:
-                item.instruction_tokens = instruction_token_count(tok, ex.instruction, spec.template)
-            prepared[split].append(item)
-    if truncate and (config.truncate_tokens or not gist_config.gist_every):  # a chunked run's budget grows with P
-        longest = max(p.instruction_tokens for rows in prepared.values() for p in rows)
-        if spec.truncate_tokens >= longest:
-            source = "--truncate-tokens" if config.truncate_tokens else f"the run's num_gist_tokens (run {spec.name})"
-            raise GistError(f"truncation budget {spec.truncate_tokens} ({source}) is larger than the prompt: the "
-                            f"longest evaluated instruction has {longest} tokens, so nothing would be cut; "
-                            f"give --truncate-tokens below {longest}")
-    return prepared
 
 
 def _load_models(spec: RunSpec, device: str, dtype: torch.dtype) -> RunModels:

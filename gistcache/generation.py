@@ -29,13 +29,13 @@ decoding whatever the model's config suggests.
 
 `generate_masked` is the definition: greedy decoding that re-runs the whole masked forward
 (instruction, gist, input, tokens so far) every step, with no cache at all. `generate_causal`
-continues plain token sequences under a causal mask, for the full-prompt baselines.
+continues plain token sequences under a causal mask, for the full-prompt baselines. The decoding
+settings (`GenerateConfig`) and what every path shares are in `gistcache.decoding`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,8 @@ import torch
 from gistcache._io import left_pad, pad_token_id
 from gistcache.cache import GistCache, slot_mask, stack_layers
 from gistcache.config import check_batch_size
+from gistcache.decoding import (GenerateConfig, _decode, _pair, _until_eos, check_context, greedy_tokens,
+                                suppressed_token_ids)
 from gistcache.errors import GistError
 from gistcache.identity import check_cache, model_identity
 from gistcache.masks import make_position_ids
@@ -52,101 +54,6 @@ from gistcache.rotary import check_shift_invariant
 
 # plain greedy decoding, whatever the model's generation_config suggests (the CLI's and the evaluation's default)
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
-
-
-@dataclass
-class GenerateConfig:
-    """Decoding settings shared by the library and `gist generate` (checked here for both).
-
-    None leaves a setting to the model's `generation_config`.
-    """
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    do_sample: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # 0: off
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise GistError(f"--max-new-tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise GistError(f"min_new_tokens {self.min_new_tokens} must be between 0 and --max-new-tokens "
-                            f"{self.max_new_tokens}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise GistError(f"--temperature must be > 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GistError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise GistError(f"--top-k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
-
-
-def _pair(caches, inputs, what: str) -> tuple[list, list[str]]:
-    """Broadcast one cache/prompt over many inputs (or one input over many caches); else zip equal lists."""
-    caches = [caches] if not isinstance(caches, (list, tuple)) else list(caches)
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    if not caches or not inputs:
-        raise GistError(f"nothing to generate: give at least one {what} and one input")
-    if len(caches) == 1:
-        caches = caches * len(inputs)
-    elif len(inputs) == 1:
-        inputs = inputs * len(caches)
-    if len(caches) != len(inputs):
-        raise GistError(f"{len(caches)} {what}s and {len(inputs)} inputs: give one {what} for all inputs or one "
-                        f"per input")
-    for i, text in enumerate(inputs):
-        if not isinstance(text, str):
-            raise GistError(f"input {i} is {type(text).__name__}, not text")
-    return caches, inputs
-
-
-def suppressed_token_ids(model: GistModel) -> list[int]:
-    """Token ids that must never be generated: the gist token, if the output head can produce it."""
-    head = model.model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
-    return [model.gist_token_id] if model.gist_token_id < vocab else []
-
-
-def _until_eos(model: GistModel, rows: list[list[int]], *, keep_eos: bool = True) -> list[list[int]]:
-    """Cut each row at its first EOS (kept unless `keep_eos=False`), dropping the padding that follows."""
-    eos = model.tokenizer.eos_token_id
-    return [ids[:ids.index(eos) + keep_eos] if eos in ids else ids for ids in rows]
-
-
-def _decode(model: GistModel, rows: list[list[int]]) -> list[str]:
-    """The text of each row of new token ids, up to its first EOS."""
-    return [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in _until_eos(model, rows, keep_eos=False)]
-
-
-def greedy_tokens(model: GistModel, next_logits: Callable[[list[int]], torch.Tensor], max_new_tokens: int) -> list[int]:
-    """Greedy decoding written out: `next_logits(new)` gives the (V,) logits that follow the tokens generated
-    so far (`new`; [] first, always called once). Stops after EOS (kept) or `max_new_tokens`; the gist token
-    is never chosen."""
-    suppressed = suppressed_token_ids(model)
-    new: list[int] = []
-    logits = next_logits(new)
-    while len(new) < max_new_tokens:
-        logits = logits.float()  # (V,)
-        logits[suppressed] = float("-inf")
-        new.append(int(logits.argmax()))
-        if new[-1] == model.tokenizer.eos_token_id or len(new) == max_new_tokens:
-            break
-        logits = next_logits(new)
-    return new
-
-
-def check_context(model: GistModel, offsets: list[int], input_ids: list[list[int]], max_new_tokens: int,
-                  what: str = "input") -> None:
-    """Refuse a row whose first position + tokens + new tokens exceed the model's context, naming it."""
-    limit = model.max_context()
-    for i, (off, ids) in enumerate(zip(offsets, input_ids)):
-        need = off + len(ids) + max_new_tokens
-        if need > limit:
-            raise GistError(f"{what} {i} needs {need} positions (from position {off}: {len(ids)} tokens + "
-                            f"{max_new_tokens} new tokens), over the model's context of {limit}: shorten it "
-                            f"or lower --max-new-tokens")
 
 
 @dataclass

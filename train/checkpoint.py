@@ -9,24 +9,21 @@ Safetensors and JSON only (the optimizer and RNG states too: nothing is ever unp
 checkpoint folder is written atomically (`.step-N.tmp-PID`, then renamed). A kill can leave such a
 temporary folder: the next run in OUT removes it. `--resume` takes the newest checkpoint whose
 files match their hashes, skipping damaged ones, and refuses a command line that describes another
-run than the checkpoint's (`resume_differences`).
+run than the checkpoint's (`resume_differences`, in `gistcache.train.resume_config`).
 
 A resumed run ends bit-identical to the uninterrupted one (same device, same number of
 processes): the weights, the optimizer and scheduler, Python's, numpy's and torch's random
 generators (CPU, and every CUDA device) of each process, and the place in the data order
-(epoch, batches done) are all restored.
+(epoch, batches done) are all restored (the generators: `gistcache.train.rng`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import random
 import re
 import shutil
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +36,9 @@ from gistcache.model import GistModel
 from gistcache.run import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_FILE, GIST_FILE,
                            MODEL_CARD_FILE, TOKENIZER_DIR, read_run_config, save_run_weights)
 from gistcache.train.config import TrainConfig
+from gistcache.train.resume_config import RESUME_SAFE_FIELDS, flag_name, resume_differences
+from gistcache.train.resume_config import _COMMAND_FIELDS, _FLAGS, _PATH_FIELDS, _show, comparable_config  # noqa: F401
+from gistcache.train.rng import gather_rng_state, rng_state, set_rng_state  # noqa: F401
 from gistcache.train.tuning import trainable_parameters
 
 log = logging.getLogger("gistcache.train")
@@ -47,25 +47,10 @@ CHECKPOINT_FORMAT = 2
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-# TrainConfig fields `--resume` accepts with another value than the checkpoint's: how long to train
-# (the schedule's end moves with them: the learning rate from the resumed step on follows the new
-# length), how often to checkpoint, and how the same computation is run (precision, attention kernel;
-# exactness then holds no more, the run's meaning does). Every other field, a field added later
-# included, must match: it changes the rows, their order, the model or the optimisation.
-RESUME_SAFE_FIELDS = ("max_steps", "epochs", "save_every", "mixed_precision", "attn_implementation")
-# how this command runs, not what the run is (the preset's effect is in the size fields it fills)
-_COMMAND_FIELDS = ("out", "resume", "overwrite", "preset")
-_PATH_FIELDS = ("data", "eval_data", "exclude_data")
-_FLAGS = {"num_gist_tokens": "--num-gist", "exclude_data": "--exclude", "attn_implementation": "--attn"}
 _STEP_DIR = re.compile(r"step-(\d+)")
 # what a finished run writes over: a folder holding one of them and no run is refused
 _RUN_NAMES = (CONFIG_FILE, GIST_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, FULL_FILE, TOKENIZER_DIR, MODEL_CARD_FILE)
 _TEMP = re.compile(r"\..+\.tmp-\d+|\.save-.+")  # atomic_path's and save_run_weights' temporary names
-
-
-def flag_name(field_name: str) -> str:
-    """The `gist train` flag that sets a TrainConfig field."""
-    return _FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def check_out_dir(config: TrainConfig) -> Path:
@@ -225,79 +210,6 @@ def checkpoint_problem(path: Path) -> tuple[str | None, dict]:
         if hash_files([path / name]) != digest:
             return f"{name} does not match its hash", state
     return None, state
-
-
-def resume_differences(config: TrainConfig, saved: dict) -> list[str]:
-    """'--flag NEW (checkpoint: OLD)' for each TrainConfig field that differs from the saved run config,
-    except RESUME_SAFE_FIELDS. Fields are read from the dataclass, so a new field is compared too; a field
-    the checkpoint predates is compared with its default."""
-    current = comparable_config(config)
-    differences = []
-    for f in fields(TrainConfig):
-        if f.name in RESUME_SAFE_FIELDS or f.name in _COMMAND_FIELDS:
-            continue
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else None)
-        old = saved.get(f.name, default)
-        if current[f.name] != old:
-            differences.append(f"{flag_name(f.name)} {_show(current[f.name])} (checkpoint: {_show(old)})")
-    return differences
-
-
-def comparable_config(config: TrainConfig) -> dict:
-    """The config as a checkpoint records it: file paths made absolute (a model too, when it is a path)."""
-    data = config.to_dict()
-    for name in _PATH_FIELDS:
-        data[name] = [os.path.abspath(p) for p in data[name]]
-    if Path(data["model"]).exists():
-        data["model"] = os.path.abspath(data["model"])
-    return data
-
-
-def _show(value) -> str:
-    if isinstance(value, str):
-        return value
-    return "unset" if value is None else json.dumps(value)
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """This process's random generators as tensors: Python's, numpy's, torch's CPU one and each CUDA device's."""
-    import numpy as np  # deferred with the rest of training's imports
-
-    _, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python_mt": torch.tensor(mt, dtype=torch.int64),  # 625 words of 32 bits
-        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, 16)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    """Put back what `rng_state` returned (one process's row of a checkpoint's rng.safetensors)."""
-    import numpy as np
-
-    gauss = float(state["python_gauss"][0])
-    random.setstate((3, tuple(int(v) for v in state["python_mt"]), None if math.isnan(gauss) else gauss))
-    pos, has_gauss = (int(v) for v in state["numpy_pos"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(state["numpy_gauss"][0])))
-    torch.set_rng_state(state["torch_cpu"].cpu())
-    if "torch_cuda" in state and torch.cuda.is_available():
-        for device, value in enumerate(state["torch_cuda"].cpu()[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(value, device)
-
-
-def gather_rng_state(accelerator) -> dict[str, torch.Tensor]:
-    """Every process's `rng_state`, stacked: {name: (processes, ...)}. A collective: call it on every process."""
-    state = rng_state()
-    return {name: accelerator.gather(value.unsqueeze(0).to(accelerator.device)).cpu() for name, value in state.items()}
 
 
 def save_checkpoint(model: GistModel, optimizer: torch.optim.Optimizer, scheduler, out: Path, step: int,

@@ -4,7 +4,8 @@ accelerate handles devices (one CPU process here; `accelerate launch` for DDP ov
 the sharding of the batches over processes (`accelerator.prepare` on `make_loader`'s DataLoader),
 gradient accumulation and bf16 on GPU. `train` prepares the data and the models, runs the
 optimizer steps (`_run_steps`), then writes the run folder: weights, config.json, metrics.json,
-train.log and the model card. `--resume` continues from the newest intact checkpoint and ends
+train.log and the model card. The rows are tokenized in `gistcache.train.encode`, the losses computed in
+`gistcache.train.losses`. `--resume` continues from the newest intact checkpoint and ends
 bit-identical to the uninterrupted run (see `gistcache.train.checkpoint`).
 """
 
@@ -21,20 +22,19 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gistcache._io import atomic_write_text, pad_token_id
-from gistcache.data.alpaca import Example, heldout_split
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
 from gistcache.heap import trim_freed_memory
-from gistcache.loss import answer_loss_sum
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.prompts import IGNORE_INDEX, EncodedExample, encode_examples
 from gistcache.run import LOG_FILE, METRICS_FILE, dtype_fingerprints, remove_run_outputs, save_run
 from gistcache.train.card import write_model_card
 from gistcache.train.checkpoint import (check_out_dir, comparable_config, find_resume_point, gather_rng_state,
                                        load_checkpoint, remove_stale_temps, save_checkpoint, set_rng_state)
 from gistcache.train.config import TrainConfig
-from gistcache.train.data import collate, fingerprint_rows, make_loader, prepare_examples
-from gistcache.train.distill import Teacher, distill_loss, make_teacher, teacher_logits, with_teacher_answers
+from gistcache.train.data import fingerprint_rows, make_loader, prepare_examples
+from gistcache.train.distill import Teacher, make_teacher, with_teacher_answers
+from gistcache.train.encode import encode_rows
+from gistcache.train.losses import heldout_losses, training_loss
 from gistcache.train.tuning import (MAX_GRAD_NORM, init_from_run, make_optimizer, make_scheduler, norm_before_clip,
                                     trainable_parameters, wrap_for_tuning)
 
@@ -184,29 +184,6 @@ def _train(config: TrainConfig, *, show_progress: bool) -> dict:
     return metrics
 
 
-def encode_rows(model: GistModel, train_rows: list[Example], eval_rows: list[Example], config: TrainConfig,
-                stats: dict) -> tuple[list[EncodedExample], dict[str, list[EncodedExample]]]:
-    """Tokenize the training rows, and the held-out rows per split (the built-in set is scored per split:
-    seen task families and held-out ones); too-long rows are dropped and counted into `stats`."""
-    context = min(config.max_length, model.max_context())
-    settings = dict(num_gist_tokens=config.num_gist_tokens, gist_token_id=model.gist_token_id,
-                    template=config.template, max_length=context, gist_every=config.gist_every,
-                    num_prefix_tokens=model.num_prefix_tokens)
-    encoded, too_long = encode_examples(model.tokenizer, train_rows, **settings)
-    eval_groups: dict[str, list] = {}
-    for row in eval_rows:
-        eval_groups.setdefault(heldout_split(row), []).append(row)
-    for name, rows in eval_groups.items():
-        eval_groups[name], dropped = encode_examples(model.tokenizer, rows, **settings)
-        too_long += dropped
-    if not encoded:
-        raise GistError(f"every training example is longer than {context} tokens: raise --max-length")
-    prompt_tokens = [ex.num_prompt_tokens for ex in encoded]
-    stats.update(train_examples=len(encoded), eval_examples=sum(len(g) for g in eval_groups.values()),
-                 dropped_too_long=too_long, trained_prompt_tokens=[min(prompt_tokens), max(prompt_tokens)])
-    return encoded, eval_groups
-
-
 # batches between two returns of the C heap's free pages to the OS on the CPU (gistcache/heap.py): each
 # return costs the next batch its page faults (+23% a step when done every batch), so it runs every few
 TRIM_EVERY = 4
@@ -284,55 +261,6 @@ def _run_steps(accelerator, model: GistModel, optimizer, scheduler, teacher: Tea
             if step < total_steps:
                 position.update(epoch=position["epoch"] + 1, batch=0)
     state["train_seconds"] += time.perf_counter() - t0
-
-
-def training_loss(model, teacher: Teacher | None, batch: dict, config: TrainConfig, pad_id: int) -> torch.Tensor:
-    """The objective of one batch: label cross-entropy, KL from the full-prompt teacher, or their sum.
-
-    Rows are left-padded, so every answer sits in the last columns: logits are computed for the last
-    K columns only (K = the longest answer + 1), which spares the output head most positions.
-    """
-    labels = batch["labels"]  # (B, T)
-    answer = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(answer[0]) + 1 if len(answer) else 1
-    keep = min(keep, labels.shape[1])
-    logits = model(batch["input_ids"], batch["attention_mask"], condition=config.condition,
-                   logits_to_keep=keep).logits  # (B, K, V)
-    labels = labels[:, -keep:]
-    loss = None
-    if config.objective != "distill":
-        total, count = answer_loss_sum(logits, labels, reduce=False)
-        loss = total / count.clamp(min=1)
-    if teacher is None:
-        return loss
-    student: GistModel = getattr(model, "module", model)  # DDP wraps it
-    target = teacher_logits(teacher, student, batch["input_ids"], batch["attention_mask"], pad_id, keep)
-    kl = distill_loss(logits, target, labels, config.distill_temperature)
-    return kl if loss is None else kl + loss
-
-
-@torch.no_grad()
-def heldout_losses(model: GistModel, groups: dict[str, list], *, batch_size: int, pad_token_id: int, condition: str,
-                   device: torch.device) -> dict[str, float]:
-    """Token-weighted mean cross-entropy on the answers of held-out examples, under `condition`:
-    one value per group of encoded examples, and "all" over every group together. Empty: {}."""
-    was_training = model.training
-    model.eval()
-    sums: dict[str, tuple[float, int]] = {}
-    for name, encoded in groups.items():
-        total, count = 0.0, 0
-        for i in range(0, len(encoded), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
-            logits = model(batch["input_ids"], batch["attention_mask"], condition=condition).logits
-            batch_total, batch_count = answer_loss_sum(logits, batch["labels"])
-            total, count = total + batch_total, count + batch_count
-        if count:
-            sums[name] = (total, count)
-    model.train(was_training)
-    losses = {name: total / count for name, (total, count) in sums.items()}
-    if sums:
-        losses["all"] = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
-    return losses
 
 
 def _log_to(path: Path) -> logging.Handler:
