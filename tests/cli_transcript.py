@@ -299,25 +299,14 @@ def build_tiny(work: Path) -> dict[str, Path]:
 
 
 def write_version_1(run_dir: Path, path: Path) -> None:
-    """The file format version 1 wrote for PROMPT with the run: keys at the prompt's positions (as
-    tests/test_upgrade.py writes one)."""
-    from safetensors.torch import save_file
-
-    from gistcache.cache import GistCache, tensor_sha256
+    """The file format version 1 wrote for PROMPT with the run (`tiny.write_version_1`, as test_upgrade.py)."""
     from gistcache.compression import compress
-    from gistcache.rotary import model_inv_freq, move_keys
     from gistcache.run import load_run
+    from tiny import write_version_1 as write_v1
 
     freeze_clock()
     gm = load_run(str(run_dir))
-    cache = compress(gm, PROMPT)
-    inv_freq = model_inv_freq(gm.model)
-    keys = [move_keys(k, inv_freq, cache.key_start, inv_freq, cache.num_prompt_tokens) for k in cache.keys]
-    v1 = GistCache(**{**vars(cache), "keys": keys})
-    meta = {k: v for k, v in v1.metadata().items() if k not in ("position_free", "key_start", "prefix_start")}
-    meta.update(format_version="1", input_position=str(cache.num_prompt_tokens + cache.num_gist_tokens),
-                tensor_sha256=tensor_sha256(v1.tensors()))
-    save_file(v1.tensors(), str(path), metadata=meta)
+    write_v1(compress(gm, PROMPT), gm, path)
 
 
 # --- the calls ----------------------------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ from typer.testing import CliRunner
 
 import tiny
 from clitools import one_line_error
-from gistcache.cache import GistCache, load_cache, read_cache_metadata, save_cache, tensor_sha256
+from gistcache.cache import load_cache, read_cache_metadata, save_cache
 from gistcache.cli.main import app
 from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.generation import generate_ids, generate_masked_ids
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.rotary import model_inv_freq, move_keys
 from gistcache.run import load_run, save_run
 from gistcache.upgrade import upgrade_caches
 
@@ -44,18 +43,6 @@ def runs(tmp_path_factory):
             "other": make_run("other", "prefix", -1.0)}
 
 
-def write_version_1(cache: GistCache, model: GistModel, path):
-    """The file version 1 wrote for `cache`: keys at the prompt's positions P..P+N-1, no position-free fields."""
-    inv_freq = model_inv_freq(model.model)
-    keys = [move_keys(k, inv_freq, cache.key_start, inv_freq, cache.num_prompt_tokens) for k in cache.keys]
-    v1 = GistCache(**{**vars(cache), "keys": keys})
-    meta = {k: v for k, v in v1.metadata().items() if k not in ("position_free", "key_start", "prefix_start")}
-    meta.update(format_version="1", input_position=str(cache.num_prompt_tokens + cache.num_gist_tokens),
-                tensor_sha256=tensor_sha256(v1.tensors()))
-    save_file(v1.tensors(), str(path), metadata=meta)
-    return path
-
-
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
@@ -79,7 +66,7 @@ def test_version_2_metadata_says_where_the_keys_start(runs, tmp_path):
 def test_version_1_is_refused_with_the_fix(runs, tmp_path):
     """A version 1 file is refused in one line that names `gist cache upgrade`, in Python and at the CLI (exit 2)."""
     model = load_run(runs["prefix"])
-    path = write_version_1(compress(model, PROMPT), model, tmp_path / "v1.safetensors")
+    path = tiny.write_version_1(compress(model, PROMPT), model, tmp_path / "v1.safetensors")
     with pytest.raises(GistError, match="is a version 1 gist cache .*gist cache upgrade .*v1.safetensors --run RUN"):
         load_cache(path)
     result = invoke("generate", "--run", runs["prefix"], "--cache", path, "--input", "stone")
@@ -92,7 +79,7 @@ def test_upgrade_moves_the_keys_in_place(runs, tmp_path, mask):
     the masked definition's tokens; a second upgrade leaves the file as it is."""
     model = load_run(runs[mask])
     fresh = compress(model, PROMPT)
-    path = write_version_1(fresh, model, tmp_path / "c.safetensors")
+    path = tiny.write_version_1(fresh, model, tmp_path / "c.safetensors")
     result = invoke("cache", "upgrade", path, "--run", runs[mask])
     assert result.exit_code == 0, result.output
     assert f"keys moved from position {fresh.num_prompt_tokens} to {model.num_prefix_tokens}" in result.stdout
@@ -114,8 +101,8 @@ def test_upgrade_moves_the_keys_in_place(runs, tmp_path, mask):
 def test_upgrade_refuses_before_writing_anything(runs, tmp_path):
     """A file of another run among the files, or a folder that is not a run: one line, exit 2, no file changed."""
     model, other = load_run(runs["prefix"]), load_run(runs["other"])
-    mine = write_version_1(compress(model, PROMPT), model, tmp_path / "mine.safetensors")
-    theirs = write_version_1(compress(other, PROMPT), other, tmp_path / "theirs.safetensors")
+    mine = tiny.write_version_1(compress(model, PROMPT), model, tmp_path / "mine.safetensors")
+    theirs = tiny.write_version_1(compress(other, PROMPT), other, tmp_path / "theirs.safetensors")
     before = mine.read_bytes()
     one_line_error(invoke("cache", "upgrade", mine, theirs, "--run", runs["prefix"]),
                    "theirs.safetensors was made with another run (run_fingerprint")
@@ -132,7 +119,7 @@ def test_store_lists_a_version_1_entry_and_replaces_it_on_lookup(runs, tmp_path)
     model = load_run(runs["prefix"])
     store = CacheStore(tmp_path / "store")
     (first,) = compress_cached(model, [PROMPT], store)
-    write_version_1(first.cache, model, first.path)
+    tiny.write_version_1(first.cache, model, first.path)
     assert [e.key for e in store.entries()] == [first.key]
     (again,) = compress_cached(model, [PROMPT], store)
     assert not again.hit and read_cache_metadata(again.path)["format_version"] == "2"

@@ -66,3 +66,21 @@ def save_model_folder(path, arch: str = "llama", seed: int = 0):
     tok = make_tokenizer()
     tok.save_pretrained(path)
     return path
+
+
+def write_version_1(cache, model, path):
+    """The file format version 1 wrote for `cache` of `model`: keys at the prompt's positions P..P+N-1, no
+    position-free fields (what `gist cache upgrade` reads; test_upgrade.py and cli_transcript.py write one)."""
+    from safetensors.torch import save_file
+
+    from gistcache.cache import GistCache, tensor_sha256
+    from gistcache.rotary import model_inv_freq, move_keys
+
+    inv_freq = model_inv_freq(model.model)
+    keys = [move_keys(k, inv_freq, cache.key_start, inv_freq, cache.num_prompt_tokens) for k in cache.keys]
+    v1 = GistCache(**{**vars(cache), "keys": keys})
+    meta = {k: v for k, v in v1.metadata().items() if k not in ("position_free", "key_start", "prefix_start")}
+    meta.update(format_version="1", input_position=str(cache.num_prompt_tokens + cache.num_gist_tokens),
+                tensor_sha256=tensor_sha256(v1.tensors()))
+    save_file(v1.tensors(), str(path), metadata=meta)
+    return path
