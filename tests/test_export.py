@@ -166,7 +166,7 @@ def test_a_store_entry_under_another_key_is_not_served(lora_run, exported, tmp_p
 def test_a_store_entry_keyed_before_the_dtype_is_served_under_its_key(lora_run, exported, tmp_path):
     """A store kept since before its keys named the dtype: the request resolver serves the entry its old key names
     (it holds that prompt's cache) under the key that names the dtype, and still refuses another prompt's file."""
-    from gistcache.store import CacheStore, key_of, legacy_key
+    from gistcache.store import CacheStore, key_of, legacy_key_of
     from gistcache.vllm.requests import CacheResolver
 
     model = GistModel.from_pretrained(lora_run)
@@ -174,14 +174,10 @@ def test_a_store_entry_keyed_before_the_dtype_is_served_under_its_key(lora_run, 
     store.claim()
     first, second = compress(model, PROMPTS[0]), compress(model, PROMPTS[1])
 
-    def old_key(cache):
-        return legacy_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.num_gist_tokens,
-                          cache.prompt_sha256)
-
-    save_cache(first, store.path_for(old_key(first)))
+    save_cache(first, store.path_for(legacy_key_of(first)))
     resolver = CacheResolver(read_export(exported), store)
-    cache, key, _ = resolver(old_key(first))
-    assert key == key_of(first) != old_key(first) and cache.prompt_sha256 == first.prompt_sha256
-    save_cache(first, store.path_for(old_key(second)))  # another prompt's cache under an old key
+    cache, key, _ = resolver(legacy_key_of(first))
+    assert key == key_of(first) != legacy_key_of(first) and cache.prompt_sha256 == first.prompt_sha256
+    save_cache(first, store.path_for(legacy_key_of(second)))  # another prompt's cache under an old key
     with pytest.raises(GistError, match="holds the cache of key .*not its own"):
-        resolver(old_key(second))
+        resolver(legacy_key_of(second))

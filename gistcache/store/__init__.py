@@ -39,7 +39,8 @@ from gistcache.store.compress import CompressResult, compress_cached
 from gistcache.store.files import (EXPORTS_DIR, MARKER, PROMPT_SUFFIX, STORE_FORMAT, SUFFIX, StoreEntry,
                                    default_store_dir)
 from gistcache.store.folder import CacheStore
-from gistcache.store.keys import Wanted, cache_key, key_of, legacy_key
+from gistcache.store.keys import Wanted, cache_key, key_of, legacy_key, legacy_key_of
 
 __all__ = ["EXPORTS_DIR", "MARKER", "PROMPT_SUFFIX", "STORE_FORMAT", "SUFFIX", "CacheStore", "CompressResult",
-           "StoreEntry", "Wanted", "cache_key", "compress_cached", "default_store_dir", "key_of", "legacy_key"]
+           "StoreEntry", "Wanted", "cache_key", "compress_cached", "default_store_dir", "key_of", "legacy_key",
+           "legacy_key_of"]

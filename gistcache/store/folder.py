@@ -15,7 +15,7 @@ from gistcache.identity import check_cache
 from gistcache.model import GistModel
 from gistcache.store.files import (_KEY, _OWN, _OWN_TMP, EXPORTS_DIR, MARKER, PROMPT_SUFFIX, STORE_FORMAT, SUFFIX,
                                    StoreEntry, _regular, default_store_dir)
-from gistcache.store.keys import Wanted, key_of, legacy_key
+from gistcache.store.keys import Wanted, key_of, legacy_key_of
 
 
 class CacheStore:
@@ -163,8 +163,7 @@ class CacheStore:
         except (GistError, OSError):
             self._discard(old)
             return
-        if legacy_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.num_gist_tokens,
-                      cache.prompt_sha256) != old:
+        if legacy_key_of(cache) != old:
             self._discard(old)  # another prompt's cache under this name
             return
         new = key_of(cache)
@@ -190,8 +189,7 @@ class CacheStore:
         """The instruction `cache` was compressed from, when this store kept it (checked by its SHA-256)."""
         path = self.prompt_path(key_of(cache))
         if _regular(path) is None:  # an entry kept since before the key held the dtype
-            path = self.prompt_path(legacy_key(cache.base_fingerprint, cache.run_fingerprint, cache.template,
-                                               cache.num_gist_tokens, cache.prompt_sha256))
+            path = self.prompt_path(legacy_key_of(cache))
         if _regular(path) is None:
             return None
         try:

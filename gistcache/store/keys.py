@@ -39,6 +39,12 @@ def key_of(cache: GistCache) -> str:
                      cache.prompt_sha256, dtype_name(cache.dtype))
 
 
+def legacy_key_of(cache: GistCache) -> str:
+    """The key `cache` had in a store written before the key held the dtype (`legacy_key`)."""
+    return legacy_key(cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.num_gist_tokens,
+                      cache.prompt_sha256)
+
+
 @dataclass(frozen=True)
 class Wanted:
     """What a lookup asks for: the key's fields, and the mask and positions a cache of the model must have."""

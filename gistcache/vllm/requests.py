@@ -18,7 +18,7 @@ from pathlib import Path
 from gistcache.cache import GistCache, load_cache
 from gistcache.errors import GistError
 from gistcache.export import ExportInfo, check_served_cache, read_export, request_ids
-from gistcache.store import CacheStore, key_of, legacy_key
+from gistcache.store import CacheStore, key_of, legacy_key_of
 
 CONNECTOR = "GistConnector"
 CONNECTOR_MODULE = "gistcache.vllm.connector"
@@ -69,9 +69,7 @@ class CacheResolver:
         name = path.name.split(".")[0]
         # an entry a store kept since before its keys named the dtype is named by its old key (`legacy_key`): it
         # is that prompt's cache, served under its key now (a `gist compress --store` lookup moves it there)
-        if _KEY.fullmatch(ref.lower()) and name not in (key, legacy_key(
-                cache.base_fingerprint, cache.run_fingerprint, cache.template, cache.num_gist_tokens,
-                cache.prompt_sha256)):
+        if _KEY.fullmatch(ref.lower()) and name not in (key, legacy_key_of(cache)):
             # an entry copied or renamed under another key holds another prompt's cache: never serve it for this one
             raise GistError(f"store entry {path.name} holds the cache of key {key[:12]}, not its own: it was copied "
                             f"or renamed; compress the prompt again")
