@@ -121,6 +121,19 @@ def length_table(rows: list[dict], *, conditions: tuple[str, ...] = ("gist", "tr
     return headers, out
 
 
+def narrow_length_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows of text) for a narrow screen, rows of one (run, split): ROUGE-L by condition, gist
+    retention (mean) and compression; `length_table` has every column."""
+    present = [c for c in ("gist", "truncate", "none", "full", "base") if any(c in r["conditions"] for r in rows)]
+    out = []
+    for r in rows:
+        retention = r.get("gist_retention")
+        rouge = [f"{r['conditions'][c]['rouge_l']['mean']:.1f}" if c in r["conditions"] else "—" for c in present]
+        out.append([r["bucket"], str(r["examples"]), *rouge, "—" if retention is None else f"{retention['mean']:.1f}%",
+                    _format_ratio(r["conditions"].get("gist"))])
+    return ["tokens", "n", *present, "gist ret.", "gist comp."], out
+
+
 def length_markdown(results: dict) -> str:
     """The by-length section of results.md; "" when there is none."""
     rows = results.get("length")

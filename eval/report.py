@@ -20,7 +20,7 @@ from rich.table import Table
 from gistcache._io import atomic_path, format_bytes
 from gistcache.errors import GistError
 from gistcache.eval.fidelity import fidelity_markdown
-from gistcache.eval.length import length_markdown, length_table
+from gistcache.eval.length import length_markdown, length_table, narrow_length_table
 from gistcache.eval.plot import plot_results
 
 
@@ -118,19 +118,13 @@ def _by_run_split(rows: list[dict]) -> list[list[dict]]:
 
 def _narrow_length_table(rows: list[dict]) -> Table:
     run, split = rows[0].get("run", ""), rows[0].get("split", "")
-    present = [c for c in ("gist", "truncate", "none", "full", "base") if any(c in r["conditions"] for r in rows)]
     table = Table(title=f"ROUGE-L by length: {' '.join(x for x in (run, split) if x)}", box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
-    for h in ["tokens", "n", *present, "gist ret.", "gist comp."]:
+    headers, cells = narrow_length_table(rows)
+    for h in headers:
         table.add_column(h, justify="left" if h == "tokens" else "right", no_wrap=True)
-    for r in rows:
-        retention = r.get("gist_retention")
-        gist = r["conditions"].get("gist")
-        table.add_row(r["bucket"], str(r["examples"]),
-                      *(f"{r['conditions'][c]['rouge_l']['mean']:.1f}" if c in r["conditions"] else "—"
-                        for c in present),
-                      "—" if retention is None else f"{retention['mean']:.1f}%",
-                      "—" if not gist or gist.get("compression_mean") is None else f"{gist['compression_mean']:.1f}x")
+    for row in cells:
+        table.add_row(*row)
     return table
 
 
