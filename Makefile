@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 DEMO_PROMPT ?= Name the capital city of the given country. Answer with the city name only.
 DATA ?= ../shared/data
-SHIP := gistcache/pretrained/smollm2-135m-gist1
+SHIP := gistcache/pretrained/smollm2-135m-every64
 SHIP_RECIPE ?= --preset shipped --save-every 20
 SHIP_EVAL_LIMIT ?= 252
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
@@ -56,13 +56,23 @@ fuzz: $(STAMP)
 	GISTCACHE_FUZZ=$(FUZZ) GISTCACHE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s -p no:cacheprovider \
 	  tests/test_fuzz.py -k test_fuzz_cache_files
 
-# How the shipped run was made: `gist train --preset shipped` (31 min on this 2-core CPU) and its evaluation; --decoder base:
-# the stock model reads the caches, so its full-prompt baseline is the untouched base model:
-# train on SuperNI + Alpaca demo + Self-Instruct seeds with every Alpaca+ validation instruction
-# excluded, copy the small files into the package and measure that copy on Alpaca+ unseen and human
-# (--update-card writes its card there, so the card's commands name no run folder).
+# How the shipped run was made (smollm2-135m-every64: one gist token after every 64 instruction tokens,
+# `gist train --preset shipped`, 51 min on this 2-core CPU) and its evaluation. Data: k-shot and zero-shot
+# prompts of the SuperNI train tasks (the 24 LONG_DEV tasks of the long dev split left out), the generated
+# long-prompt family, the Alpaca demo and the Self-Instruct seeds, every Alpaca+ validation instruction
+# excluded. --decoder base: the stock model reads the caches, so its full-prompt baseline is the untouched
+# base model. The small files are copied into the package and that copy is measured on Alpaca+ unseen and
+# human (--update-card writes its card there, so the card's commands name no run folder).
+SHIP_DATA := runs/ship-data
 ship-run: $(STAMP)
-	$(GIST) train --out runs/ship --data $(DATA)/superni/superni_train.json \
+	rm -rf $(SHIP_DATA) && mkdir -p $(SHIP_DATA)
+	$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(SHIP_DATA)/kshot_train.json \
+	  --exclude-tasks LONG_DEV --max-prompt-tokens 2000 --per-task 6 --seed 0
+	$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(SHIP_DATA)/superni_short_train.json \
+	  --exclude-tasks LONG_DEV --max-shots 0
+	$(GIST) data long --out $(SHIP_DATA)/long_family_train.json --num 300 --seed 0
+	$(GIST) train --out runs/ship --data $(SHIP_DATA)/kshot_train.json --data $(SHIP_DATA)/superni_short_train.json \
+	  --data $(SHIP_DATA)/long_family_train.json \
 	  --data $(DATA)/train/alpaca_en_demo.json --data $(DATA)/train/self_instruct_seed_tasks.jsonl \
 	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_seen.json \
 	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_unseen.json \

@@ -77,16 +77,20 @@ def test_shipped_preset_is_the_whole_recipe_and_given_flags_win(tmp_path):
     config = _config_of(tmp_path, "--preset", "shipped")
     for name, value in PRESETS["shipped"].items():
         assert getattr(config, name) == value, name
-    assert (config.decoder, config.objective, config.lr, config.gist_lr, config.max_steps) == ("base", "distill", 1e-3, 1e-4, 140)
+    assert (config.decoder, config.objective, config.lr, config.gist_lr, config.max_steps) == ("base", "distill", 1e-3, 1e-4, 160)
+    assert (config.gist_every, config.batch_tokens, config.max_length) == (64, 3072, 2300)
     assert train_command(config.to_dict()).split(" \\\n  ")[2:] == ["--preset shipped"]  # the card's command: out, preset
 
-    config = _config_of(tmp_path, "--preset", "shipped", "--lr", "1e-4", "--decoder", "tuned", "--max-steps", "7")
-    assert (config.lr, config.decoder, config.max_steps) == (1e-4, "tuned", 7)
-    assert (config.objective, config.lora_r, config.max_length) == ("distill", 8, 320)  # the rest: the preset's
+    config = _config_of(tmp_path, "--preset", "shipped", "--lr", "1e-4", "--decoder", "tuned", "--max-steps", "7",
+                        "--gist-every", "0")
+    assert (config.lr, config.decoder, config.max_steps, config.gist_every) == (1e-4, "tuned", 7, 0)
+    assert (config.objective, config.lora_r, config.max_length) == ("distill", 8, 2300)  # the rest: the preset's
+    assert "--gist-every 0" in train_command(config.to_dict())
     assert "--lr 0.0001" in train_command(config.to_dict()) and "--decoder tuned" in train_command(config.to_dict())
 
     config = _config_of(tmp_path, "--preset", "smoke")  # a size preset leaves the recipe at its defaults
     assert (config.lr, config.decoder, config.objective, config.lora_r, config.max_length) == (1e-4, "tuned", "labels", 16, 512)
+    assert (config.gist_every, config.batch_tokens) == (0, 0)
 
 
 def test_train_table_shows_each_heldout_split(tmp_path, monkeypatch):

@@ -93,8 +93,12 @@ def _gist_count(gist: dict) -> str:
 def _run_flag(run_dir: Path) -> str:
     """` --run RUN` for the card's commands; nothing for the run shipped in the package, which every command
     uses when no run is named (a card rendered in a run folder and then copied into the package would send
-    its users to a folder they do not have)."""
-    return "" if run_dir.resolve() == (PRETRAINED_DIR / DEFAULT_RUN).resolve() else f" --run {run_dir}"
+    its users to a folder they do not have); ` --run NAME` for another run shipped in the package."""
+    if run_dir.resolve() == (PRETRAINED_DIR / DEFAULT_RUN).resolve():
+        return ""
+    if run_dir.resolve().parent == PRETRAINED_DIR.resolve():
+        return f" --run {run_dir.name}"
+    return f" --run {run_dir}"
 
 
 def model_card(run_dir: str | Path, extra_sections: list[str] = (), *, folder: str | Path | None = None) -> str:

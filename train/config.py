@@ -19,20 +19,23 @@ from gistcache.masks import check_gist_every
 DEFAULTS: dict[str, object] = dict(
     positions=GistConfig.positions, decoder=GistConfig.decoder, lora_r=GistConfig.lora_r,
     lora_alpha=GistConfig.lora_alpha, objective="labels", lr=1e-4, max_length=512, mixed_precision="auto",
+    gist_every=GistConfig.gist_every, batch_tokens=0,
 )
 # Presets. smoke: plumbing check that finishes on a 2-core CPU in under 3 minutes with model load;
 # test: ~100 examples; validate: ~2K; full: everything given. shipped: the recipe of the run shipped in
-# the package (docs/results.md section 2): one gist token written by a rank-8 LoRA under the prefix mask,
-# distilled from the base model reading the full prompt, read back by the untouched base model; 31 min
-# for the default model on this project's 2-core CPU (ship-r5: 31.3 min in one uninterrupted run).
+# the package (smollm2-135m-every64, docs/results.md "The shipped run"): one gist token after every 64
+# instruction tokens, written by a rank-8 LoRA under the prefix mask, distilled from the base model reading
+# the full prompt, read back by the untouched base model, on rows up to 2,300 tokens batched by length;
+# 51 min for the default model on this project's 2-core CPU (long-r4: 51.4 min in one uninterrupted run).
 PRESETS: dict[str, dict] = {
     "smoke": dict(max_examples=160, epochs=1, batch_size=4, grad_accum=1, eval_examples=16, max_steps=40),
     "test": dict(max_examples=100, epochs=3, batch_size=4, grad_accum=1, eval_examples=96, max_steps=None),
     "validate": dict(max_examples=2000, epochs=1, batch_size=8, grad_accum=1, eval_examples=100, max_steps=None),
     "full": dict(max_examples=None, epochs=3, batch_size=8, grad_accum=2, eval_examples=200, max_steps=None),
-    "shipped": dict(max_examples=2000, epochs=1, batch_size=8, grad_accum=1, eval_examples=96, max_steps=140,
+    "shipped": dict(max_examples=2000, epochs=1, batch_size=8, grad_accum=1, eval_examples=16, max_steps=160,
                     mask="prefix", positions="compact", decoder="base", objective="distill", lora_r=8,
-                    lora_alpha=16, lr=1e-3, gist_lr=1e-4, max_length=320, mixed_precision="bf16"),
+                    lora_alpha=16, lr=1e-3, gist_lr=1e-4, max_length=2300, mixed_precision="bf16",
+                    gist_every=64, batch_tokens=3072),
 }
 OBJECTIVES = ("labels", "distill", "mix")
 # fields a preset may set (each None until resolved)
@@ -50,7 +53,7 @@ class TrainConfig:
     # what the run is (saved as GistConfig, whose defaults these take)
     model: str = GistConfig.model
     num_gist_tokens: int = GistConfig.num_gist_tokens
-    gist_every: int = GistConfig.gist_every  # K: N gist tokens after every K instruction tokens (0: one chunk)
+    gist_every: int | None = None  # K: N gist tokens after every K instruction tokens (0: one chunk)
     condition: str = GistConfig.condition
     mask: str | None = None  # None: "prefix" for the gist condition, "paper" for the controls (where it means nothing more)
     positions: str | None = None  # prefix mask: "compact" (a cache is a plain F+N prefix) or "original"
@@ -80,7 +83,7 @@ class TrainConfig:
     eval_examples: int | None = None
     max_steps: int | None = None
     # batches of like length under this many padded tokens (rows x longest row), at most batch_size rows; 0: off
-    batch_tokens: int = 0
+    batch_tokens: int | None = None
     # start from a finished run's gist embedding and LoRA adapter ("shipped": the package's run); None: fresh
     init_from: str | None = None
     # run folder

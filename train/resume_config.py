@@ -8,7 +8,7 @@ import os
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from gistcache.train.config import TrainConfig
+from gistcache.train.config import DEFAULTS, TrainConfig
 
 # TrainConfig fields `--resume` accepts with another value than the checkpoint's: how long to train
 # (the schedule's end moves with them: the learning rate from the resumed step on follows the new
@@ -38,6 +38,8 @@ def resume_differences(config: TrainConfig, saved: dict) -> list[str]:
             continue
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
+        if default is None:  # a field a preset may set: what it takes when no preset sets it
+            default = DEFAULTS.get(f.name)
         old = saved.get(f.name, default)
         if current[f.name] != old:
             differences.append(f"{flag_name(f.name)} {_show(current[f.name])} (checkpoint: {_show(old)})")

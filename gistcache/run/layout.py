@@ -17,16 +17,23 @@ MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
 CHECKPOINTS_DIR = "checkpoints"
-# the gist run that ships inside the package, used when no run is named (see its README.md)
-DEFAULT_RUN = "smollm2-135m-gist1"
+# the gist runs that ship inside the package (see their README.md); DEFAULT_RUN is used when no run is named.
+# smollm2-135m-every64: one gist token after every 64 instruction tokens (the cache grows with the prompt);
+# smollm2-135m-gist1: the earlier default, one gist token whatever the length, kept so its caches still load.
+DEFAULT_RUN = "smollm2-135m-every64"
 PRETRAINED_DIR = Path(__file__).parent.parent / "pretrained"  # gistcache/pretrained
 WEIGHT_FILES = (GIST_FILE, ADAPTER_FILE, FULL_FILE)
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
-    """A run folder; None names the run shipped with the package (`DEFAULT_RUN`, for the default model)."""
+    """A run folder; None names the run shipped with the package (`DEFAULT_RUN`, for the default model), and a
+    bare name that is no folder here but is a shipped run's (`--run smollm2-135m-gist1`) names that one."""
     if run_dir is not None:
-        return Path(run_dir)
+        path = Path(run_dir)
+        shipped = PRETRAINED_DIR / path.name
+        if not path.exists() and len(path.parts) == 1 and is_run_dir(shipped):
+            return shipped
+        return path
     path = PRETRAINED_DIR / DEFAULT_RUN
     if not is_run_dir(path):
         raise GistError(f"the shipped run {DEFAULT_RUN} is missing from {PRETRAINED_DIR}: reinstall gistcache, or "
