@@ -4,7 +4,7 @@ The dataclass checks its own fields (no I/O), so the library refuses what the CL
 `resolve_config` does the rest before any model loads: it reads each run's config.json (and
 checks the control runs' conditions), finds the split files (a named split lives in `--data-dir`,
 else `$GISTCACHE_DATA`, else `../shared/data/alpaca_plus` when that folder exists) and picks the
-output folder (default: `<first run>/eval-<timestamp>`, which must not hold anything yet). A `kvpress:PRESS`
+output folder (default: `<first run>/eval-<timestamp>`, `runs/<name>-eval-<timestamp>` for a shipped run; it must not hold anything yet). A `kvpress:PRESS`
 baseline needs the peers virtualenv's python (`peers_python`): `$GISTCACHE_PEERS_PYTHON`, else
 `.venv-peers/bin/python` in the current folder or the gistcache checkout (`make peers-venv` builds it).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
 from gistcache.eval.conditions import BASELINES, CONTROL_CONDITIONS, PRESS_PREFIX, is_press, parse_press
-from gistcache.run import read_run_config
+from gistcache.run import PRETRAINED_DIR, read_run_config, resolve_run_dir
 
 SPLITS = ("seen", "unseen", "human")
 SPLIT_FILE = "alpaca_plus_validation_{}.json"
@@ -39,7 +39,7 @@ class EvalConfig:
     limit: int | None = None  # first N examples of each split
     truncate_tokens: int | None = None  # default: each run's num_gist_tokens
     control_runs: dict[str, str] | str | None = None  # {"pos": RUN, "neg": RUN} or "pos=RUN,neg=RUN"
-    out: str | None = None  # default: <first run>/eval-<timestamp> (set by resolve_config)
+    out: str | None = None  # default: default_out(first run), set by resolve_config
     max_new_tokens: int = 64
     batch_size: int = 8
     data_dir: str | None = None
@@ -81,6 +81,16 @@ class EvalConfig:
         return asdict(self)
 
 
+def default_out(run: str) -> str:
+    """RUN/eval-<timestamp>; for a run shipped in the package (named or given by its path), runs/<name>-eval-<timestamp>
+    in the current folder, never inside the installed package."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = resolve_run_dir(run)
+    if folder.resolve().parent == PRETRAINED_DIR.resolve():
+        return str(Path("runs") / f"{folder.name}-eval-{stamp}")
+    return str(Path(run) / f"eval-{stamp}")
+
+
 def resolve_config(config: EvalConfig) -> EvalConfig:
     """`config` with its split files and output folder found, after checking every run folder.
 
@@ -97,7 +107,7 @@ def resolve_config(config: EvalConfig) -> EvalConfig:
     split_files = resolve_splits(config.splits, config.data_dir)
     if any(is_press(b) for b in config.baselines):
         peers_python()
-    out = config.out or str(Path(config.runs[0]) / f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = config.out or default_out(config.runs[0])
     if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise GistError(f"--out {out} already exists and is not an empty folder: choose another --out")
     return replace(config, split_files=split_files, out=out)

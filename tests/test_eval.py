@@ -331,3 +331,16 @@ def test_fidelity_row_metrics():
     assert row["agreement_full_em"]["mean"] == 50.0 and row["agreement_base_em"]["mean"] == 0.0
     assert row["agreement_full_rouge_l"]["mean"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-3)
     assert row["retention"]["ci_low"] <= row["retention"]["mean"] <= row["retention"]["ci_high"]
+
+
+def test_default_out_of_a_shipped_run_is_outside_the_package(tmp_path):
+    """`gist eval --run NAME` of a shipped run (by name or by its folder) writes under runs/ in the current folder,
+    never into the installed package; any other run gets RUN/eval-<timestamp>."""
+    from gistcache.eval.config import default_out
+    from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR
+
+    for given in (DEFAULT_RUN, str(PRETRAINED_DIR / DEFAULT_RUN)):
+        out = default_out(given)
+        assert out.startswith(f"runs/{DEFAULT_RUN}-eval-"), out
+    run = tmp_path / "r"  # a folder that is no shipped run's: the path as given
+    assert default_out(str(run)).startswith(f"{run}/eval-")
