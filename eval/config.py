@@ -96,6 +96,9 @@ def resolve_config(config: EvalConfig) -> EvalConfig:
 
     Reads files, writes nothing; calling it again on its own result changes nothing.
     """
+    # a shipped run's name (`--run smollm2-135m-gist1`) becomes its folder, so every later step reads files there
+    config = replace(config, runs=[str(resolve_run_dir(run)) for run in config.runs],
+                     control_runs={key: str(resolve_run_dir(run)) for key, run in config.control_runs.items()})
     for run in config.runs:
         read_run_config(run)
     for key, run in config.control_runs.items():
