@@ -16,6 +16,7 @@ from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_markdown, fidelity_table
 from gistcache.eval.report import length_rich_table, table_rows
 from gistcache.model import quiet_transformers
+from gistcache.run import resolve_run_dir
 from gistcache.train.card import write_model_card
 
 # columns left off the screen table on a terminal narrower than the whole table
@@ -25,7 +26,7 @@ NARROW_DROPPED = ("EM", "prefill FLOPs", "gen FLOPs", "compress FLOPs", "wall s"
 @friendly_errors
 @quiet_transformers()
 def eval_(
-    run: Annotated[list[str], typer.Option("--run", help="A run folder written by `gist train` (repeatable).")],
+    run: Annotated[Optional[list[str]], typer.Option("--run", help="A run folder written by `gist train`, or a shipped run's name (repeatable). Default: the shipped run.")] = None,
     baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) | kvpress:PRESS (a KV-cache press at the gist cache's memory, run in .venv-peers: snapkv, expected_attention, knorm, streaming_llm, tova, random; kvpress:PRESS@R removes the fraction R of the prompt) (repeatable). Default: the first four; presses alone are added to them.")] = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="seen | unseen | human | an Alpaca-format FILE (repeatable). Default: all three splits.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples of each split.")] = None,
@@ -44,7 +45,7 @@ def eval_(
 ) -> None:
     """Compare the gist cache with the full, truncated and no-instruction prompts: ROUGE-L, FLOPs, bytes."""
     config = EvalConfig(
-        runs=run, baselines=baseline, splits=split, limit=limit, truncate_tokens=truncate_tokens,
+        runs=run or [str(resolve_run_dir(None))], baselines=baseline, splits=split, limit=limit, truncate_tokens=truncate_tokens,
         control_runs=control_runs, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size, data_dir=data_dir,
         flops_examples=flops_examples, seed=seed, device=device, dtype=dtype,
     )
