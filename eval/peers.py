@@ -201,6 +201,7 @@ def _press_row(config: EvalConfig, run: str, name: str, label: str, split: str, 
         "instruction_tokens_mean": mean([len(p.prompt) for p in items]),
         "compression_mean": mean(ratios) if ratios else None,
         "compression_max": max(ratios) if ratios else None,
+        "state_compression_mean": mean(ratios) if ratios else None,  # the press keeps F + M, template included
         "prompt_state_positions_mean": mean(kept),
         "prompt_state_bytes_mean": mean([n * run_info["kv_bytes_per_position"] for n in kept]),
         "wall_s": task.get("wall_s", 0.0),

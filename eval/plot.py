@@ -7,7 +7,8 @@
   with their 95% intervals and a line at 100%;
 - `rouge_vs_compression.png`, when more than one run is evaluated (several `--run`, e.g. runs at
   several `--gist-every` ratios, or control runs): one panel per split, ROUGE-L against the mean
-  compression ratio (log scale), one line per condition (gist, truncate, ...) through its runs, each
+  compression ratio (prompt positions / positions held before the input, template included for every
+  condition; log scale), one line per condition (gist, truncate, ...) through its runs, each
   point named by its run, so gist at several ratios sits beside truncation to the same state
   (neg_control keeps no prompt state, so it has no ratio).
 """
@@ -79,8 +80,8 @@ def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(plt, fig, path: Path, bottom: float = 0.0) -> Path:
+    fig.tight_layout(rect=(0, bottom, 1, 1))  # `bottom`: the figure's share kept free below the axes for a note
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -90,10 +91,11 @@ def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> P
     """One panel per split: ROUGE-L (95% interval) against compression, a line per condition through its runs."""
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits) + 1, 4.4), squeeze=False)
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    alike = all(r.get("state_compression_mean") for r in rows if r["compression_mean"])  # results before it: not
     for ax, split in zip(axes[0], splits):
         for condition in conditions:
-            pts = sorted([(r["compression_mean"], r["rouge_l"], r["run"]) for r in rows
-                          if r["split"] == split and r["condition"] == condition and r["compression_mean"]],
+            pts = sorted([(_compression(r, alike), r["rouge_l"], r["run"]) for r in rows
+                          if r["split"] == split and r["condition"] == condition and _compression(r, alike)],
                          key=lambda p: p[0])
             if not pts:
                 continue
@@ -107,12 +109,72 @@ def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> P
                     ax.annotate(run, (x, y), fontsize="x-small", xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
-        ax.set_xlabel("compression (prompt positions / cached positions)")
+        ax.set_xlabel("compression (prompt positions / positions held)")
         ax.set_ylabel("ROUGE-L (F x100)")
         ax.set_title(f"{split}: ROUGE-L vs compression")
         ax.legend(fontsize="small")
-    fig.text(0.01, 0.01, "gist: its cache's slots, the template prefix every cache of a run shares not counted; "
-             "the others: the positions they keep, template included (the by-length table counts both alike)",
-             fontsize="x-small")
-    fig.subplots_adjust(bottom=0.2)
-    return _save(plt, fig, path)
+    note = ("positions held before the input, template included, for every condition: gist and truncate at one "
+            "run's state sit at the same compression" if alike else
+            "gist: its cache's slots, the template not counted;\nthe others: the positions they keep, template included")
+    fig.text(0.01, 0.01, note, fontsize="x-small", wrap=True)
+    return _save(plt, fig, path, bottom=0.08)
+
+
+def _compression(row: dict, alike: bool) -> float | None:
+    """The row's x: prompt positions / positions held, template included for all (`alike`), else as the table has it."""
+    return row.get("state_compression_mean") if alike else row["compression_mean"]
+
+
+def merged_rows(eval_dirs: list[str | Path]) -> list[dict]:
+    """The rows of several `gist eval` folders as one list, for one fidelity-vs-compression plot of runs evaluated
+    apart (e.g. runs at several `--gist-every` ratios on one split file). Each row's x is computed from its folder's
+    predictions.jsonl (prompt positions / positions held, per example), so folders written before
+    `state_compression_mean` existed plot alike; a (run, split, condition) seen in an earlier folder is kept."""
+    import json
+
+    rows, seen = [], set()
+    for folder in map(Path, eval_dirs):
+        results = json.loads((folder / "results.json").read_text())
+        ratios: dict[tuple[str, str], list[float]] = {}
+        for line in (folder / "predictions.jsonl").read_text().splitlines():
+            pred = json.loads(line)
+            for label, held in pred.get("cached_positions", {}).items():
+                if held:
+                    ratios.setdefault((pred["split"], label), []).append(pred["instruction_tokens"] / held)
+        for row in results["rows"]:
+            key = (row["run"], row["split"], row["condition"])
+            if key in seen:
+                continue
+            seen.add(key)
+            xs = ratios.get((row["split"], row["label"]), [])
+            rows.append({**row, "state_compression_mean": sum(xs) / len(xs) if len(xs) == row["examples"] else None})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gistcache.eval.plot EVAL_DIR... --out FILE`: one ROUGE-L-vs-compression figure over the rows of
+    several `gist eval` folders (runs at several ratios evaluated apart, on the same split files)."""
+    import argparse
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parser = argparse.ArgumentParser(prog="python -m gistcache.eval.plot", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("eval_dirs", nargs="+", help="folders written by `gist eval` (results.json, predictions.jsonl)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    for folder in map(Path, args.eval_dirs):
+        if not ((folder / "results.json").is_file() and (folder / "predictions.jsonl").is_file()):
+            print(f"error: {folder} holds no results.json and predictions.jsonl: give folders written by `gist eval`",
+                  file=sys.stderr)
+            raise SystemExit(2)
+    rows = merged_rows(args.eval_dirs)
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    print(_plot_compression(plt, rows, splits, Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()

@@ -211,6 +211,10 @@ def test_evaluate_writes_every_output(runs, data_dir, tmp_path):
     assert gist["prefill_flops"] < full["prefill_flops"] and gist["compress_flops"] > 0
     assert 0 < gist["prefill_reduction_vs_full"] < 1 and full["prefill_reduction_vs_full"] == 0
     assert by["human", "truncate"]["truncate_kept_mean"] == 2 and by["human", "neg_control"]["compression_mean"] is None
+    # the plot's x counts the positions held before the input alike for every condition (template included), so
+    # gist and truncate at one state sit at one compression, and the full prompt at 1
+    assert full["state_compression_mean"] == 1
+    assert by["human", "truncate"]["state_compression_mean"] == pytest.approx(gist["state_compression_mean"])
     assert by["human", "neg_control"]["prompt_state_bytes_mean"] == 0
     assert full["prompt_state_bytes_mean"] == full["instruction_tokens_mean"] * saved["runs"][0]["kv_bytes_per_position"]
     for r in results["rows"]:

@@ -1,0 +1,41 @@
+"""`python -m gistcache.eval.plot`: one fidelity-vs-compression figure over gist eval folders written apart."""
+
+import json
+
+import pytest
+
+from gistcache.eval import plot
+
+
+def _eval_folder(path, run, held, rouge):
+    """A gist eval folder of one run on one split of two examples: gist and truncate holding `held` positions."""
+    path.mkdir()
+    rows = [{"run": run, "split": "s", "condition": c, "label": f"{run}:{c}", "examples": 2, "compression_mean": 9.0,
+             "rouge_l": {"mean": rouge[c], "ci_low": rouge[c] - 1, "ci_high": rouge[c] + 1}} for c in ("gist", "truncate")]
+    (path / "results.json").write_text(json.dumps({"rows": rows}))
+    preds = [{"split": "s", "instruction_tokens": n, "cached_positions": {f"{run}:gist": held, f"{run}:truncate": held}}
+             for n in (100, 300)]
+    (path / "predictions.jsonl").write_text("\n".join(json.dumps(p) for p in preds) + "\n")
+    return path
+
+
+def test_merged_rows_put_gist_and_truncate_of_one_state_at_one_compression(tmp_path):
+    a = _eval_folder(tmp_path / "a", "k32", 20, {"gist": 30.0, "truncate": 10.0})
+    b = _eval_folder(tmp_path / "b", "k64", 10, {"gist": 20.0, "truncate": 5.0})
+    again = _eval_folder(tmp_path / "c", "k32", 50, {"gist": 1.0, "truncate": 1.0})  # an earlier folder's rows win
+    rows = plot.merged_rows([a, b, again])
+    x = {(r["run"], r["condition"]): r["state_compression_mean"] for r in rows}
+    assert x == {("k32", "gist"): (100 / 20 + 300 / 20) / 2, ("k32", "truncate"): (100 / 20 + 300 / 20) / 2,
+                 ("k64", "gist"): (100 / 10 + 300 / 10) / 2, ("k64", "truncate"): (100 / 10 + 300 / 10) / 2}
+    out = tmp_path / "fig.png"
+    plot.main([str(a), str(b), "--out", str(out)])
+    assert out.stat().st_size > 0
+
+
+def test_a_folder_that_is_no_eval_gets_one_line_and_exit_code_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(tmp_path), "--out", str(tmp_path / "fig.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gist eval" in err
+    assert not (tmp_path / "fig.png").exists()
