@@ -93,22 +93,51 @@ def print_bench_table(result: dict) -> None:
 @quiet_transformers()
 def bench_serve(
     run: Annotated[Optional[str], typer.Option("--run", help="A run folder (default: the shipped run).")] = None,
-    instructions: Annotated[int, typer.Option("--instructions", help="Distinct instructions, one request each.")] = 64,
+    instructions: Annotated[int, typer.Option("--instructions", help="Distinct instructions (burst: one request "
+                                              "each; oversubscribed: the pool the stream draws from).")] = 64,
     instruction_tokens: Annotated[int, typer.Option("--instruction-tokens")] = 512,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per request (EOS ignored).")] = 32,
-    kv_cache_gib: Annotated[int, typer.Option("--kv-cache-gib", help="vLLM CPU KV cache space.")] = 1,
+    kv_cache_gib: Annotated[Optional[int], typer.Option("--kv-cache-gib", help="vLLM CPU KV cache space (burst "
+                                                        "default 1; oversubscribed default: sized from the "
+                                                        "prompts).")] = None,
+    scenario: Annotated[str, typer.Option("--scenario", help="burst (each instruction once, all at once) | "
+                                          "oversubscribed (a stream over more instructions than the KV cache holds "
+                                          "as full prompts).")] = "burst",
+    requests: Annotated[Optional[int], typer.Option("--requests", help="Oversubscribed: the stream's length "
+                                                    "(default 2 x --instructions).")] = None,
+    rate: Annotated[Optional[str], typer.Option("--rate", help="Oversubscribed: arrivals in requests/s, one pass "
+                                                "each; 0 is one burst (default), R Poisson: --rate 0,2.")] = None,
+    block_size: Annotated[Optional[str], typer.Option("--block-size", help="Oversubscribed: vLLM KV block sizes, "
+                                                      "one engine each (default 16,128; 32,128 on the CPU).")] = None,
+    oversubscription: Annotated[int, typer.Option("--oversubscription", help="Oversubscribed: the KV cache holds "
+                                                  "--instructions / this many full prompts.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Oversubscribed: seed of the draws and arrivals.")] = 0,
     out: Annotated[Optional[str], typer.Option("--out", help="Write the results as JSON here.")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """vLLM serving from gist caches vs full prompts (prefix cache warm and cold): req/s, TTFT, KV blocks."""
     from gistcache.eval.serve_bench import BenchServeConfig, bench_serve as run_bench
+    from gistcache.eval.serve_report import render_lines
+    from gistcache.eval.serve_scenarios import parse_list
 
+    rates = parse_list(rate, "--rate", float, "0,2")
     config = BenchServeConfig(run=run, instructions=instructions, instruction_tokens=instruction_tokens,
-                              new_tokens=new_tokens, kv_cache_gib=kv_cache_gib, out=out)
+                              new_tokens=new_tokens, kv_cache_gib=kv_cache_gib, out=out, scenario=scenario,
+                              requests=requests, rates=[0.0] if rates is None else rates,
+                              block_sizes=parse_list(block_size, "--block-size", int, "32,128"),
+                              oversubscription=oversubscription, seed=seed)
+    if out is not None:
+        check_output_file(out, "--out")  # before the engine starts, not after the passes
     progress = None if json_out else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
     result = run_bench(config, progress=progress)
     if json_out:
         print_json(result)
+        return
+    if config.scenario == "oversubscribed":
+        for line in render_lines(result):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if out:
+            console.print(f"wrote {out}", style="dim", highlight=False)
         return
     m, c = result["machine"], result["config"]
     table = Table(title=f"gist bench serve: {c['instructions']} instructions x {c['instruction_tokens']} tokens, "

@@ -17,6 +17,9 @@ first-token latency, queueing in the burst included: median and p90), prompt tok
 of ceil((prompt + generated tokens) / block size): what vLLM allocates for each running request), beside
 the engine's whole KV cache (`kv_blocks_total`): full prompts that need more blocks than that run
 in waves, and evict each other's cached prefixes.
+
+`scenario="oversubscribed"` is another run: a stream of requests over more distinct instructions than the KV
+cache holds as full prompts, in a burst and at Poisson rates, at several block sizes (eval/serve_oversubscribed.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +39,11 @@ import torch
 from gistcache._io import atomic_write_text
 from gistcache.errors import GistError
 from gistcache.eval.bench import WORDS, machine_info, synth_instruction
-from gistcache.export import export_model
+from gistcache.eval.serve_oversubscribed import kv_cache_space, run_oversubscribed
+from gistcache.eval.serve_scenarios import SCENARIOS
 from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
+from gistcache.serving.export import export_model
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm import GistRequests, kv_transfer_config, vllm_available
 
@@ -49,34 +54,65 @@ class BenchServeConfig:
     instructions: int = 64
     instruction_tokens: int = 512
     new_tokens: int = 32
-    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on the CPU backend
+    kv_cache_gib: int | None = None  # VLLM_CPU_KVCACHE_SPACE on the CPU backend; burst: 1, oversubscribed: sized
     max_model_len: int = 2048
     out: str | None = None
+    scenario: str = "burst"
+    # the oversubscribed scenario only (eval/serve_oversubscribed.py)
+    requests: int | None = None  # the stream's length; None: 2 x instructions
+    rates: list[float] = field(default_factory=lambda: [0.0])  # requests/s; 0: one burst
+    block_sizes: list[int] | None = None  # None: 16 and 128 (32 and 128 on the CPU)
+    oversubscription: int = 4  # the KV cache holds instructions // oversubscription full prompts
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("instructions", "instruction_tokens", "new_tokens", "kv_cache_gib"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        if self.scenario not in SCENARIOS:
+            raise GistError(f"--scenario must be one of {', '.join(SCENARIOS)}, got {self.scenario!r}")
+        for name in ("instructions", "instruction_tokens", "new_tokens", "oversubscription"):
+            if not _whole(getattr(self, name)):
                 raise GistError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for name in ("kv_cache_gib", "requests"):
+            if getattr(self, name) is not None and not _whole(getattr(self, name)):
+                raise GistError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        bad = [r for r in self.rates if not (isinstance(r, (int, float)) and math.isfinite(r) and r >= 0)]
+        if not self.rates or bad:
+            raise GistError(f"--rate must be requests/s >= 0 (0: one burst), e.g. --rate 0,2; got "
+                            f"{bad[0] if bad else 'none'!r}")
+        bad = [b for b in self.block_sizes or [] if not _whole(b)]
+        if self.block_sizes is not None and (not self.block_sizes or bad):
+            raise GistError(f"--block-size must be tokens a KV block >= 1, e.g. --block-size 32,128; got "
+                            f"{bad[0] if bad else 'none'!r}")
+        if self.scenario == "burst":
+            given = [flag for flag, value, default in (
+                ("--requests", self.requests, None), ("--rate", self.rates, [0.0]),
+                ("--block-size", self.block_sizes, None), ("--oversubscription", self.oversubscription, 4),
+                ("--seed", self.seed, 0)) if value != default]
+            if given:
+                raise GistError(f"{given[0]} applies to --scenario oversubscribed; the burst scenario sends each "
+                                f"instruction once, all at once")
         if self.instruction_tokens + self.new_tokens + 64 > self.max_model_len:
             raise GistError(f"--instruction-tokens {self.instruction_tokens} + --new-tokens {self.new_tokens} do not "
                             f"fit --max-model-len {self.max_model_len}")
 
 
-KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# the fields a burst run's JSON names, as before the oversubscribed scenario
+BURST_FIELDS = ("run", "instructions", "instruction_tokens", "new_tokens", "kv_cache_gib", "max_model_len", "out")
 
 
 def bench_serve(config: BenchServeConfig, progress: Callable[[str], None] | None = None) -> dict:
     if not vllm_available():
         raise GistError("gist bench serve needs vLLM: `make vllm-venv`, then .venv-vllm/bin/gist bench serve")
-    # vLLM's CPU KV cache size, unless the caller set one: for this call only
-    unset = os.environ.get(KV_CACHE_ENV) is None
-    if unset:
-        os.environ[KV_CACHE_ENV] = str(config.kv_cache_gib)
-    try:
+    if config.scenario == "oversubscribed":
+        result = run_oversubscribed(config, progress or (lambda msg: None))
+        if config.out:
+            atomic_write_text(config.out, json.dumps(result, indent=2) + "\n")
+        return result
+    with kv_cache_space(config.kv_cache_gib or 1):  # vLLM's CPU KV cache size, unless the caller set one
         return _bench_serve(config, progress)
-    finally:
-        if unset:
-            os.environ.pop(KV_CACHE_ENV, None)
 
 
 def _bench_serve(config: BenchServeConfig, progress: Callable[[str], None] | None) -> dict:
@@ -126,7 +162,8 @@ def _bench_serve(config: BenchServeConfig, progress: Callable[[str], None] | Non
         del llm
     machine = {**machine_info("cpu", "float32"), "threads": torch.get_num_threads(), "vllm": vllm_version(),
                "load_before": load_before, "load_after": os.getloadavg()[0]}
-    result = {"config": asdict(config), "machine": machine, "block_size": block_size, "kv_blocks_total": kv_blocks_total,
+    burst = {k: v for k, v in asdict(config).items() if k in BURST_FIELDS} | {"kv_cache_gib": config.kv_cache_gib or 1}
+    result = {"config": burst, "machine": machine, "block_size": block_size, "kv_blocks_total": kv_blocks_total,
               "prompt_tokens": {"gist": statistics.mean(len(p["prompt_token_ids"]) for p in gist),
                                 "full": statistics.mean(len(p["prompt_token_ids"]) for p in full)},
               "compress_s": compress_s, "passes": passes}
