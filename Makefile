@@ -16,7 +16,7 @@ SHIP_RECIPE ?= --preset shipped --save-every 20
 SHIP_EVAL_LIMIT ?= 252
 SHIP_FILES := config.json gist_embedding.safetensors adapter_model.safetensors adapter_config.json metrics.json README.md
 
-.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-chat test-serve-load serve-load peers-venv test-peers cli-transcript
+.PHONY: install demo smoke test test-fast fuzz ship-run clean vllm-venv test-vllm test-serve-bench test-chat test-serve-load serve-load peers-venv test-peers cli-transcript
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -109,6 +109,10 @@ vllm-venv: $(VSTAMP)
 # The vLLM equality test (greedy vLLM from gist caches == gist generate), in the vLLM virtualenv.
 test-vllm: $(VSTAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm.py tests/test_vllm_chunked.py tests/test_export.py tests/test_serve.py
+
+# gist bench serve --scenario oversubscribed on a tiny random model in vLLM (a smoke of the stream, not a benchmark).
+test-serve-bench: $(VSTAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm_serve_bench.py
 
 # gist serve's /v1/chat/completions through the openai client == gist generate (one server start, ~3 min).
 test-chat: $(VSTAMP)
