@@ -16,8 +16,7 @@ from gistcache.cli.common import BAD_INPUT, console, friendly_errors, print_json
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
-from gistcache.model import quiet_transformers
-from gistcache.run import load_run
+from gistcache.model import load_run, quiet_transformers
 from gistcache.store import CacheStore
 from gistcache.upgrade import upgrade_caches
 from gistcache.verify import OK, verify_caches

@@ -17,8 +17,7 @@ from gistcache.compression import untrained_length_warning
 from gistcache.config import check_batch_size, torch_dtype
 from gistcache.data.alpaca import load_instructions
 from gistcache.errors import GistError
-from gistcache.model import quiet_transformers
-from gistcache.run import load_run
+from gistcache.model import load_run, quiet_transformers
 from gistcache.store import CacheStore, compress_cached
 
 NOTE = "full KV = (prompt tokens + gist tokens) x layers x 2 x kv_heads x head_dim x dtype bytes"

@@ -16,8 +16,7 @@ from gistcache.config import torch_dtype
 from gistcache.errors import GistError
 from gistcache.generation import GREEDY, GenerateConfig, generate_full_prompt
 from gistcache.generation import generate as run_generate
-from gistcache.model import GistModel, quiet_transformers
-from gistcache.run import load_run, load_untouched_base
+from gistcache.model import GistModel, load_run, load_untouched_base, quiet_transformers
 from gistcache.store import CacheStore, compress_cached
 
 

@@ -41,8 +41,7 @@ from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
 from gistcache.eval.runs import RunSpec, prepare_run, run_specs
 from gistcache.generation import check_context, generate_causal
 from gistcache.identity import model_kv_shape
-from gistcache.model import GistModel
-from gistcache.run import load_run, load_untouched_base
+from gistcache.model import GistModel, load_run, load_untouched_base
 
 
 @dataclass

@@ -39,8 +39,8 @@ from gistcache.eval.conditions import is_press, parse_press, press_kept_position
 from gistcache.eval.config import EvalConfig, peers_python, resolve_config
 from gistcache.eval.report import write_outputs
 from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
-from gistcache.model import resolve_model
-from gistcache.run import load_run_tokenizer, read_run_config
+from gistcache.model import load_run_tokenizer, resolve_model
+from gistcache.run import read_run_config
 
 WORKER = Path(__file__).with_name("peers_worker.py")
 _RECORD_KEYS = ("split", "index", "source", "instruction", "input", "reference", "outputs")

@@ -11,8 +11,9 @@ from gistcache.data.alpaca import Example
 from gistcache.errors import GistError
 from gistcache.eval.conditions import Prepared, instruction_token_count, truncate_budget, truncate_prompt
 from gistcache.eval.config import EvalConfig
+from gistcache.model import load_run_tokenizer
 from gistcache.prompts import encode_input, encode_instruction, resolve_template
-from gistcache.run import load_run_tokenizer, read_run_config
+from gistcache.run import read_run_config
 
 
 @dataclass

@@ -12,8 +12,7 @@ from gistcache.generation import (GREEDY, GenerateConfig, GenerationBatch, build
                                   generate_masked, generate_masked_ids)
 from gistcache.identity import check_cache
 from gistcache.masks import gist_attention_mask, make_gist_mask, make_position_ids
-from gistcache.model import GistModel, load_base_model, load_tokenizer
-from gistcache.run import load_run
+from gistcache.model import GistModel, load_base_model, load_run, load_tokenizer
 from gistcache.rotary import check_shift_invariant, move_keys
 from gistcache.store import CacheStore, cache_key, compress_cached
 from gistcache.upgrade import upgrade_caches

@@ -42,10 +42,10 @@ from gistcache.cache import GistCache, cached_slots
 from gistcache.config import DTYPES, GistConfig, dtype_name
 from gistcache.errors import GistError
 from gistcache.identity import FIX, ModelIdentity, check_identity, model_identity, model_kv_shape
-from gistcache.model import GistModel, add_gist_token, fingerprint_model, quiet_transformers
+from gistcache.model import GistModel, add_gist_token, attach_adapter, fingerprint_model, quiet_transformers
 from gistcache.prompts import encode_input
 from gistcache.rotary import model_inv_freq
-from gistcache.run import ADAPTER_FILE, GIST_FILE, attach_adapter
+from gistcache.run import ADAPTER_FILE, GIST_FILE
 
 EXPORT_FILE = "gistcache.json"
 GIST_DIR = "gistcache"

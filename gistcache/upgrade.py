@@ -22,10 +22,10 @@ from gistcache.cache import FORMAT_VERSION, GistCache, read_cache_file, save_cac
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.identity import ModelIdentity, check_identity
-from gistcache.model import load_base_config
+from gistcache.model import load_base_config, load_run_tokenizer
 from gistcache.prompts import resolve_template, visible_prefix_ids
 from gistcache.rotary import config_inv_freq, move_keys
-from gistcache.run import load_run_tokenizer, read_run_config, resolve_run_dir, run_fingerprint
+from gistcache.run import read_run_config, resolve_run_dir, run_fingerprint
 
 
 @dataclass

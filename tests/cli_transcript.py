@@ -254,10 +254,9 @@ def build_tiny(work: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from gistcache.byte_tokenizer import VOCAB_SIZE, byte_tokenizer
     from gistcache.config import GistConfig
     from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-    from gistcache.run import save_run
+    from tiny import VOCAB_SIZE, byte_tokenizer  # whichever path the checkout has it at
 
     model_dir, run_dir = work / "model", work / "run"
     torch.manual_seed(0)
@@ -269,10 +268,12 @@ def build_tiny(work: Path) -> dict[str, Path]:
 
     base, tok = load_base_model(str(model_dir)), load_tokenizer(str(model_dir))
     fp = fingerprint_model(base)
-    gm = GistModel(base, tok, 2, base_fingerprint=fp)
+    # save_pretrained: the run as save_run writes it, under a name every checkout has (issue 25 moved save_run)
+    gm = GistModel(base, tok, 2, base_fingerprint=fp,
+                   gist_config=GistConfig(model=str(model_dir), num_gist_tokens=2, tune="gist"))
     with torch.no_grad():
         gm.gist_embedding.copy_(torch.linspace(-1, 1, gm.gist_embedding.numel()).view_as(gm.gist_embedding))
-    save_run(gm, run_dir, GistConfig(model=str(model_dir), num_gist_tokens=2, tune="gist"), base_fingerprint=fp)
+    gm.save_pretrained(run_dir)
 
     files = {"model": model_dir, "run": run_dir}
     files["prompts"] = work / "prompts.jsonl"
@@ -300,8 +301,7 @@ def build_tiny(work: Path) -> dict[str, Path]:
 
 def write_version_1(run_dir: Path, path: Path) -> None:
     """The file format version 1 wrote for PROMPT with the run (`tiny.write_version_1`, as test_upgrade.py)."""
-    from gistcache.compression import compress
-    from gistcache.run import load_run
+    from gistcache import compress, load_run
     from tiny import write_version_1 as write_v1
 
     freeze_clock()

@@ -31,8 +31,7 @@ from gistcache.cache import save_cache
 from gistcache.cli.main import app
 from gistcache.compression import compress
 from gistcache.config import GistConfig
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import load_run, save_run
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
 from gistcache.store import CacheStore, compress_cached
 
 runner = CliRunner()

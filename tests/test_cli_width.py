@@ -8,8 +8,7 @@ from clitools import one_line_error
 from gistcache.cli import common
 from gistcache.cli.main import app
 from gistcache.config import GistConfig
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import save_run
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
 runner = CliRunner()
 DEEP = "a-folder-with-a-rather-long-name/and-another-one-below-it"

@@ -12,8 +12,8 @@ from gistcache.cache import load_cache, save_cache
 from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
+from gistcache.model import load_run
 from gistcache.prompts import encode_input, encode_instruction
-from gistcache.run import load_run
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
 from test_prefix_mask import INPUTS, INSTRUCTIONS, make_prefix_model

@@ -13,8 +13,7 @@ from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.generation import generate_full_prompt, generate_ids, generate_masked_ids
-from gistcache.model import GistModel, load_base_model, load_tokenizer
-from gistcache.run import load_run
+from gistcache.model import GistModel, load_base_model, load_run, load_tokenizer
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
 from test_compact import left_padded, rows
@@ -167,7 +166,7 @@ def test_eval_of_a_base_decoder_run(decoder_runs, tmp_path):
 
 def test_the_untouched_base_of_a_base_decoder_run_is_the_run(decoder_runs):
     """--compare-full and the `base` baseline need no second copy of the weights for a --decoder base run."""
-    from gistcache.run import load_untouched_base
+    from gistcache.model import load_untouched_base
 
     model = load_run(decoder_runs["base"])
     assert load_untouched_base(model, dtype=torch.float32, device="cpu") is model

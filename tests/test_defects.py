@@ -19,9 +19,9 @@ import tiny
 from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.generation import GREEDY, generate, generate_ids
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
+from gistcache.model import (GistModel, attach_adapter, fingerprint_model, load_base_model, load_gist_model,
+                             load_tokenizer, save_run, save_run_weights)
 from gistcache.prompts import encode_input
-from gistcache.run import attach_adapter, load_gist_model, save_run, save_run_weights
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
 
@@ -154,7 +154,7 @@ def test_a_failed_save_leaves_no_folder(lora_runs, tmp_path, monkeypatch):
         model.save_pretrained(tmp_path / "copy")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(type(model.tokenizer), "save_pretrained", real)
-    monkeypatch.setattr("gistcache.run.save.save_file", disk_full)  # where save_run_weights writes
+    monkeypatch.setattr("gistcache.model.save.save_file", disk_full)  # where save_run_weights writes
     with pytest.raises(OSError):
         model.save_pretrained(tmp_path / "copy")
     assert list(tmp_path.iterdir()) == []

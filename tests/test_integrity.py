@@ -20,8 +20,8 @@ from gistcache.cli.main import app
 from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import load_run, run_fingerprint, save_run
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
+from gistcache.run import run_fingerprint
 from gistcache.store import CacheStore, compress_cached
 from test_cache import make_gist_model
 from test_fuzz import pack, reseal, split

@@ -14,8 +14,8 @@ from gistcache.eval.config import EvalConfig
 from gistcache.eval.length import bucket_of, length_records, length_rows, length_table
 from gistcache.eval.loop import evaluate
 from gistcache.eval.report import length_rich_table
+from gistcache.model import load_run
 from gistcache.prompts import fixed_prefix_ids
-from gistcache.run import load_run
 
 
 @pytest.mark.parametrize("tokens, label", [

@@ -82,7 +82,7 @@ def test_chunked_run_records_its_ratio_and_range_and_generates(chunked_run, tmp_
     from gistcache.cache import load_cache, save_cache
     from gistcache.compression import compress
     from gistcache.generation import generate_ids, generate_masked_ids
-    from gistcache.run import load_run
+    from gistcache.model import load_run
 
     config = json.loads((chunked_run / "config.json").read_text())["gist"]
     assert config["gist_every"] == 8 and config["decoder"] == "base"

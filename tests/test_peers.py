@@ -256,7 +256,7 @@ def test_press_rows_merge_and_a_failing_press_still_writes(run, data, tmp_path, 
     """`gist eval` sends the worker P as the context, I as the question and K = F + M per example, merges the
     answers into rows, results.json, results.md and predictions.jsonl beside gist and full; a press that fails
     (tova here) gets no row, the rest is written, and the verb ends with one error line, exit 2."""
-    from gistcache.run import load_run_tokenizer
+    from gistcache.model import load_run_tokenizer
 
     monkeypatch.setenv("GISTCACHE_PEERS_PYTHON", str(_fake_python(tmp_path, FAKE_WORKER)))
     out = tmp_path / "out"

@@ -17,8 +17,9 @@ from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.generation import GREEDY, generate, generate_ids
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import dtype_fingerprints, load_run, run_fingerprint, save_run
+from gistcache.model import (GistModel, dtype_fingerprints, fingerprint_model, load_base_model, load_run,
+                             load_tokenizer, save_run)
+from gistcache.run import run_fingerprint
 
 runner = CliRunner()
 PROMPT = "Reverse the word you are given"
@@ -50,7 +51,7 @@ def make_run(path, base_dir, *, tune="gist", dtype_prints=True, model=None):
 
 
 class Loads:
-    """Records the dtype of every base model load that goes through gistcache.run."""
+    """Records the dtype of every base model load that goes through gistcache.model.load."""
 
     def __init__(self):
         self.dtypes = []
@@ -81,7 +82,7 @@ def test_loads_once_in_its_dtype(base_dir, tmp_path, dtype):
     new, old = make_run(tmp_path / "new", base_dir), make_run(tmp_path / "old", base_dir, dtype_prints=False)
     for run, expected in ((new, [dtype]), (old, [dtype, torch.float32]), (new, [torch.float32])):
         loads = Loads()
-        with mock.patch("gistcache.run.load.load_base_model", loads):  # where from_pretrained loads the base
+        with mock.patch("gistcache.model.load.load_base_model", loads):  # where from_pretrained loads the base
             model = GistModel.from_pretrained(run, dtype=expected[0])
         assert loads.dtypes == expected and model.model.dtype == expected[0]
         assert model.base_fingerprint == run_module.read_run_config(run)["base_fingerprint"]

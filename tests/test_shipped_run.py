@@ -6,10 +6,11 @@ import pytest
 from typer.testing import CliRunner
 
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
 from gistcache.cli.main import app
+from gistcache.compression import compress
 from gistcache.generation import generate, generate_masked
-from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR, load_run, run_fingerprint
+from gistcache.model import load_run
+from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR, run_fingerprint
 
 pytestmark = pytest.mark.slow
 SHIPPED = PRETRAINED_DIR / DEFAULT_RUN

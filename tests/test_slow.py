@@ -7,8 +7,8 @@ from gistcache.cache import load_cache, save_cache
 from gistcache.compression import compress
 from gistcache.generation import generate_ids, generate_masked_ids
 from gistcache.masks import make_position_ids
+from gistcache.model import load_run
 from gistcache.prompts import encode_instruction
-from gistcache.run import load_run
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
 

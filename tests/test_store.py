@@ -14,8 +14,7 @@ from gistcache.cli.main import app
 from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import save_run
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 from gistcache.store import MARKER, CacheStore, compress_cached, key_of
 from test_cache import make_gist_model
 
@@ -179,8 +178,8 @@ def test_a_bad_entry_that_cannot_be_removed_is_a_miss(gm, tmp_path, monkeypatch)
 def test_an_entry_keyed_before_the_dtype_is_moved_and_served(gm, tmp_path):
     """A store written before the key held the dtype: its entry (and prompt) moves under the key that names the
     dtype on the first lookup and is a hit; `gist cache ls` lists it before; an unreadable one is a miss."""
-    from gistcache.store import Wanted, legacy_key
     from gistcache.identity import model_identity
+    from gistcache.store import Wanted, legacy_key
 
     store = CacheStore(tmp_path / "store")
     (made,) = compress_cached(gm, [PROMPTS[0]], CacheStore(tmp_path / "fresh"))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from gistcache.errors import GistError
-from gistcache.run import load_run
+from gistcache.model import load_run
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
 

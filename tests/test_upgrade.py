@@ -15,8 +15,7 @@ from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.generation import generate_ids, generate_masked_ids
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import load_run, save_run
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
 from gistcache.upgrade import upgrade_caches
 
 runner = CliRunner()

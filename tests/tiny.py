@@ -19,8 +19,7 @@ def save_run_folder(model_dir, run_dir, num_gist: int = 1, **gist_fields):
     """An untrained gist run of the tiny model in `model_dir` (gist embedding only), saved as a run folder; the
     GistModel and GistConfig take `gist_fields` (mask, gist_every, condition, ...). Returns the GistModel."""
     from gistcache.config import GistConfig
-    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-    from gistcache.run import save_run
+    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
     base = load_base_model(str(model_dir))
     fp = fingerprint_model(base)

@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from gistcache._io import atomic_path, hash_files
 from gistcache.errors import GistError
-from gistcache.model import GistModel
+from gistcache.model import GistModel, save_run_weights
 from gistcache.run import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, FULL_FILE, GIST_FILE,
-                           MODEL_CARD_FILE, TOKENIZER_DIR, read_run_config, save_run_weights)
+                           MODEL_CARD_FILE, TOKENIZER_DIR, read_run_config)
 from gistcache.train.config import TrainConfig
 from gistcache.train.resume_config import RESUME_SAFE_FIELDS, flag_name, resume_differences
 from gistcache.train.resume_config import _COMMAND_FIELDS, _FLAGS, _PATH_FIELDS, _show, comparable_config  # noqa: F401

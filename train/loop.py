@@ -25,8 +25,8 @@ from gistcache._io import atomic_write_text, pad_token_id
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
 from gistcache.heap import trim_freed_memory
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer
-from gistcache.run import LOG_FILE, METRICS_FILE, dtype_fingerprints, remove_run_outputs, save_run
+from gistcache.model import GistModel, dtype_fingerprints, fingerprint_model, load_base_model, load_tokenizer, save_run
+from gistcache.run import LOG_FILE, METRICS_FILE, remove_run_outputs
 from gistcache.train.card import write_model_card
 from gistcache.train.checkpoint import (check_out_dir, comparable_config, find_resume_point, gather_rng_state,
                                        load_checkpoint, remove_stale_temps, save_checkpoint, set_rng_state)

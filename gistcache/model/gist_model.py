@@ -1,4 +1,5 @@
-"""`GistModel`: a causal LM plus the trained gist embedding (`from_pretrained` / `save_pretrained`)."""
+"""`GistModel`: a causal LM plus the trained gist embedding, and its life cycle as a run folder
+(`from_pretrained` from load.py's parts, `save_pretrained` through save.py; `load_run` and `load_untouched_base`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from gistcache.config import GIST_TOKEN, GistConfig, check_decoder
 from gistcache.errors import GistError
 from gistcache.masks import (check_gist_every, check_mask, check_positions, count_gist_slots, gist_attention_mask,
                              insert_gist_tokens, make_position_ids)
-from gistcache.model.base import check_masked_attention
+from gistcache.model.base import check_masked_attention, load_base_model
 from gistcache.model.compact import compact_forward
 from gistcache.model.kv import cache_layers, returned_cache
+from gistcache.model.load import load_run_parts
+from gistcache.model.save import save_gist_model
 from gistcache.prompts import resolve_template, visible_prefix_ids
 
 
@@ -76,17 +79,14 @@ class GistModel(nn.Module):
 
         The base weights are loaded once, in `dtype`, where `device_map` puts them (default: the
         CPU), and refused if their fingerprint is not the one the run was trained on. LoRA
-        adapters are merged (`merge=True`) for plain-speed inference. See `gistcache.run`.
+        adapters are merged (`merge=True`) for plain-speed inference. See `gistcache.model.load`.
         """
-        from gistcache.run.load import load_gist_model  # deferred: gistcache.run imports this module to build GistModels
-
-        return load_gist_model(run_dir, dtype=dtype, device_map=device_map,
-                               attn_implementation=attn_implementation, merge=merge)
+        model, tokenizer, fields = load_run_parts(run_dir, dtype=dtype, device_map=device_map,
+                                                  attn_implementation=attn_implementation, merge=merge)
+        return cls(model, tokenizer, **fields).eval()
 
     def save_pretrained(self, out_dir: str | Path, *, train_config: dict | None = None) -> Path:
-        """Write this model as a run folder that `from_pretrained` loads; see `gistcache.run.save_gist_model`."""
-        from gistcache.run.save import save_gist_model  # deferred: gistcache.run imports this module to build GistModels
-
+        """Write this model as a run folder that `from_pretrained` loads (`save.save_gist_model`)."""
         return save_gist_model(self, out_dir, train_config=train_config)
 
     @property
@@ -193,3 +193,31 @@ class GistModel(nn.Module):
         """
         with self.decoding():
             yield self.model
+
+
+def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device_map=None,
+                    attn_implementation: str | None = None, merge: bool = True) -> GistModel:
+    """`GistModel.from_pretrained` as a function."""
+    return GistModel.from_pretrained(run_dir, dtype=dtype, device_map=device_map,
+                                     attn_implementation=attn_implementation, merge=merge)
+
+
+def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             attn_implementation: str | None = None, merge: bool = True) -> GistModel:
+    """`GistModel.from_pretrained` under its older name, with `device` (a device name) for `device_map`."""
+    try:
+        device_map = None if torch.device(device).type == "cpu" else str(device)
+    except RuntimeError as exc:
+        raise GistError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
+    return GistModel.from_pretrained(run_dir, dtype=dtype, device_map=device_map,
+                                     attn_implementation=attn_implementation, merge=merge)
+
+
+def load_untouched_base(model: GistModel, *, dtype: torch.dtype, device: str | torch.device) -> GistModel:
+    """The base model of a run from `load_run` before any tuning (no adapter, no trained weights), with the
+    run's tokenizer and template: what a user runs without gistcache, for full-prompt comparisons. A run trained
+    with `--decoder base` is returned itself: it reads everything but its own gist with the adapter off."""
+    if model.decoder == "base":
+        return model
+    base = load_base_model(model.gist_config.model, dtype=dtype, device=device)
+    return GistModel(base, model.tokenizer, model.num_gist_tokens, template=model.template).eval()

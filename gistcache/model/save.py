@@ -1,23 +1,28 @@
-"""Writing a run folder: its weights, tokenizer and config.json, all or nothing (`staged_run`)."""
+"""Writing a `GistModel` as a run folder (`GistModel.save_pretrained`): its weights, tokenizer and config.json,
+all or nothing (`gistcache.run.files.staged_run`).
+
+`model` is a GistModel throughout (its `model`, `tokenizer`, `gist_embedding`, and for `save_gist_model` the run it
+knows); this module does not import the class, so gist_model.py imports this one and no import runs back."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch import nn
 
 from gistcache._io import atomic_write_text
 from gistcache._version import __version__
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.model import GistModel, quiet_transformers
+from gistcache.model.base import quiet_transformers
 from gistcache.run.config import read_run_config
+from gistcache.run.files import staged_run
 from gistcache.run.layout import (ADAPTER_CONFIG_FILE, CONFIG_FILE, FULL_FILE, GIST_FILE, METRICS_FILE,
                                   MODEL_CARD_FILE, TOKENIZER_DIR)
 from gistcache.run.offline import hub_offline
@@ -33,7 +38,7 @@ def _name_base_model(adapter_config: Path, base_model: str | None) -> None:
     adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_model: str | None = None) -> None:
+def save_run_weights(model: nn.Module, out_dir: str | Path, tune: str, base_model: str | None = None) -> None:
     """Write the trained parameters of `model` into `out_dir`, each file atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,7 @@ def save_run_weights(model: GistModel, out_dir: str | Path, tune: str, base_mode
                 os.replace(path, out_dir / path.name)
 
 
-def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, train_config: dict | None = None,
+def save_run(model: nn.Module, out_dir: str | Path, gist_config: GistConfig, *, train_config: dict | None = None,
              base_fingerprint: str, base_fingerprints: dict[str, str] | None = None,
              write_extra: Callable[[Path], None] | None = None) -> None:
     """Write a complete run folder: tokenizer, weights, config.json (its presence marks a run), and what
@@ -83,39 +88,7 @@ def save_run(model: GistModel, out_dir: str | Path, gist_config: GistConfig, *, 
             write_extra(staged)
 
 
-@contextlib.contextmanager
-def staged_run(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside `out_dir` to write a run into; when the block ends, its files move into
-    `out_dir` (the folder renamed when `out_dir` does not exist; else file by file, config.json last, after the
-    old config.json is removed). After any failure (a full disk, a write refused) the temporary folder is
-    removed and `out_dir` holds no run files of this save: the run is complete or absent. What else `out_dir`
-    holds (train.log, checkpoints/) stays."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.saving-"))
-    try:
-        yield staged
-        if not out_dir.exists():
-            os.rename(staged, out_dir)
-            return
-        names = sorted(p.name for p in staged.iterdir() if p.name != CONFIG_FILE) + [CONFIG_FILE]
-        (out_dir / CONFIG_FILE).unlink(missing_ok=True)  # no run there until the new one is whole
-        moved = []
-        try:
-            for name in names:
-                target = out_dir / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(staged / name, target)
-                moved.append(target)
-        except BaseException:
-            for target in moved:
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            raise
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-
-
-def save_gist_model(model: GistModel, out_dir: str | Path, *, train_config: dict | None = None) -> Path:
+def save_gist_model(model: nn.Module, out_dir: str | Path, *, train_config: dict | None = None) -> Path:
     """Write `model` as a run folder (`GistModel.save_pretrained`): its weights, tokenizer and config.json.
 
     The model must know its run (`gist_config`, set by `from_pretrained`) and its base fingerprint; a

@@ -1,19 +1,24 @@
-"""Loading a run folder as a `GistModel` (`GistModel.from_pretrained`): the base model once, in the dtype asked
-for, checked by its fingerprint, then the trained weights; and the run's tokenizer and untouched base."""
+"""Reading a run folder for `GistModel.from_pretrained`: the base model once, in the dtype asked for, checked by
+its fingerprint, then the trained weights (`load_run_parts`); the run's tokenizer and its LoRA adapter.
+
+Nothing here builds a `GistModel` (gist_model.py does, from these parts), so the model's own module imports this
+one and no import runs back."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from gistcache.config import DTYPES, GistConfig, dtype_name
 from gistcache.errors import GistError
-from gistcache.model import GistModel, add_gist_token, fingerprint_model, load_base_model, quiet_transformers
+from gistcache.model.base import add_gist_token, load_base_model, quiet_transformers
+from gistcache.model.fingerprint import fingerprint_model
 from gistcache.run.config import read_run_config
+from gistcache.run.files import reading_run_file
 from gistcache.run.fingerprint import run_fingerprint
 from gistcache.run.layout import ADAPTER_CONFIG_FILE, ADAPTER_FILE, FULL_FILE, GIST_FILE, TOKENIZER_DIR, resolve_run_dir
 from gistcache.run.offline import hub_offline
@@ -49,9 +54,11 @@ def check_base_fingerprint(base, data: dict, spec: str, run_dir: Path, *, attn_i
                     f"(fingerprint {fingerprint[:12]} != {expected[:12]})")
 
 
-def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device_map=None,
-                    attn_implementation: str | None = None, merge: bool = True) -> GistModel:
-    """Rebuild the trained gist model of a run folder for inference (`GistModel.from_pretrained`).
+def load_run_parts(run_dir: str | Path | None, *, dtype: torch.dtype, device_map, attn_implementation: str | None,
+                   merge: bool) -> tuple[nn.Module, Any, dict]:
+    """What `GistModel.from_pretrained` builds the trained gist model of a run folder from: (the base model with
+    the run's trained weights, the run's tokenizer, the GistModel's keyword arguments: N, the gist embedding, the
+    run's config, folder and fingerprints).
 
     Refuses a folder that is not a run, a base model that cannot be loaded, and one whose
     fingerprint differs from the one the run was trained on; nothing is written. LoRA adapters are
@@ -90,10 +97,11 @@ def load_gist_model(run_dir: str | Path | None = None, *, dtype: torch.dtype = t
         gist = load_file(run_dir / GIST_FILE)
     if "gist_embedding" not in gist:
         raise GistError(f"{run_dir / GIST_FILE} holds no tensor named 'gist_embedding'")
-    return GistModel(model, tokenizer, gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
-                     base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
-                     positions=gist_config.positions, decoder=gist_config.decoder, gist_every=gist_config.gist_every,
-                     gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint).eval()
+    return model, tokenizer, dict(
+        num_gist_tokens=gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
+        base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
+        positions=gist_config.positions, decoder=gist_config.decoder, gist_every=gist_config.gist_every,
+        gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint)
 
 
 def attach_adapter(base, folder: Path, model_name: str):
@@ -105,30 +113,6 @@ def attach_adapter(base, folder: Path, model_name: str):
         adapter = PeftConfig.from_pretrained(str(folder))
         adapter.base_model_name_or_path = model_name
         return PeftModel.from_pretrained(base, str(folder), config=adapter, use_safetensors=True)
-
-
-@contextlib.contextmanager
-def reading_run_file(*paths: Path) -> Iterator[None]:
-    """A run's weight file (or the adapter's config beside it) that cannot be read is refused naming it."""
-    try:
-        yield
-    except GistError:
-        raise
-    except Exception as exc:  # safetensors' and peft's own errors for truncated or hand-edited files
-        reason = type(exc).__name__ + (f": {str(exc).strip().splitlines()[0][:160]}" if str(exc).strip() else "")
-        raise GistError(f"cannot read {' or '.join(map(str, paths))} ({reason}): the run is damaged or incomplete; "
-                        f"copy it again or train it again") from exc
-
-
-def load_run(run_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             attn_implementation: str | None = None, merge: bool = True) -> GistModel:
-    """`GistModel.from_pretrained` under its older name, with `device` (a device name) for `device_map`."""
-    try:
-        device_map = None if torch.device(device).type == "cpu" else str(device)
-    except RuntimeError as exc:
-        raise GistError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
-    return GistModel.from_pretrained(run_dir, dtype=dtype, device_map=device_map,
-                                     attn_implementation=attn_implementation, merge=merge)
 
 
 def load_run_tokenizer(run_dir: str | Path):
@@ -147,13 +131,3 @@ def _tied_names(model) -> set[str]:
     if getattr(model.config, "tie_word_embeddings", False):
         names.add("lm_head.weight")
     return names
-
-
-def load_untouched_base(model: GistModel, *, dtype: torch.dtype, device: str | torch.device) -> GistModel:
-    """The base model of a run from `load_run` before any tuning (no adapter, no trained weights), with the
-    run's tokenizer and template: what a user runs without gistcache, for full-prompt comparisons. A run trained
-    with `--decoder base` is returned itself: it reads everything but its own gist with the adapter off."""
-    if model.decoder == "base":
-        return model
-    base = load_base_model(model.gist_config.model, dtype=dtype, device=device)
-    return GistModel(base, model.tokenizer, model.num_gist_tokens, template=model.template).eval()
