@@ -12,14 +12,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from gistcache._io import format_bytes
+from gistcache.cache.upgrade import upgrade_caches
 from gistcache.cli.common import BAD_INPUT, console, friendly_errors, print_json
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
 from gistcache.model import load_run, quiet_transformers
 from gistcache.store import CacheStore
-from gistcache.upgrade import upgrade_caches
-from gistcache.verify import OK, verify_caches
+from gistcache.store.verify import OK, verify_caches
 
 app = typer.Typer(help="List, remove, prune and verify gist caches; upgrade version 1 files.",
                   no_args_is_help=True)

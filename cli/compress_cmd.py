@@ -13,10 +13,10 @@ from gistcache.cache import FORMAT_VERSION, check_cache_path, read_cache_metadat
 from gistcache.cli.common import (check_output_file, check_parent_not_file, check_writable_folder, console,
                                   err_console, friendly_errors, print_json)
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
-from gistcache.compression import untrained_length_warning
 from gistcache.config import check_batch_size, torch_dtype
 from gistcache.data.alpaca import load_instructions
 from gistcache.errors import GistError
+from gistcache.inference.compression import untrained_length_warning
 from gistcache.model import load_run, quiet_transformers
 from gistcache.store import CacheStore, compress_cached
 

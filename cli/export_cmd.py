@@ -9,8 +9,8 @@ import typer
 from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import DType, JsonOut, RunDir
 from gistcache.config import torch_dtype
-from gistcache.export import export_run
 from gistcache.model import quiet_transformers
+from gistcache.serving.export import export_run
 
 
 @friendly_errors

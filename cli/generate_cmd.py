@@ -14,8 +14,8 @@ from gistcache.cli.common import console, friendly_errors, print_json
 from gistcache.cli.options import Device, DType, JsonOut, RunDir, StoreDir
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
-from gistcache.generation import GREEDY, GenerateConfig, generate_full_prompt
-from gistcache.generation import generate as run_generate
+from gistcache.inference.generation import GREEDY, GenerateConfig, generate_full_prompt
+from gistcache.inference.generation import generate as run_generate
 from gistcache.model import GistModel, load_run, load_untouched_base, quiet_transformers
 from gistcache.store import CacheStore, compress_cached
 

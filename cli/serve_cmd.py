@@ -10,11 +10,11 @@ import typer
 
 from gistcache.cli.common import console, friendly_errors
 from gistcache.cli.options import DType, RunDir, StoreDir
-from gistcache.errors import GistError
-from gistcache.export import check_export_dir, export_run, read_export
 from gistcache.config import torch_dtype
+from gistcache.errors import GistError
 from gistcache.model import quiet_transformers
 from gistcache.run import resolve_run_dir, run_fingerprint
+from gistcache.serving.export import check_export_dir, export_run, read_export
 from gistcache.store import CacheStore
 from gistcache.vllm import vllm_available
 

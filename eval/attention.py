@@ -27,9 +27,9 @@ import torch
 from gistcache.config import DEFAULT_MODEL, GistConfig
 from gistcache.data.alpaca import builtin_examples, load_many, shuffled
 from gistcache.errors import GistError
-from gistcache.loss import answer_loss_sum
 from gistcache.masks import CONDITIONS, find_gist_spans, make_gist_mask
 from gistcache.model import GistModel, load_base_model, load_run, load_tokenizer
+from gistcache.model.loss import answer_loss_sum
 from gistcache.prompts import EncodedExample, encode_examples
 
 

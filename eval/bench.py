@@ -36,11 +36,11 @@ import torch
 
 from gistcache._io import atomic_write_text
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
 from gistcache.config import torch_dtype
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
-from gistcache.generation import GREEDY, generate_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import GREEDY, generate_ids
 from gistcache.model import (GistModel, cache_kwarg, cache_layers, fingerprint_model, load_base_config, load_base_model,
                              load_tokenizer, returned_cache)
 from gistcache.prompts import encode_input, encode_instruction, resolve_template

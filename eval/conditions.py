@@ -41,10 +41,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gistcache.compression import compress
 from gistcache.errors import GistError
 from gistcache.eval.peers_worker import PRESSES
-from gistcache.generation import GREEDY, generate
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import GREEDY, generate
 from gistcache.masks import count_gist_slots
 from gistcache.model import GistModel
 from gistcache.prompts import (INSTRUCTION_SLOT, PromptText, encode_prompt, format_prompt, resolve_template,

@@ -23,8 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from gistcache.cache import GistCache
-from gistcache.compression import compress
-from gistcache.generation import build_batch, greedy_tokens
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import build_batch, greedy_tokens
 from gistcache.masks import make_position_ids
 from gistcache.model import GistModel, cache_kwarg, returned_cache
 

@@ -27,7 +27,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gistcache._version import __version__
-from gistcache.compression import compress
+from gistcache.cache.identity import model_kv_shape
 from gistcache.config import torch_dtype
 from gistcache.data.alpaca import Example, load_examples
 from gistcache.errors import GistError
@@ -39,8 +39,8 @@ from gistcache.eval.length import length_records, length_rows
 from gistcache.eval.report import write_outputs
 from gistcache.eval.rouge import exact_match, rouge_l_scores, summarize
 from gistcache.eval.runs import RunSpec, prepare_run, run_specs
-from gistcache.generation import check_context, generate_causal
-from gistcache.identity import model_kv_shape
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import check_context, generate_causal
 from gistcache.model import GistModel, load_run, load_untouched_base
 
 

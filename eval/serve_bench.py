@@ -41,9 +41,9 @@ from gistcache.errors import GistError
 from gistcache.eval.bench import WORDS, machine_info, synth_instruction
 from gistcache.eval.serve_oversubscribed import kv_cache_space, run_oversubscribed
 from gistcache.eval.serve_scenarios import SCENARIOS
-from gistcache.export import export_model
 from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
+from gistcache.serving.export import export_model
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm import GistRequests, kv_transfer_config, vllm_available
 

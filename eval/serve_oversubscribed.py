@@ -35,9 +35,9 @@ from gistcache.eval.bench import WORDS, machine_info, synth_instruction
 from gistcache.eval.serve_report import RequestRecord, gains, pass_stats
 from gistcache.eval.serve_scenarios import (arrival_offsets, blocks_for, cache_blocks, draw_instructions,
                                             held_prompts, kv_bytes_per_token, kv_cache_gib, rate_label)
-from gistcache.export import export_model
 from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
+from gistcache.serving.export import export_model
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm import GistRequests, kv_transfer_config
 

@@ -5,17 +5,17 @@ Mu et al., "Learning to Compress Prompts with Gist Tokens" (NeurIPS 2023).
 
 from gistcache._version import __version__
 from gistcache.cache import GistCache, load_cache, save_cache
-from gistcache.compression import compress
+from gistcache.cache.identity import check_cache
+from gistcache.cache.upgrade import upgrade_caches
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.generation import (GREEDY, GenerateConfig, GenerationBatch, build_batch, generate, generate_ids,
-                                  generate_masked, generate_masked_ids)
-from gistcache.identity import check_cache
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import (GREEDY, GenerateConfig, GenerationBatch, build_batch, generate,
+                                            generate_ids, generate_masked, generate_masked_ids)
 from gistcache.masks import gist_attention_mask, make_gist_mask, make_position_ids
 from gistcache.model import GistModel, load_base_model, load_run, load_tokenizer
-from gistcache.rotary import check_shift_invariant, move_keys
+from gistcache.model.rotary import check_shift_invariant, move_keys
 from gistcache.store import CacheStore, cache_key, compress_cached
-from gistcache.upgrade import upgrade_caches
 
 __all__ = [
     "GREEDY",

@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 import tiny
 from gistcache.cache import save_cache
 from gistcache.cli.main import app
-from gistcache.compression import compress
 from gistcache.config import GistConfig
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
 from gistcache.store import CacheStore, compress_cached
 

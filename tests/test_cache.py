@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 import tiny
 from gistcache._io import sha256_text
 from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
-from gistcache.compression import compress
+from gistcache.cache.identity import check_cache, model_identity
 from gistcache.errors import GistError
-from gistcache.identity import check_cache, model_identity
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel
 from gistcache.prompts import encode_instruction
 from gistcache.store import CacheStore, cache_key, compress_cached, default_store_dir, key_of

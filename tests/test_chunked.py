@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 import tiny
 from gistcache.cache import GistCache, load_cache, read_cache_metadata, save_cache
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.generation import build_batch, generate_ids, generate_masked_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import build_batch, generate_ids, generate_masked_ids
 from gistcache.masks import count_gist_slots, insert_gist_tokens, make_gist_mask
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction

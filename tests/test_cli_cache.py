@@ -12,7 +12,7 @@ import tiny
 from gistcache.cache import load_cache
 from gistcache.cli.main import app
 from gistcache.config import GistConfig
-from gistcache.generation import generate
+from gistcache.inference.generation import generate
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
 from clitools import one_line_error
 

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 import tiny
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
+from gistcache.inference.compression import compress
 from gistcache.model import load_run
 from gistcache.prompts import encode_input, encode_instruction
 from gistcache.train.config import TrainConfig

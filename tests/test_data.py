@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from gistcache.errors import GistError
-from gistcache.train.config import TrainConfig
 from gistcache.data.alpaca import Example, drop_contaminated, heldout_split, load_examples
 from gistcache.data.tasks import HELD_OUT_FAMILIES
+from gistcache.errors import GistError
 from gistcache.prompts import IGNORE_INDEX, encode_examples
+from gistcache.train.config import TrainConfig
 from gistcache.train.data import collate, prepare_examples
 
 

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 import tiny
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.generation import generate_full_prompt, generate_ids, generate_masked_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import generate_full_prompt, generate_ids, generate_masked_ids
 from gistcache.model import GistModel, load_base_model, load_run, load_tokenizer
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
@@ -115,9 +115,10 @@ def test_export_serves_the_untouched_base_weights(decoder_runs, tmp_path):
     a stock model over the served slots answers as `gist generate` does."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from gistcache.export import GIST_DIR, export_run, load_exported, read_export, read_prefix_kv, request_ids, served_kv
-    from gistcache.generation import GREEDY
+    from gistcache.inference.generation import GREEDY
     from gistcache.model import cache_kwarg
+    from gistcache.serving.export import (GIST_DIR, export_run, load_exported, read_export, read_prefix_kv, request_ids,
+                                          served_kv)
 
     run = decoder_runs["base"]
     info = export_run(run, tmp_path / "hf")

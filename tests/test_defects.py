@@ -16,9 +16,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import tiny
-from gistcache.compression import compress
 from gistcache.config import GistConfig
-from gistcache.generation import GREEDY, generate, generate_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import GREEDY, generate, generate_ids
 from gistcache.model import (GistModel, attach_adapter, fingerprint_model, load_base_model, load_gist_model,
                              load_tokenizer, save_run, save_run_weights)
 from gistcache.prompts import encode_input

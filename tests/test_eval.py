@@ -12,10 +12,10 @@ from gistcache.cli.main import app
 from gistcache.errors import GistError
 from gistcache.eval import flops as F
 from gistcache.eval.conditions import template_only_ids, truncate_prompt
-from gistcache.generation import generate_causal
-from gistcache.eval.rouge import bootstrap_ci, exact_match, rouge_l, summarize
 from gistcache.eval.config import EvalConfig
 from gistcache.eval.loop import evaluate
+from gistcache.eval.rouge import bootstrap_ci, exact_match, rouge_l, summarize
+from gistcache.inference.generation import generate_causal
 from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
 from clitools import one_line_error
@@ -125,7 +125,7 @@ def test_causal_generation_matches_masked_reference(gm):
 def test_flops_scale_with_prompt_but_not_for_gist(gm):
     """A longer instruction costs more full-prompt prefill (and decode: attention is counted), while
     the gist prefill over the same input is the same; only the one-time compress grows."""
-    from gistcache.compression import compress
+    from gistcache.inference.compression import compress
 
     tok, G = gm.tokenizer, [gm.gist_token_id] * 2
     inp = encode_input(tok, "a cat and a dog", "chat")

@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 from clitools import one_line_error
 from gistcache.cache import save_cache, stack_layers
 from gistcache.cli import export_cmd
-from gistcache.compression import compress
 from gistcache.errors import GistError
-from gistcache.export import (EXPORT_FILE, GIST_DIR, PREFIX_FILE, check_served_cache, export_run, load_exported, read_export,
-                              read_prefix_kv, request_ids, served_kv)
-from gistcache.generation import GREEDY, generate_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import GREEDY, generate_ids
 from gistcache.model import GistModel, cache_kwarg
+from gistcache.serving.export import (EXPORT_FILE, GIST_DIR, PREFIX_FILE, check_served_cache, export_run, load_exported,
+                                      read_export, read_prefix_kv, request_ids, served_kv)
 from test_pretrained import base_dir, make_run  # noqa: F401  (base_dir is a fixture)
 
 PROMPTS = ["Reverse the word", "Uppercase every letter of the text"]

@@ -34,9 +34,9 @@ import pytest
 import torch
 
 from gistcache.cache import HEADER, SEAL, GistCache, load_cache, metadata_sha256, save_cache, tensor_sha256
-from gistcache.compression import compress
 from gistcache.config import DTYPES
 from gistcache.errors import GistError
+from gistcache.inference.compression import compress
 from gistcache.masks import MASKS, POSITIONS
 from test_prefix_mask import make_prefix_model
 

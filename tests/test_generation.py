@@ -5,10 +5,10 @@ import torch
 
 import tiny
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
 from gistcache.errors import GistError
-from gistcache.generation import (GenerateConfig, build_batch, generate, generate_ids, generate_masked,
-                                  generate_masked_ids)
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import (GenerateConfig, build_batch, generate, generate_ids, generate_masked,
+                                            generate_masked_ids)
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction
 from test_cache import INSTRUCTIONS, make_gist_model

@@ -17,9 +17,9 @@ from clitools import one_line_error
 from gistcache.cache import (SEAL, GistCache, load_cache, metadata_sha256, read_cache_metadata, save_cache,
                              tensor_sha256)
 from gistcache.cli.main import app
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
 from gistcache.run import run_fingerprint
 from gistcache.store import CacheStore, compress_cached

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from gistcache.compression import untrained_length_warning
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
+from gistcache.inference.compression import untrained_length_warning
 from gistcache.train.config import TrainConfig
 from gistcache.train.data import TokenBudgetBatches
 
@@ -80,8 +80,8 @@ def test_chunked_run_records_its_ratio_and_range_and_generates(chunked_run, tmp_
     """The run's config names K and the trained range; a saved cache of a long prompt has M = N * ceil(P / K) slots
     and greedy generation from it equals the run's masked definition (the base decoder reading it)."""
     from gistcache.cache import load_cache, save_cache
-    from gistcache.compression import compress
-    from gistcache.generation import generate_ids, generate_masked_ids
+    from gistcache.inference.compression import compress
+    from gistcache.inference.generation import generate_ids, generate_masked_ids
     from gistcache.model import load_run
 
     config = json.loads((chunked_run / "config.json").read_text())["gist"]

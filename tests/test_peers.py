@@ -142,9 +142,9 @@ def test_press_names_parse():
 def test_kept_positions_are_the_gist_caches(mask, every, positions):
     """K (what a press keeps) = the positions held before the input with the gist cache of the same prompt: the
     run's fixed prefix F (computed once per loaded run) + the cache's M gist slots."""
-    from gistcache.compression import compress
     from gistcache.config import GistConfig
     from gistcache.eval.conditions import press_kept_positions
+    from gistcache.inference.compression import compress
     from gistcache.model import GistModel
     from gistcache.prompts import encode_instruction
 

@@ -7,12 +7,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tiny
 from gistcache.cache import GistCache
-from gistcache.compression import compress
 from gistcache.errors import GistError
-from gistcache.generation import GREEDY, generate, generate_ids, generate_masked_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import GREEDY, generate, generate_ids, generate_masked_ids
 from gistcache.model import GistModel, cache_kwarg
+from gistcache.model.rotary import config_inv_freq, model_inv_freq, move_keys
 from gistcache.prompts import encode_input
-from gistcache.rotary import config_inv_freq, model_inv_freq, move_keys
 from test_prefix_mask import INPUTS, INSTRUCTIONS, make_prefix_model, masked_logits
 
 NEW = 10

@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 import tiny
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
 from gistcache.errors import GistError
-from gistcache.generation import build_batch, generate_ids, generate_masked_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import build_batch, generate_ids, generate_masked_ids
 from gistcache.masks import make_gist_mask
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction, fixed_prefix_ids

@@ -13,10 +13,10 @@ import tiny
 from clitools import one_line_error
 from gistcache import run as run_module
 from gistcache.cli.main import app
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.generation import GREEDY, generate, generate_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import GREEDY, generate, generate_ids
 from gistcache.model import (GistModel, dtype_fingerprints, fingerprint_model, load_base_model, load_run,
                              load_tokenizer, save_run)
 from gistcache.run import run_fingerprint

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from clitools import one_line_error
 from gistcache.cli.main import app
 from gistcache.errors import GistError
-from gistcache.export import export_run, request_ids
 from gistcache.model import GistModel
+from gistcache.serving.export import export_run, request_ids
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm import vllm_available
 from gistcache.vllm.server import GistMiddleware, check_port

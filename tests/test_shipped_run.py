@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from gistcache.cache import load_cache, save_cache
 from gistcache.cli.main import app
-from gistcache.compression import compress
-from gistcache.generation import generate, generate_masked
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import generate, generate_masked
 from gistcache.model import load_run
 from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR, run_fingerprint
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gistcache.cache import load_cache, save_cache
-from gistcache.compression import compress
-from gistcache.generation import generate_ids, generate_masked_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import generate_ids, generate_masked_ids
 from gistcache.masks import make_position_ids
 from gistcache.model import load_run
 from gistcache.prompts import encode_instruction
@@ -80,10 +80,10 @@ def test_position_free_cache_on_default_model(model):
     """On the real model (issue 13): the stock model over to_dynamic_cache(model), with no position ids, gives the
     masked forward's logits (1e-4) and its greedy tokens; a cache moved one position off does not."""
     from gistcache.cache import GistCache
-    from gistcache.generation import GREEDY
+    from gistcache.inference.generation import GREEDY
     from gistcache.model import cache_kwarg
+    from gistcache.model.rotary import model_inv_freq, move_keys
     from gistcache.prompts import encode_input, encode_instruction
-    from gistcache.rotary import model_inv_freq, move_keys
 
     instruction, text = "Reverse the order of the letters in the given word.", "garden"
     cache = compress(model, instruction)

@@ -11,9 +11,9 @@ from clitools import one_line_error
 from gistcache._io import sha256_text
 from gistcache.cache import GistCache, load_cache, save_cache
 from gistcache.cli.main import app
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 from gistcache.store import MARKER, CacheStore, compress_cached, key_of
 from test_cache import make_gist_model
@@ -178,7 +178,7 @@ def test_a_bad_entry_that_cannot_be_removed_is_a_miss(gm, tmp_path, monkeypatch)
 def test_an_entry_keyed_before_the_dtype_is_moved_and_served(gm, tmp_path):
     """A store written before the key held the dtype: its entry (and prompt) moves under the key that names the
     dtype on the first lookup and is a hit; `gist cache ls` lists it before; an unreadable one is a miss."""
-    from gistcache.identity import model_identity
+    from gistcache.cache.identity import model_identity
     from gistcache.store import Wanted, legacy_key
 
     store = CacheStore(tmp_path / "store")

@@ -171,11 +171,11 @@ def test_norm_before_clip_undoes_the_global_clip():
 
 
 def test_cpu_training_hands_freed_heap_pages_back(tmp_path, tiny_model_dir, monkeypatch):
-    """On the CPU the loop returns the C heap's free pages every TRIM_EVERY batches (gistcache/heap.py),
+    """On the CPU the loop returns the C heap's free pages every TRIM_EVERY batches (train/heap.py),
     and on glibc the call exists and runs."""
     import sys
 
-    from gistcache import heap
+    from gistcache.train import heap
     from gistcache.train import loop
 
     calls = []

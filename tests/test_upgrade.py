@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 import tiny
 from clitools import one_line_error
 from gistcache.cache import load_cache, read_cache_metadata, save_cache
+from gistcache.cache.upgrade import upgrade_caches
 from gistcache.cli.main import app
-from gistcache.compression import compress
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.generation import generate_ids, generate_masked_ids
+from gistcache.inference.compression import compress
+from gistcache.inference.generation import generate_ids, generate_masked_ids
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
-from gistcache.upgrade import upgrade_caches
 
 runner = CliRunner()
 PROMPT = "Reverse the word you are given"

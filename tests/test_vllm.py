@@ -18,10 +18,10 @@ import torch  # noqa: E402
 import tiny  # noqa: E402
 from gistcache.cache import GistCache, save_cache  # noqa: E402
 from gistcache.errors import GistError  # noqa: E402
-from gistcache.export import export_model  # noqa: E402
-from gistcache.generation import GREEDY, generate_ids  # noqa: E402
+from gistcache.inference.generation import GREEDY, generate_ids  # noqa: E402
 from gistcache.model import GistModel, cache_kwarg, resolve_model  # noqa: E402
 from gistcache.prompts import encode_input  # noqa: E402
+from gistcache.serving.export import export_model  # noqa: E402
 from gistcache.store import CacheStore, compress_cached, key_of  # noqa: E402
 from gistcache.vllm import GistRequests, kv_transfer_config  # noqa: E402
 
@@ -155,6 +155,6 @@ def test_bad_requests_fail_alone(served, tmp_path):
 
 
 def test_importing_gistcache_does_not_import_vllm():
-    code = ("import sys, gistcache, gistcache.vllm, gistcache.export, gistcache.cli.main; "
+    code = ("import sys, gistcache, gistcache.vllm, gistcache.serving.export, gistcache.cli.main; "
             "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('vllm'))")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,9 +19,9 @@ import pytest
 import tiny
 from gistcache.errors import GistError
 from gistcache.eval.serve_load import Deadline, LoadConfig, ServeProcess, free_port
-from gistcache.export import request_ids
-from gistcache.generation import GREEDY, generate, generate_ids
+from gistcache.inference.generation import GREEDY, generate, generate_ids
 from gistcache.model import GistModel
+from gistcache.serving.export import request_ids
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm.chat import ChatReply
 from gistcache.vllm.server import GistMiddleware

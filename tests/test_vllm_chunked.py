@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("vllm")
 
 import tiny  # noqa: E402
-from gistcache.export import export_model  # noqa: E402
-from gistcache.generation import GREEDY, generate_ids  # noqa: E402
+from gistcache.inference.generation import GREEDY, generate_ids  # noqa: E402
 from gistcache.model import GistModel  # noqa: E402
+from gistcache.serving.export import export_model  # noqa: E402
 from gistcache.store import CacheStore, compress_cached  # noqa: E402
 from gistcache.vllm import GistRequests, kv_transfer_config  # noqa: E402
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from gistcache.byte_tokenizer import CHAT_TEMPLATE, SPECIALS, VOCAB_SIZE, byte_tokenizer  # noqa: F401
+try:
+    from gistcache.model.byte_tokenizer import CHAT_TEMPLATE, SPECIALS, VOCAB_SIZE, byte_tokenizer  # noqa: F401
+    from gistcache.model.rotary import model_inv_freq
+except ModuleNotFoundError:  # a checkout from before issue 25's folders: cli_transcript.py runs against one
+    from gistcache.byte_tokenizer import CHAT_TEMPLATE, SPECIALS, VOCAB_SIZE, byte_tokenizer  # noqa: F401
+    from gistcache.rotary import model_inv_freq
 
 ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
@@ -72,8 +77,8 @@ def write_version_1(cache, model, path):
     position-free fields (what `gist cache upgrade` reads; test_upgrade.py and cli_transcript.py write one)."""
     from safetensors.torch import save_file
 
+    from gistcache import move_keys
     from gistcache.cache import GistCache, tensor_sha256
-    from gistcache.rotary import model_inv_freq, move_keys
 
     inv_freq = model_inv_freq(model.model)
     keys = [move_keys(k, inv_freq, cache.key_start, inv_freq, cache.num_prompt_tokens) for k in cache.keys]

@@ -34,7 +34,7 @@ from torch import nn
 
 from gistcache._io import atomic_write_text
 from gistcache.errors import GistError
-from gistcache.generation import generate_full_prompt
+from gistcache.inference.generation import generate_full_prompt
 from gistcache.masks import make_position_ids
 from gistcache.model import GistModel
 from gistcache.prompts import IGNORE_INDEX

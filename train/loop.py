@@ -24,7 +24,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gistcache._io import atomic_write_text, pad_token_id
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
-from gistcache.heap import trim_freed_memory
 from gistcache.model import GistModel, dtype_fingerprints, fingerprint_model, load_base_model, load_tokenizer, save_run
 from gistcache.run import LOG_FILE, METRICS_FILE, remove_run_outputs
 from gistcache.train.card import write_model_card
@@ -34,6 +33,7 @@ from gistcache.train.config import TrainConfig
 from gistcache.train.data import fingerprint_rows, make_loader, prepare_examples
 from gistcache.train.distill import Teacher, make_teacher, with_teacher_answers
 from gistcache.train.encode import encode_rows
+from gistcache.train.heap import trim_freed_memory
 from gistcache.train.losses import heldout_losses, training_loss
 from gistcache.train.tuning import (MAX_GRAD_NORM, init_from_run, make_optimizer, make_scheduler, norm_before_clip,
                                     trainable_parameters, wrap_for_tuning)
@@ -184,7 +184,7 @@ def _train(config: TrainConfig, *, show_progress: bool) -> dict:
     return metrics
 
 
-# batches between two returns of the C heap's free pages to the OS on the CPU (gistcache/heap.py): each
+# batches between two returns of the C heap's free pages to the OS on the CPU (train/heap.py): each
 # return costs the next batch its page faults (+23% a step when done every batch), so it runs every few
 TRIM_EVERY = 4
 
@@ -231,7 +231,7 @@ def _run_steps(accelerator, model: GistModel, optimizer, scheduler, teacher: Tea
                     optimizer.zero_grad()
                 position["batch"] += 1
                 if accelerator.device.type == "cpu" and position["batch"] % TRIM_EVERY == 0:
-                    trim_freed_memory()  # the batches' tensors are freed: hand their pages back (gistcache/heap.py)
+                    trim_freed_memory()  # the batches' tensors are freed: hand their pages back (train/heap.py)
                 running.append(loss.detach().float())
                 tokens += batch["attention_mask"].sum()
                 if not accelerator.sync_gradients:

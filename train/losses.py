@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gistcache.loss import answer_loss_sum
 from gistcache.model import GistModel
+from gistcache.model.loss import answer_loss_sum
 from gistcache.prompts import IGNORE_INDEX
 from gistcache.train.config import TrainConfig
 from gistcache.train.data import collate

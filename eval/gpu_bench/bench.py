@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from gistcache._version import __version__
-from gistcache.byte_tokenizer import byte_tokenizer
-from gistcache.compression import compress
+from gistcache.cache.identity import model_kv_shape
 from gistcache.environment import cpu_name, package_versions
 from gistcache.errors import GistError
-from gistcache.identity import model_kv_shape
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel, fingerprint_model
+from gistcache.model.byte_tokenizer import byte_tokenizer
 from gistcache.prompts import encode_input, encode_instruction
 
 from .shapes import DTYPES, model_config, synth_instruction

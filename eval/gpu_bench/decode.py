@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from gistcache.errors import GistError
-from gistcache.generation import build_batch, suppressed_token_ids
+from gistcache.inference.generation import build_batch, suppressed_token_ids
 from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
 
 from .timing import sync

@@ -7,8 +7,8 @@ import random
 
 import torch
 
-from gistcache.byte_tokenizer import VOCAB_SIZE
 from gistcache.errors import GistError
+from gistcache.model.byte_tokenizer import VOCAB_SIZE
 
 PREFIX = "gpu_bench:"
 FAILED, USAGE = 1, 2

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from gistcache.generation import GREEDY, generate_ids, suppressed_token_ids
+from gistcache.inference.generation import GREEDY, generate_ids, suppressed_token_ids
 
 from .decode import DecodeLoop, full_prefill, gist_prefill
 from .timing import OutOfTime, first_line, free_memory, median, say, sync

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from gistcache.generation import GREEDY, generate_ids, generate_masked_ids, suppressed_token_ids
+from gistcache.inference.generation import GREEDY, generate_ids, generate_masked_ids, suppressed_token_ids
 from gistcache.model import cache_kwarg, returned_cache
 
 from .decode import banned_ids, gist_prefill, pick

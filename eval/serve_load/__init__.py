@@ -18,7 +18,7 @@
    why; counted apart, and only as many as the log shows);
 3. **kill**: the server (API process and engine, its process group) is killed with SIGKILL in the middle of a
    load that writes new entries into the store (`gist_prompt` requests of new instructions); every store entry is
-   then verified as `gist cache verify --run` does (file, fit, compressed again; `gistcache.verify`), `gist serve`
+   then verified as `gist cache verify --run` does (file, fit, compressed again; `gistcache.store.verify`), `gist serve`
    is started again on the same port and store, and requests after the restart must be answered (and equal
    `gist generate` on the sample).
 

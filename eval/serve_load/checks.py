@@ -62,7 +62,7 @@ def verify_store(store_dir: Path, model, protected: dict[str, str]) -> dict:
     """Every entry of the store as `gist cache verify --run` checks it; the entries damaged on purpose must hold the
     bytes the run left there."""
     from gistcache.store import SUFFIX, CacheStore
-    from gistcache.verify import verify_caches
+    from gistcache.store.verify import verify_caches
 
     store = CacheStore(store_dir)
     entries = store.entries(unreadable=True)

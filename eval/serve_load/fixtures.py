@@ -31,7 +31,7 @@ def another_run(into: Path) -> Path:
 def make_fixtures(model, store_dir: Path, work: Path, config: LoadConfig, progress) -> Fixtures:
     from gistcache.cache import load_cache
     from gistcache.errors import GistError
-    from gistcache.generation import GREEDY, generate
+    from gistcache.inference.generation import GREEDY, generate
     from gistcache.model import GistModel
     from gistcache.store import CacheStore, compress_cached
 

@@ -1,6 +1,6 @@
 """A gist cache and its file: the keys and values of the N gist positions of every layer.
 
-`GistCache` holds them with what they were made from (`gistcache.compression` makes one). The
+`GistCache` holds them with what they were made from (`gistcache.inference.compression` makes one). The
 cache is position-free: its keys sit at rotary positions `key_start .. key_start+N-1`, right after
 the run's fixed template prefix (F = `key_start` tokens, prefix mask only; 0 under the paper's
 mask), whatever the prompt's length P was, and the input continues at `offset = key_start + N`. So

@@ -11,12 +11,12 @@ import torch
 
 from gistcache._version import __version__
 from gistcache.cache.format import FORMAT, FORMAT_VERSION, PLACEHOLDER_ID, SEAL, metadata_sha256, tensor_sha256
+from gistcache.cache.identity import check_cache
 from gistcache.config import dtype_name
 from gistcache.errors import GistError
-from gistcache.identity import check_cache
 from gistcache.masks import POSITIONS, count_gist_slots
 from gistcache.model import GistModel
-from gistcache.rotary import model_inv_freq, move_keys
+from gistcache.model.rotary import model_inv_freq, move_keys
 
 
 @dataclass(eq=False)
@@ -199,7 +199,7 @@ def cached_slots(caches: list[GistCache], prefix: list[tuple[torch.Tensor, torch
     prefix `prefix` (per layer (1, kv_heads, F, head_dim) at positions 0..F-1; [] when F = 0) turned to the
     cache's `prefix_start`, then its M gist slots. Caches of different M (chunked runs) are laid out
     [prefix F][zeros][gist M_b], S = F + the largest M; `slot_mask` says which slots are real. `generate`
-    (through `stack_layers`) and a serving engine (the exported prefix, `gistcache.export.served_kv`) both lay
+    (through `stack_layers`) and a serving engine (the exported prefix, `gistcache.serving.export.served_kv`) both lay
     out a request with it."""
     width = max(c.num_gist_tokens for c in caches)
     kv = []

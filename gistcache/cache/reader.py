@@ -15,9 +15,9 @@ from safetensors.torch import load
 from gistcache.cache.format import FORMAT_VERSION, tensor_sha256
 from gistcache.cache.gist_cache import GistCache
 from gistcache.cache.header import ALTERED, MAX_FILE_BYTES, MAX_HEADER_BYTES, _check_header
+from gistcache.cache.identity import check_cache
 from gistcache.cache.writer import check_finite
 from gistcache.errors import GistError
-from gistcache.identity import check_cache
 from gistcache.model import GistModel
 
 
@@ -50,7 +50,7 @@ def read_cache_file(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VER
     """(cache, format version) of a file of one of `versions`, read once and checked (module docstring).
 
     A version 1 cache comes back with key_start 0 and its keys still at positions P..P+N-1: only
-    `gistcache.upgrade` asks for one, to move them. It has no seal; its tensor SHA-256 is checked.
+    `gistcache.cache.upgrade` asks for one, to move them. It has no seal; its tensor SHA-256 is checked.
     """
     path = Path(path)
     meta, tensors = _read(path)

@@ -15,6 +15,11 @@ A run folder (gistcache.run: its layout, config and fingerprint) loads as a Gist
 written with `save_pretrained(DIR)` (save.py, all or nothing), as in peft's `PeftModel`. The run
 folder code never imports this package.
 
+Also in this package, for what runs the model: the rotary frequencies and the moving of cached
+keys (rotary.py), the compact positions' two-pass forward (compact.py), the answer loss (loss.py)
+and a byte-level tokenizer built in memory for tiny test models (byte_tokenizer.py, not imported
+here).
+
 Also here, for everything that calls the stock model: the name this transformers version gives
 the KV-cache argument and output (`cache_kwarg`, `returned_cache`), and `quiet_transformers`, which
 silences transformers' progress bars and chatter for the duration of one call.

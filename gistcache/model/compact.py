@@ -36,7 +36,7 @@ from torch import nn
 from gistcache.errors import GistError
 from gistcache.masks import check_prefix_fits, find_gist_spans, make_gist_mask, make_position_ids, to_additive_mask
 from gistcache.model.kv import cache_kwarg, cache_layers, returned_cache
-from gistcache.rotary import model_inv_freq, turn_keys
+from gistcache.model.rotary import model_inv_freq, turn_keys
 
 
 class TwoPassModel(Protocol):

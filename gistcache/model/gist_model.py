@@ -34,7 +34,7 @@ class GistModel(nn.Module):
     A run folder loads with `GistModel.from_pretrained(RUN)` and is written with
     `save_pretrained(DIR)`; a model loaded so knows its run: `gist_config`, `run_dir` and
     `run_fingerprint` (None for a model built in memory, whose caches get a fingerprint of its
-    weights instead, see identity.py).
+    weights instead, see gistcache/cache/identity.py).
     """
 
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,

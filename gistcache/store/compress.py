@@ -7,10 +7,10 @@ from pathlib import Path
 
 from gistcache._io import sha256_text
 from gistcache.cache import GistCache
-from gistcache.compression import compress
+from gistcache.cache.identity import ModelIdentity, check_cache, model_identity
 from gistcache.config import dtype_name
 from gistcache.errors import GistError
-from gistcache.identity import ModelIdentity, check_cache, model_identity
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel
 from gistcache.store.folder import CacheStore
 from gistcache.store.keys import Wanted, key_of

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from gistcache._io import atomic_write_text, sha256_text
 from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
+from gistcache.cache.identity import check_cache
 from gistcache.errors import GistError
-from gistcache.identity import check_cache
 from gistcache.model import GistModel
 from gistcache.store.files import (_KEY, _OWN, _OWN_TMP, EXPORTS_DIR, MARKER, PROMPT_SUFFIX, STORE_FORMAT, SUFFIX,
                                    StoreEntry, _regular, default_store_dir)

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 
 from gistcache.cache import GistCache
+from gistcache.cache.identity import ModelIdentity
 from gistcache.config import dtype_name
-from gistcache.identity import ModelIdentity
 
 
 def cache_key(base_fingerprint: str, run_fingerprint: str, template: str, num_gist_tokens: int,

@@ -5,7 +5,7 @@ placeholder ids (see requests.py). The connector tells vLLM's scheduler that tho
 already computed, and before the forward pass that computes the input it writes the cache's keys
 and values into the KV blocks vLLM allocated for them, layer by layer, with the attention
 backend's own cache writer (`impl.do_kv_cache_update`, what the backend runs for computed tokens),
-so the layout is whatever the backend in use keeps. The slots are `gistcache.export.served_kv`:
+so the layout is whatever the backend in use keeps. The slots are `gistcache.serving.export.served_kv`:
 the run's fixed prefix (prefix mask only) turned to the cache's `prefix_start`, then the gist,
 keys already rotated, exactly as `generate` lays them out. vLLM gives the input positions F+N..,
 as `generate` does, and never re-rotates cached keys.
@@ -34,7 +34,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from gistcache.cache import PLACEHOLDER_ID, load_cache
 from gistcache.errors import GistError
-from gistcache.export import read_export, read_prefix_kv, served_kv
+from gistcache.serving.export import read_export, read_prefix_kv, served_kv
 from gistcache.store import CacheStore, key_of
 from gistcache.vllm.requests import PARAM, CacheResolver
 

@@ -1,7 +1,7 @@
 """Naming a gist cache in a vLLM request, without vLLM: resolve a key or file, build the prompt and its params.
 
 A request that is answered from a gist cache is, for the engine, an ordinary prompt of token ids:
-F+N placeholders (`GistCache.input_ids()`) and the templated input (`gistcache.export.request_ids`),
+F+N placeholders (`GistCache.input_ids()`) and the templated input (`gistcache.serving.export.request_ids`),
 with `kv_transfer_params = {"gist_cache": KEY_OR_FILE}`, which tells the connector
 (`gistcache.vllm.connector`) to fill the placeholders' KV slots from the cache, and `cache_salt =
 KEY`, so vLLM's prefix cache never shares blocks between two caches (their placeholder ids are the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gistcache.cache import GistCache, load_cache
 from gistcache.errors import GistError
-from gistcache.export import ExportInfo, check_served_cache, read_export, request_ids
+from gistcache.serving.export import ExportInfo, check_served_cache, read_export, request_ids
 from gistcache.store import CacheStore, key_of, legacy_key_of
 
 CONNECTOR = "GistConnector"

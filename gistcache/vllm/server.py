@@ -35,7 +35,7 @@ import threading
 from pathlib import Path
 
 from gistcache.errors import GistError
-from gistcache.export import read_export, request_ids
+from gistcache.serving.export import read_export, request_ids
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm.chat import (CHAT, COMPLETIONS, DROPPED_FIELDS, TEMPLATE_FIELDS, TOOL_FIELDS, ChatReply,
                                  chat_turns, shown)
@@ -135,7 +135,7 @@ class GistRequestBuilder:
         """The store key of `instruction`'s cache, compressed with the exported model on a miss."""
         if not isinstance(instruction, str):
             raise GistError(f"kv_transfer_params.{PROMPT_PARAM} must be the instruction text, got {instruction!r}")
-        from gistcache.export import load_exported
+        from gistcache.serving.export import load_exported
 
         with self._lock:
             if self._model is None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from gistcache.cache import GistCache, load_cache
-from gistcache.compression import compress
+from gistcache.cache.identity import check_cache
 from gistcache.errors import GistError
-from gistcache.identity import check_cache
+from gistcache.inference.compression import compress
 from gistcache.model import GistModel
 from gistcache.store import CacheStore
 

@@ -30,7 +30,7 @@ decoding whatever the model's config suggests.
 `generate_masked` is the definition: greedy decoding that re-runs the whole masked forward
 (instruction, gist, input, tokens so far) every step, with no cache at all. `generate_causal`
 continues plain token sequences under a causal mask, for the full-prompt baselines. The decoding
-settings (`GenerateConfig`) and what every path shares are in `gistcache.decoding`.
+settings (`GenerateConfig`) and what every path shares are in `gistcache.inference.decoding`.
 """
 
 from __future__ import annotations
@@ -42,15 +42,15 @@ import torch
 
 from gistcache._io import left_pad, pad_token_id
 from gistcache.cache import GistCache, slot_mask, stack_layers
+from gistcache.cache.identity import check_cache, model_identity
 from gistcache.config import check_batch_size
-from gistcache.decoding import (GenerateConfig, _decode, _pair, _until_eos, check_context, greedy_tokens,
-                                suppressed_token_ids)
 from gistcache.errors import GistError
-from gistcache.identity import check_cache, model_identity
+from gistcache.inference.decoding import (GenerateConfig, _decode, _pair, _until_eos, check_context, greedy_tokens,
+                                          suppressed_token_ids)
 from gistcache.masks import make_position_ids
 from gistcache.model import GistModel, cache_kwarg
+from gistcache.model.rotary import check_shift_invariant
 from gistcache.prompts import encode_input, encode_instruction
-from gistcache.rotary import check_shift_invariant
 
 # plain greedy decoding, whatever the model's generation_config suggests (the CLI's and the evaluation's default)
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}

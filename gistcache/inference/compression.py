@@ -5,7 +5,7 @@ gist mask is plain causal, so the gist positions read the whole prompt; everythi
 only ever reads the gist positions' keys and values (and, under the prefix mask, the template's
 fixed prefix of F tokens). Those N positions of every layer are all we keep: the prompt's own keys
 and values are dropped. The kept keys are then turned from positions P..P+N-1 to F..F+N-1
-(`gistcache.rotary.move_keys`): attention depends only on the distance between query and key, so
+(`gistcache.model.rotary.move_keys`): attention depends only on the distance between query and key, so
 generation continuing at F+N reads exactly what it would have read at P+N, and the prompt's
 length no longer counts against the model's context::
 
@@ -27,14 +27,14 @@ import torch
 
 from gistcache._io import left_pad, pad_token_id, sha256_text
 from gistcache.cache import GistCache
+from gistcache.cache.identity import model_identity
 from gistcache.config import check_batch_size
 from gistcache.errors import GistError
-from gistcache.identity import model_identity
+from gistcache.masks import make_position_ids
 from gistcache.model import GistModel, cache_layers, returned_cache
 from gistcache.model.compact import gist_slots
+from gistcache.model.rotary import model_inv_freq, turn_keys
 from gistcache.prompts import check_instruction, encode_instruction
-from gistcache.masks import make_position_ids
-from gistcache.rotary import model_inv_freq, turn_keys
 
 PREVIEW_CHARS = 60
 

@@ -2,7 +2,7 @@
 
 A version 1 file holds the gist keys at the prompt's own positions P..P+N-1. `upgrade_caches`
 turns them to F..F+N-1 (F: the run's visible fixed prefix, 0 under the paper's mask) with
-`gistcache.rotary.move_keys`, and rewrites each file atomically with version 2 metadata. It needs
+`gistcache.model.rotary.move_keys`, and rewrites each file atomically with version 2 metadata. It needs
 the run that made the files, but not its weights: the identity comes from the run folder (its
 recorded base fingerprint, its run fingerprint, template, mask and N), the rotary frequencies from
 the base model's config.
@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gistcache.cache import FORMAT_VERSION, GistCache, read_cache_file, save_cache
+from gistcache.cache.identity import ModelIdentity, check_identity
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.identity import ModelIdentity, check_identity
 from gistcache.model import load_base_config, load_run_tokenizer
+from gistcache.model.rotary import config_inv_freq, move_keys
 from gistcache.prompts import resolve_template, visible_prefix_ids
-from gistcache.rotary import config_inv_freq, move_keys
 from gistcache.run import read_run_config, resolve_run_dir, run_fingerprint
 
 

@@ -39,12 +39,12 @@ from safetensors.torch import load_file, save_file
 from gistcache._io import atomic_path, atomic_write_text
 from gistcache._version import __version__
 from gistcache.cache import GistCache, cached_slots
+from gistcache.cache.identity import FIX, ModelIdentity, check_identity, model_identity, model_kv_shape
 from gistcache.config import DTYPES, GistConfig, dtype_name
 from gistcache.errors import GistError
-from gistcache.identity import FIX, ModelIdentity, check_identity, model_identity, model_kv_shape
 from gistcache.model import GistModel, add_gist_token, attach_adapter, fingerprint_model, quiet_transformers
+from gistcache.model.rotary import model_inv_freq
 from gistcache.prompts import encode_input
-from gistcache.rotary import model_inv_freq
 from gistcache.run import ADAPTER_FILE, GIST_FILE
 
 EXPORT_FILE = "gistcache.json"
@@ -187,7 +187,7 @@ def read_prefix_kv(export_dir: str | Path, info: ExportInfo) -> tuple[list[tuple
 
 
 def check_served_cache(info: ExportInfo, cache: GistCache, *, source: str = "the cache") -> None:
-    """Refuse a cache the exported folder does not serve, naming the first field that differs (see identity.py)."""
+    """Refuse a cache the exported folder does not serve, naming the first field that differs (cache/identity.py)."""
     check_identity(cache, info.identity, info.num_gist_tokens, source=source)
     if cache.key_start != info.num_prefix_tokens:
         raise GistError(f"{source} has its keys from position key_start {cache.key_start}, the served run's fixed "
