@@ -182,9 +182,9 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
     positions = [state_positions(condition, p, models.gm.num_gist_tokens, models.template_ids) for p in items]
     if condition == "gist" and len(context_used) == len(items):  # each cache's own M (N * chunks for gist_every)
         positions = [n - models.gm.num_prefix_tokens for n in context_used]
+    ratios = [len(p.prompt) / n for p, n in zip(items, positions) if n]
     held = context_used if condition == "gist" else positions  # positions held before the input, template included
     state_ratios = [len(p.prompt) / n for p, n in zip(items, held) if n]
-    ratios = [len(p.prompt) / n for p, n in zip(items, positions) if n]
     row = {
         "run": spec.name, "split": split, "condition": condition, "label": label,
         "examples": len(exs),
@@ -192,9 +192,9 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
         "exact_match": summarize(em, resamples=config.bootstrap_resamples, seed=config.seed),
         "instruction_tokens_mean": _mean([len(p.prompt) for p in items]),
         "compression_mean": _mean(ratios) if len(ratios) == len(items) else None,
+        "compression_max": max(ratios) if len(ratios) == len(items) else None,
         # prompt positions / positions held before the input, template included for every condition alike
         "state_compression_mean": _mean(state_ratios) if len(state_ratios) == len(items) else None,
-        "compression_max": max(ratios) if len(ratios) == len(items) else None,
         "prompt_state_positions_mean": _mean(positions),
         "prompt_state_bytes_mean": _mean([n * models.bytes_per_position for n in positions]),
         "wall_s": round(wall, 3),
