@@ -38,9 +38,9 @@ import torch
 
 from gistcache._io import atomic_write_text
 from gistcache.errors import GistError
-from gistcache.eval.bench import WORDS, machine_info, synth_instruction
+from gistcache.eval.bench import machine_info, synth_instruction
 from gistcache.eval.serve_oversubscribed import kv_cache_space, run_oversubscribed
-from gistcache.eval.serve_scenarios import SCENARIOS
+from gistcache.eval.serve_scenarios import SCENARIOS, synth_input
 from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
 from gistcache.serving.export import export_model
@@ -123,7 +123,7 @@ def _bench_serve(config: BenchServeConfig, progress: Callable[[str], None] | Non
     model = GistModel.from_pretrained(config.run)
     tok, template = model.tokenizer, model.template
     instructions = [synth_instruction(tok, config.instruction_tokens, seed=i) for i in range(config.instructions)]
-    inputs = [f"{WORDS[i % len(WORDS)]} {WORDS[(7 * i + 3) % len(WORDS)]}" for i in range(config.instructions)]
+    inputs = [synth_input(i) for i in range(config.instructions)]
     with tempfile.TemporaryDirectory(prefix="gist-bench-serve-") as tmp:
         export, store = Path(tmp) / "hf", Path(tmp) / "store"
         say("exporting the run")

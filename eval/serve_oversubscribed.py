@@ -31,10 +31,11 @@ from typing import Callable
 import torch
 
 from gistcache.errors import GistError
-from gistcache.eval.bench import WORDS, machine_info, synth_instruction
+from gistcache.eval.bench import machine_info, synth_instruction
 from gistcache.eval.serve_report import RequestRecord, gains, pass_stats
 from gistcache.eval.serve_scenarios import (arrival_offsets, blocks_for, cache_blocks, draw_instructions,
-                                            held_prompts, kv_bytes_per_token, kv_cache_gib, rate_label)
+                                            held_prompts, kv_bytes_per_token, kv_cache_gib, rate_label,
+                                            synth_input)
 from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
 from gistcache.serving.export import export_model
@@ -119,7 +120,7 @@ def run_oversubscribed(config, say: Callable[[str], None]) -> dict:
     model = GistModel.from_pretrained(config.run)
     tok, template = model.tokenizer, model.template
     texts = {i: synth_instruction(tok, config.instruction_tokens, seed=i) for i in drawn}
-    inputs = [f"{WORDS[j % len(WORDS)]} {WORDS[(7 * j + 3) % len(WORDS)]}" for j in range(n)]
+    inputs = [synth_input(j) for j in range(n)]
     input_ids = [encode_input(tok, text, template) for text in inputs]
     instruction_ids = {i: encode_instruction(tok, texts[i], template) for i in drawn}
     with tempfile.TemporaryDirectory(prefix="gist-bench-serve-") as tmp:

@@ -18,6 +18,7 @@ import random
 from typing import Callable
 
 from gistcache.errors import GistError
+from gistcache.eval.bench import WORDS
 
 SCENARIOS = ("burst", "oversubscribed")
 GIB = 2 ** 30
@@ -99,3 +100,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def rate_label(rate: float) -> str:
     return "burst" if rate == 0 else f"{rate:g}/s"
+
+
+def synth_input(i: int) -> str:
+    """The two-word input of the i-th request of a serving benchmark (deterministic, different for neighbours)."""
+    return f"{WORDS[i % len(WORDS)]} {WORDS[(7 * i + 3) % len(WORDS)]}"
