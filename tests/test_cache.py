@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny
+from tiny import make_gist_model
 from gistcache._io import sha256_text
 from gistcache.cache import FORMAT_VERSION, GistCache, load_cache, read_cache_metadata, save_cache
 from gistcache.cache.identity import check_cache, model_identity
@@ -18,20 +18,6 @@ from gistcache.prompts import encode_instruction
 from gistcache.store import CacheStore, cache_key, compress_cached, default_store_dir, key_of
 
 INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
-
-
-def make_gist_model(arch="llama", num_gist=2, seed=0, **overrides):
-    """A tiny model whose gist embedding is not the mean (as after training)."""
-    gm = GistModel(tiny.make_model(arch, seed=seed, **overrides), tiny.make_tokenizer(), num_gist)
-    torch.manual_seed(100 + seed)
-    with torch.no_grad():
-        gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
-    return gm.eval()
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return make_gist_model("llama", 2)
 
 
 def assert_same_cache(a: GistCache, b: GistCache):

@@ -5,15 +5,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-import tiny
 from gistcache.cache import load_cache
 from gistcache.cli.main import app
-from gistcache.config import GistConfig
 from gistcache.inference.generation import generate
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
+from gistcache.model import load_run
 from clitools import one_line_error
 
 runner = CliRunner()
@@ -21,24 +18,10 @@ PROMPT = "Reverse the word you are given"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(make_tiny_run):
     """Three run folders: `run`, `other_run` (same base, other gist embedding), `other_base` (other base weights)."""
-    root = tmp_path_factory.mktemp("cli-cache")
-    base_a = tiny.save_model_folder(root / "model-a", "llama", seed=0)
-    base_b = tiny.save_model_folder(root / "model-b", "llama", seed=1)
-
-    def make_run(name, model_dir, shift):
-        base, tok = load_base_model(str(model_dir)), load_tokenizer(str(model_dir))
-        fp = fingerprint_model(base)
-        gm = GistModel(base, tok, 2, base_fingerprint=fp)
-        with torch.no_grad():
-            gm.gist_embedding.add_(shift)
-        save_run(gm, root / name, GistConfig(model=str(model_dir), num_gist_tokens=2, tune="gist"),
-                 base_fingerprint=fp)
-        return str(root / name)
-
-    return {"run": make_run("run", base_a, 1.0), "other_run": make_run("run2", base_a, -1.0),
-            "other_base": make_run("run3", base_b, 1.0)}
+    return {"run": str(make_tiny_run(2, shift=1.0)), "other_run": str(make_tiny_run(2, shift=-1.0)),
+            "other_base": str(make_tiny_run(2, shift=1.0, base_seed=1))}
 
 
 def invoke(*args):

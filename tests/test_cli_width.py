@@ -7,8 +7,6 @@ from typer.testing import CliRunner
 from clitools import one_line_error
 from gistcache.cli import common
 from gistcache.cli.main import app
-from gistcache.config import GistConfig
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
 runner = CliRunner()
 DEEP = "a-folder-with-a-rather-long-name/and-another-one-below-it"
@@ -26,16 +24,9 @@ def narrow(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("width")
-    import tiny
-
-    base_dir = tiny.save_model_folder(root / "model")
-    base, tok = load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
-    fp = fingerprint_model(base)
-    save_run(GistModel(base, tok, 1, base_fingerprint=fp), root / "run",
-             GistConfig(model=str(base_dir), num_gist_tokens=1, tune="gist"), base_fingerprint=fp)
-    return root
+def run(make_tiny_run):
+    """An untrained run of one gist token on the tiny Llama (`tiny_model_dir`)."""
+    return make_tiny_run(1)
 
 
 def test_messages_with_long_paths_are_one_line(narrow, run, tmp_path):
@@ -46,18 +37,18 @@ def test_messages_with_long_paths_are_one_line(narrow, run, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines() == [f"adopted {store}: rm and prune now act on it"]
     out = tmp_path / DEEP / "prompt.safetensors"
-    result = invoke("compress", "Reverse the word you are given", "--run", run / "run", "--out", out,
+    result = invoke("compress", "Reverse the word you are given", "--run", run, "--out", out,
                     "--store", store)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert f"file: {out}" in lines and f"store: {store}" in lines, result.output
 
 
-def test_refusals_are_the_only_line(narrow, run, tmp_path):
+def test_refusals_are_the_only_line(narrow, run, tiny_model_dir, tmp_path):
     """A refusal at 40 columns is one `error:` line and nothing else: a long path, and a bench length past the
     model's context (refused before the model loads, so no progress line comes first)."""
     missing = tmp_path / DEEP / "missing.safetensors"
-    line = one_line_error(invoke("generate", "--run", run / "run", "--cache", missing, "--input", "x"))
+    line = one_line_error(invoke("generate", "--run", run, "--cache", missing, "--input", "x"))
     assert str(missing) in line
-    line = one_line_error(invoke("bench", "cache", "--lengths", 1000, "--model", run / "model"))
+    line = one_line_error(invoke("bench", "cache", "--lengths", 1000, "--model", tiny_model_dir))
     assert "--lengths 1000" in line and "exceed the model's context of 512" in line

@@ -7,7 +7,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import tiny
 from gistcache.cache import load_cache, save_cache
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
@@ -102,13 +101,12 @@ def test_config_records_the_positions():
 
 
 @pytest.fixture(scope="module")
-def compact_and_original_runs(tmp_path_factory):
-    """Two tiny LoRA runs, trained a few steps in each layout from the same seed."""
+def compact_and_original_runs(tmp_path_factory, tiny_model_dir):
+    """Two tiny LoRA runs, trained a few steps in each layout from the same seed (trained: not make_tiny_run's)."""
     base = tmp_path_factory.mktemp("positions")
-    model_dir = tiny.save_model_folder(base / "base")
     out = {}
     for positions in ("compact", "original"):
-        config = TrainConfig(out=str(base / positions), model=str(model_dir), preset="smoke", max_steps=3,
+        config = TrainConfig(out=str(base / positions), model=str(tiny_model_dir), preset="smoke", max_steps=3,
                              num_gist_tokens=1, positions=positions, max_examples=16, eval_examples=4,
                              batch_size=4, lr=1e-2)
         metrics = train(config, show_progress=False)

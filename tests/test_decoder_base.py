@@ -21,14 +21,13 @@ from test_prefix_mask import INPUTS, INSTRUCTIONS
 
 
 @pytest.fixture(scope="module")
-def decoder_runs(tmp_path_factory):
+def decoder_runs(tmp_path_factory, tiny_model_dir):
     """Two tiny LoRA runs from the same seed, one per decoder, trained with a large step size so the adapter
-    moves the logits."""
+    moves the logits (trained: not make_tiny_run's)."""
     base = tmp_path_factory.mktemp("decoder")
-    model_dir = tiny.save_model_folder(base / "base")
-    out = {"model_dir": model_dir}
+    out = {"model_dir": tiny_model_dir}
     for decoder in ("base", "tuned"):
-        config = TrainConfig(out=str(base / f"run-{decoder}"), model=str(model_dir), preset="smoke", max_steps=3,
+        config = TrainConfig(out=str(base / f"run-{decoder}"), model=str(tiny_model_dir), preset="smoke", max_steps=3,
                              num_gist_tokens=2, decoder=decoder, max_examples=16, eval_examples=4, batch_size=4,
                              lr=5e-2)
         assert train(config, show_progress=False)["decoder"] == decoder

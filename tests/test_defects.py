@@ -70,11 +70,11 @@ def make_lora_run(path: Path, base_dir: Path, decoder: str) -> Path:
     return path
 
 
+# its own builder: an adapter drawn large (B ~ N(0, 1)) and a decoder, not tiny.NUDGED's small nudge
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory):
+def lora_runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("decoders")
-    base_dir = tiny.save_model_folder(root / "model")
-    return {decoder: make_lora_run(root / f"run-{decoder}", base_dir, decoder) for decoder in ("base", "tuned")}
+    return {decoder: make_lora_run(root / f"run-{decoder}", tiny_model_dir, decoder) for decoder in ("base", "tuned")}
 
 
 # --- 1. the README's stock snippet, right for both decoders ------------------------------------------------
@@ -272,18 +272,18 @@ def no_network(monkeypatch):
     return attempts
 
 
-def test_an_adapter_named_by_a_short_name_loads_and_saves_offline(lora_runs, tmp_path, no_network, caplog, capfd):
+def test_an_adapter_named_by_a_short_name_loads_and_saves_offline(lora_runs, tiny_model_dir, tmp_path, no_network,
+                                                                   caplog, capfd):
     """A run's adapter over a base named by a short name (the shipped run's `smollm2-135m`): attaching it and
     saving it again look nothing up on the hub: no connection tried, no "Unable to fetch" warning, and the
     offline setting is put back."""
     import huggingface_hub.constants
 
-    base = load_base_model(str(lora_runs["base"].parent / "model"))
+    base = load_base_model(str(tiny_model_dir))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = attach_adapter(base, lora_runs["base"], "smollm2-135m")
-        gm = GistModel(model, load_tokenizer(str(lora_runs["base"].parent / "model")), 1, mask="prefix",
-                       decoder="base")
+        gm = GistModel(model, load_tokenizer(str(tiny_model_dir)), 1, mask="prefix", decoder="base")
         save_run_weights(gm, tmp_path / "weights", "lora", "smollm2-135m")
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     out = capfd.readouterr()

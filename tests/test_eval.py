@@ -16,7 +16,6 @@ from gistcache.eval.config import EvalConfig
 from gistcache.eval.loop import evaluate
 from gistcache.eval.rouge import bootstrap_ci, exact_match, rouge_l, summarize
 from gistcache.inference.generation import generate_causal
-from gistcache.model import GistModel
 from gistcache.prompts import encode_input, encode_instruction
 from clitools import one_line_error
 
@@ -60,11 +59,6 @@ def test_bootstrap_ci_contains_mean_and_is_seeded():
 
 
 # --- conditions and FLOPs ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gm():
-    return GistModel(tiny.make_model("llama"), tiny.make_tokenizer(), 2).eval()
-
 
 @pytest.mark.parametrize("template", ["plain", "chat"])
 def test_truncate_keeps_m_tokens(template):
@@ -152,15 +146,10 @@ def test_flop_counter_counts_cpu_attention():
 # --- end to end -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny gist run and its pos/neg control runs (gist embedding only), saved as run folders."""
-    root = tmp_path_factory.mktemp("eval-runs")
-    model_dir = tiny.save_model_folder(root / "model")
-    out = {}
-    for name, condition in (("run", "gist"), ("pos", "pos_control"), ("neg", "neg_control")):
-        tiny.save_run_folder(model_dir, root / name, 2, condition=condition)
-        out[name] = str(root / name)
-    return out
+def runs(make_tiny_run):
+    """A tiny gist run and its pos/neg control runs (gist embedding only, untrained)."""
+    return {name: str(make_tiny_run(2, condition=condition))
+            for name, condition in (("run", "gist"), ("pos", "pos_control"), ("neg", "neg_control"))}
 
 
 ROWS = [

@@ -13,6 +13,7 @@ import typer
 from transformers import AutoModelForCausalLM, DynamicCache
 from typer.testing import CliRunner
 
+import tiny
 from clitools import one_line_error
 from gistcache.cache import save_cache, stack_layers
 from gistcache.cli import export_cmd
@@ -22,7 +23,6 @@ from gistcache.inference.generation import GREEDY, generate_ids
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.serving.export import (EXPORT_FILE, GIST_DIR, PREFIX_FILE, check_served_cache, export_run, load_exported,
                                       read_export, read_prefix_kv, request_ids, served_kv)
-from test_pretrained import base_dir, make_run  # noqa: F401  (base_dir is a fixture)
 
 PROMPTS = ["Reverse the word", "Uppercase every letter of the text"]
 INPUTS = ["stone", "abc de"]
@@ -30,10 +30,11 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module", params=["compact", "original", "chunked"])
-def lora_run(request, base_dir, tmp_path_factory):  # noqa: F811
+def lora_run(request, make_tiny_run, tmp_path_factory):
     """A LoRA prefix-mask run in each position layout ("original": the prefix keys move to prefix_start = F - P;
-    "chunked": compact, with gist tokens after every 4 instruction tokens, so each prompt has its own M)."""
-    run = make_run(tmp_path_factory.mktemp("export") / "run", base_dir, tune="lora")
+    "chunked": compact, with gist tokens after every 4 instruction tokens, so each prompt has its own M): a folder
+    of its own, its config edited."""
+    run = make_tiny_run(path=tmp_path_factory.mktemp("export") / "run", tune="lora", **tiny.NUDGED)
     config = json.loads((run / "config.json").read_text())
     config["gist"]["positions"] = "compact" if request.param == "chunked" else request.param
     config["gist"]["gist_every"] = 4 if request.param == "chunked" else 0
@@ -112,10 +113,10 @@ def test_request_layout_gives_gist_generate_tokens(lora_run, exported):
             assert (got[:got.index(eos) + 1] if eos in got else got) == expected, (cache.prompt_preview, text)
 
 
-def test_foreign_caches_and_folders_are_refused(lora_run, exported, base_dir, tmp_path):  # noqa: F811
+def test_foreign_caches_and_folders_are_refused(lora_run, exported, make_tiny_run, tmp_path):
     """A cache of another run is refused by name; a folder with other files is not overwritten; a non-export is
     named."""
-    other = GistModel.from_pretrained(make_run(tmp_path / "other", base_dir, tune="gist"))
+    other = GistModel.from_pretrained(make_tiny_run(**tiny.NUDGED))
     info = read_export(exported)
     with pytest.raises(GistError, match="cache x was made .*(another run|positions|one chunk)"):
         check_served_cache(info, compress(other, PROMPTS[0]), source="cache x")

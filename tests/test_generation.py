@@ -11,7 +11,8 @@ from gistcache.inference.generation import (GenerateConfig, build_batch, generat
                                             generate_masked_ids)
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction
-from test_cache import INSTRUCTIONS, make_gist_model
+from test_cache import INSTRUCTIONS
+from tiny import make_gist_model
 
 INPUTS = ["stone", "41", "abc de fgh ijk"]  # different lengths: left padding between gist and input
 NEW = 10
@@ -74,10 +75,12 @@ def test_gist_output_depends_on_the_instruction():
 
 
 def test_same_cache_twice_same_text():
-    """Greedy is deterministic; seeded sampling repeats; the global RNG is left alone."""
+    """One cache read by two rows of a batch: greedy, each row is the masked forward's greedy answer; seeded
+    sampling repeats; the global RNG is left alone."""
     model = make_gist_model("llama", 2)
     cache = compress(model, INSTRUCTIONS[0])
-    assert generate(model, cache, "word", max_new_tokens=NEW) == generate(model, cache, "word", max_new_tokens=NEW)
+    reference = generate_masked_ids(model, INSTRUCTIONS[0], "word", max_new_tokens=NEW)
+    assert generate_ids(model, [cache, cache], ["word", "word"], max_new_tokens=NEW) == reference * 2
     sample = dict(max_new_tokens=NEW, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=7)
     state = torch.get_rng_state()
     first = generate_ids(model, [cache, cache], ["word", "word"], **sample)

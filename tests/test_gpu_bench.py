@@ -49,6 +49,7 @@ def parse(stdout: str) -> tuple[dict, list[str]]:
     return json.loads(first), table
 
 
+# not a run folder: one run of the script (minutes at one thread), whose output this file's tests read
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The script run as the GPU run starts it (`PYTHONPATH=. python3 eval/gpu_bench ...`), on a 40-column

@@ -17,15 +17,12 @@ from clitools import one_line_error
 from gistcache.cache import (SEAL, GistCache, load_cache, metadata_sha256, read_cache_metadata, save_cache,
                              tensor_sha256)
 from gistcache.cli.main import app
-from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
+from gistcache.model import load_run
 from gistcache.run import run_fingerprint
 from gistcache.store import CacheStore, compress_cached
-from test_cache import make_gist_model
 from test_fuzz import pack, reseal, split
-from test_pretrained import make_run
 
 runner = CliRunner()
 PROMPT = "Reverse the word you are given"
@@ -33,11 +30,6 @@ PROMPT = "Reverse the word you are given"
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return make_gist_model("llama", 2)
 
 
 @pytest.fixture
@@ -201,15 +193,10 @@ def test_generate_from_a_folder_says_it_is_a_folder(tmp_path):
 
 # --- run fingerprints --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return tiny.save_model_folder(tmp_path_factory.mktemp("integrity") / "model", "llama")
-
-
-def test_run_fingerprint_covers_every_file_that_changes_the_run(base_dir, tmp_path):
+def test_run_fingerprint_covers_every_file_that_changes_the_run(make_tiny_run, tmp_path):
     """The adapter config (r and alpha edited in both files), the chat template, the tokenizer's files and the
     weights change it; where the adapter says the base model was, its saved mode or a reformatting do not."""
-    run = make_run(tmp_path / "lora", base_dir, tune="lora")
+    run = make_tiny_run(path=tmp_path / "lora", tune="lora", **tiny.NUDGED)
     first = run_fingerprint(run)
 
     def rewrite(name, fn):
@@ -245,10 +232,10 @@ def test_run_fingerprint_covers_every_file_that_changes_the_run(base_dir, tmp_pa
     assert all(fp == first for fp in same.values()), same
 
 
-def test_old_caches_are_refused_after_the_adapter_changes(base_dir, tmp_path):
+def test_old_caches_are_refused_after_the_adapter_changes(make_tiny_run, tmp_path):
     """The issue's case: lora_alpha raised in the adapter (and config.json, so they agree): the caches made before
     are refused as another run's; raised in the adapter alone, the run is refused in one line naming both."""
-    run = make_run(tmp_path / "lora", base_dir, tune="lora")
+    run = make_tiny_run(path=tmp_path / "lora", tune="lora", **tiny.NUDGED)
     cache = save_cache(compress(load_run(run), PROMPT), tmp_path / "c.safetensors")
     adapter = json.loads((run / "adapter_config.json").read_text())
     (run / "adapter_config.json").write_text(json.dumps({**adapter, "lora_alpha": 16}))
@@ -263,9 +250,9 @@ def test_old_caches_are_refused_after_the_adapter_changes(base_dir, tmp_path):
         load_cache(cache, load_run(run))
 
 
-def test_the_adapter_names_the_base_model_and_loads_anywhere(base_dir, tmp_path):
+def test_the_adapter_names_the_base_model_and_loads_anywhere(make_tiny_run, tmp_path):
     """save_run records the model as the run names it; a path recorded elsewhere is ignored on load."""
-    run = make_run(tmp_path / "lora", base_dir, tune="lora")
+    run = make_tiny_run(path=tmp_path / "lora", tune="lora", **tiny.NUDGED)
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == json.loads((run / "config.json").read_text())["gist"]["model"]
     reference = load_run(run)
@@ -280,15 +267,8 @@ def test_the_adapter_names_the_base_model_and_loads_anywhere(base_dir, tmp_path)
 # --- gist cache verify ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gist_run(base_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    base, tok = load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
-    fp = fingerprint_model(base)
-    gm = GistModel(base, tok, 2, base_fingerprint=fp)
-    with torch.no_grad():
-        gm.gist_embedding.add_(1.0)
-    save_run(gm, root / "run", GistConfig(model=str(base_dir), num_gist_tokens=2, tune="gist"), base_fingerprint=fp)
-    return root / "run"
+def gist_run(make_tiny_run):
+    return make_tiny_run(2, shift=1.0)
 
 
 def test_verify_checks_files_fit_and_recompression(gist_run, tmp_path):

@@ -122,10 +122,8 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("length-run")
-    tiny.save_run_folder(tiny.save_model_folder(root / "model"), root / "run", 2)
-    return root / "run"
+def run_dir(make_tiny_run):
+    return make_tiny_run(2)
 
 
 def test_evaluate_reports_length_table(run_dir, tmp_path):
@@ -163,18 +161,18 @@ def test_evaluate_reports_length_table(run_dir, tmp_path):
     assert preds[2]["instruction_only_tokens"] == lengths[2] and preds[2]["truncate_kept_tokens"] == 2
 
 
-def test_chunked_run_truncates_to_its_gist_slots(tmp_path):
+def test_chunked_run_truncates_to_its_gist_slots(make_tiny_run, tmp_path):
     """A chunked run (gist_every K): per example, truncate keeps M = N * ceil((P - F) / K) instruction tokens, the
     gist cache's slot count, and the gist's cached positions are its context_used, F + M."""
     from gistcache.masks import count_gist_slots
 
-    tiny.save_run_folder(tiny.save_model_folder(tmp_path / "model"), tmp_path / "run", 1, mask="prefix", gist_every=32)
+    run = make_tiny_run(1, mask="prefix", gist_every=32)
     data = tmp_path / "dev.json"
     data.write_text(json.dumps(ROWS))
-    results = evaluate(EvalConfig(runs=str(tmp_path / "run"), splits=[str(data)], out=str(tmp_path / "eval"),
+    results = evaluate(EvalConfig(runs=str(run), splits=[str(data)], out=str(tmp_path / "eval"),
                                   max_new_tokens=2, batch_size=2, flops_examples=0, baselines=["full", "truncate"]),
                        show_progress=False)
-    gm = load_run(str(tmp_path / "run"))
+    gm = load_run(str(run))
     f = gm.num_prefix_tokens
     preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     for pred in preds:

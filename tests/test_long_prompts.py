@@ -57,18 +57,15 @@ def test_warning_past_the_trained_range_names_it():
 
 
 @pytest.fixture(scope="module")
-def chunked_run(tmp_path_factory):
+def chunked_run(tmp_path_factory, tiny_model_dir):
     """A tiny --decoder base run with gist tokens every 8 instruction tokens, trained a few steps through the CLI
-    on the built-in set in token-budget batches."""
-    import tiny
+    on the built-in set in token-budget batches (trained: not make_tiny_run's)."""
     from typer.testing import CliRunner
 
     from gistcache.cli.main import app
 
-    base = tmp_path_factory.mktemp("chunked")
-    model_dir = tiny.save_model_folder(base / "base")
-    out = base / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(out), "--model", str(model_dir), "--preset", "smoke",
+    out = tmp_path_factory.mktemp("chunked") / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--model", str(tiny_model_dir), "--preset", "smoke",
                                       "--max-steps", "3", "--max-examples", "24", "--eval-examples", "4",
                                       "--gist-every", "8", "--decoder", "base", "--batch-tokens", "400",
                                       "--lora-r", "4", "--lora-alpha", "8"])

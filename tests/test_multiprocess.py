@@ -21,8 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny
-
 FLAGS = ["--preset", "smoke", "--max-examples", "24", "--eval-examples", "8", "--batch-size", "4", "--max-steps", "6",
          "--lr", "1e-2", "--num-gist", "2", "--tune", "full", "--save-every", "3", "--json"]
 
@@ -56,13 +54,12 @@ def assert_close_runs(a, b, ma, mb):
             torch.testing.assert_close(ta[key], tb[key], rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_match_one_and_resume(tmp_path):
+def test_two_processes_match_one_and_resume(tmp_path, tiny_model_dir):
     """Two processes match one process with --grad-accum 2 (loss curve, gradient norms, every weight); the
     two-process run killed after its step-3 checkpoint and resumed by two processes ends where it ended."""
-    model_dir = tiny.save_model_folder(tmp_path / "model", "llama")
     one, two = tmp_path / "one", tmp_path / "two"
-    m1 = launch(1, one, model_dir, "--grad-accum", "2")
-    m2 = launch(2, two, model_dir)
+    m1 = launch(1, one, tiny_model_dir, "--grad-accum", "2")
+    m2 = launch(2, two, tiny_model_dir)
     assert m2["processes"] == 2 and m1["processes"] == 1
     assert_close_runs(one, two, m1, m2)
     rng = load_file(two / "checkpoints" / "step-3" / "rng.safetensors")
@@ -71,6 +68,6 @@ def test_two_processes_match_one_and_resume(tmp_path):
     resumed = tmp_path / "resumed"  # what a kill right after the step-3 checkpoint leaves
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(two / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
-    m3 = launch(2, resumed, model_dir, "--resume")
+    m3 = launch(2, resumed, tiny_model_dir, "--resume")
     assert "resumed from" in (resumed / "train.log").read_text()
     assert_close_runs(two, resumed, m2, m3)

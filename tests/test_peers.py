@@ -161,11 +161,9 @@ def test_kept_positions_are_the_gist_caches(mask, every, positions):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(make_tiny_run):
     """A tiny gist run (prefix mask: F > 0) saved as a run folder."""
-    root = tmp_path_factory.mktemp("peers-run")
-    tiny.save_run_folder(tiny.save_model_folder(root / "model"), root / "run", 1, mask="prefix")
-    return str(root / "run")
+    return str(make_tiny_run(1, mask="prefix"))
 
 
 ROWS = [{"instruction": "Repeat the word you are given twice.", "input": "cat", "output": "cat cat"},

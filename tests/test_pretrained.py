@@ -5,7 +5,6 @@ from unittest import mock
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
 import gistcache
@@ -17,37 +16,11 @@ from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
 from gistcache.inference.generation import GREEDY, generate, generate_ids
-from gistcache.model import (GistModel, dtype_fingerprints, fingerprint_model, load_base_model, load_run,
-                             load_tokenizer, save_run)
+from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer
 from gistcache.run import run_fingerprint
 
 runner = CliRunner()
 PROMPT = "Reverse the word you are given"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return tiny.save_model_folder(tmp_path_factory.mktemp("pretrained") / "model", "llama")
-
-
-def make_run(path, base_dir, *, tune="gist", dtype_prints=True, model=None):
-    """A run folder on the tiny base: gist-only, or LoRA on q/v (its adapter freshly initialised, then nudged)."""
-    base, tok = load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
-    fp = fingerprint_model(base)
-    prints = dtype_fingerprints(base) if dtype_prints else None
-    config = GistConfig(model=model or str(base_dir), num_gist_tokens=2, tune=tune, mask="prefix", lora_r=4,
-                        lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])  # the adapter's r and alpha below
-    if tune == "lora":
-        base = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, p in base.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.05)
-    gm = GistModel(base, tok, 2, base_fingerprint=fp, mask="prefix")
-    with torch.no_grad():
-        gm.gist_embedding.add_(1.0)
-    save_run(gm, path, config, base_fingerprint=fp, base_fingerprints=prints)
-    return path
 
 
 class Loads:
@@ -61,9 +34,9 @@ class Loads:
         return load_base_model(spec, **kwargs)
 
 
-def test_from_pretrained_knows_its_run(base_dir, tmp_path):
+def test_from_pretrained_knows_its_run(make_tiny_run):
     """gist_config, run_dir and run_fingerprint are fields; load_run (also gistcache.load_run) is the same load."""
-    run = make_run(tmp_path / "run", base_dir)
+    run = make_tiny_run(**tiny.NUDGED)
     model = GistModel.from_pretrained(run)
     assert model.gist_config == GistConfig.from_dict(run_module.read_run_config(run)["gist"])
     assert model.run_dir == run and model.run_fingerprint == run_fingerprint(run)
@@ -76,10 +49,10 @@ def test_from_pretrained_knows_its_run(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_loads_once_in_its_dtype(base_dir, tmp_path, dtype):
+def test_loads_once_in_its_dtype(make_tiny_run, dtype):
     """A run that records its dtype fingerprints loads its base once, in that dtype (no float32 copy); an older
     run without them is checked once against float32; float32 loads once either way."""
-    new, old = make_run(tmp_path / "new", base_dir), make_run(tmp_path / "old", base_dir, dtype_prints=False)
+    new, old = make_tiny_run(**tiny.NUDGED), make_tiny_run(**{**tiny.NUDGED, "dtype_prints": False})
     for run, expected in ((new, [dtype]), (old, [dtype, torch.float32]), (new, [torch.float32])):
         loads = Loads()
         with mock.patch("gistcache.model.load.load_base_model", loads):  # where from_pretrained loads the base
@@ -88,24 +61,24 @@ def test_loads_once_in_its_dtype(base_dir, tmp_path, dtype):
         assert model.base_fingerprint == run_module.read_run_config(run)["base_fingerprint"]
 
 
-def test_fingerprint_in_the_weights_own_dtype(base_dir, tmp_path):
+def test_fingerprint_in_the_weights_own_dtype(tiny_model_dir, tmp_path):
     """Float32 weights keep today's value; cast weights equal `as_dtype`; a bfloat16 checkpoint has one value in both dtypes."""
-    base = load_base_model(str(base_dir))
+    base = load_base_model(str(tiny_model_dir))
     fp32 = fingerprint_model(base)
-    assert fingerprint_model(base.to(torch.bfloat16)) == fingerprint_model(load_base_model(str(base_dir)),
+    assert fingerprint_model(base.to(torch.bfloat16)) == fingerprint_model(load_base_model(str(tiny_model_dir)),
                                                                            as_dtype=torch.bfloat16) != fp32
     stored = tmp_path / "bf16"
-    load_base_model(str(base_dir), dtype=torch.bfloat16).save_pretrained(stored)
-    load_tokenizer(str(base_dir)).save_pretrained(stored)
+    load_base_model(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(stored)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(stored)
     assert fingerprint_model(load_base_model(str(stored))) == fingerprint_model(
         load_base_model(str(stored), dtype=torch.bfloat16))
 
 
-def test_bad_runs_are_refused_in_one_line(base_dir, tmp_path):
+def test_bad_runs_are_refused_in_one_line(make_tiny_run, tmp_path):
     """Not a run, a missing base model, other base weights: a GistError in Python, one line and exit 2 at the CLI,
     nothing written."""
-    missing = make_run(tmp_path / "missing", base_dir, model=str(tmp_path / "no-such-model"))
-    other = make_run(tmp_path / "other", base_dir)
+    missing = make_tiny_run(path=tmp_path / "missing", model=str(tmp_path / "no-such-model"), **tiny.NUDGED)
+    other = make_tiny_run(path=tmp_path / "other", **tiny.NUDGED)
     other_base = tiny.save_model_folder(tmp_path / "model-b", "llama", seed=1)
     config = run_module.read_run_config(other)
     config["gist"]["model"] = str(other_base)
@@ -120,9 +93,9 @@ def test_bad_runs_are_refused_in_one_line(base_dir, tmp_path):
         assert not store.exists()
 
 
-def test_save_pretrained_round_trip(base_dir, tmp_path):
+def test_save_pretrained_round_trip(make_tiny_run, tmp_path):
     """A LoRA run loaded with merge=False saves a run that loads to the same model; a merged one is refused."""
-    run = make_run(tmp_path / "lora", base_dir, tune="lora")
+    run = make_tiny_run(path=tmp_path / "lora", tune="lora", **tiny.NUDGED)
     (run / "README.md").write_text("# card\n")
     unmerged = GistModel.from_pretrained(run, merge=False)
     out = unmerged.save_pretrained(tmp_path / "copy")
@@ -141,20 +114,20 @@ def test_save_pretrained_round_trip(base_dir, tmp_path):
     assert not (tmp_path / "merged").exists() and not (tmp_path / "bare").exists()
 
 
-def test_flash_attention_is_refused_for_the_gist_mask(base_dir):
+def test_flash_attention_is_refused_for_the_gist_mask(tiny_model_dir):
     """Attention that ignores a 4D mask is refused for training loads and for every masked forward."""
     with pytest.raises(GistError, match="'flash_attention_2' ignores the 4D gist mask"):
-        load_base_model(str(base_dir), attn_implementation="flash_attention_2", for_training=True)
-    model = GistModel(load_base_model(str(base_dir)), load_tokenizer(str(base_dir)), 1)
+        load_base_model(str(tiny_model_dir), attn_implementation="flash_attention_2", for_training=True)
+    model = GistModel(load_base_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), 1)
     model.model.config._attn_implementation = "flash_attention_2"
     ids = torch.tensor([[5, 6, model.gist_token_id, 7]])
     with pytest.raises(GistError, match="ignores the 4D gist mask"):
         model(ids, torch.ones_like(ids))
 
 
-def test_cli_decodes_greedily_whatever_the_model_suggests(base_dir, tmp_path):
+def test_cli_decodes_greedily_whatever_the_model_suggests(make_tiny_run, tmp_path):
     """`gist generate` passes its own greedy settings, so a model's generation_config cannot change its default."""
-    run = make_run(tmp_path / "run", base_dir)
+    run = make_tiny_run(**tiny.NUDGED)
     with mock.patch("gistcache.cli.generate_cmd.run_generate", return_value=["ok"]) as gen:
         result = runner.invoke(app, ["generate", "--run", str(run), "--prompt", PROMPT, "--input", "stone",
                                      "--store", str(tmp_path / "s")])
@@ -163,12 +136,12 @@ def test_cli_decodes_greedily_whatever_the_model_suggests(base_dir, tmp_path):
     assert {k: kwargs[k] for k in GREEDY} == GREEDY and kwargs["max_new_tokens"] == 128
 
 
-def test_readme_snippet_continues_the_cache_with_stock_generate(base_dir, tmp_path):
+def test_readme_snippet_continues_the_cache_with_stock_generate(make_tiny_run):
     """The README's stock-transformers snippet runs on a tiny run and answers what `generate` (gist generate) does."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = [b.split("\n", 1)[1] for b in readme.split("```python")[1:]]
     (snippet,) = [b.split("```")[0] for b in blocks if "to_dynamic_cache" in b]
-    run = make_run(tmp_path / "run", base_dir)
+    run = make_tiny_run(**tiny.NUDGED)
     namespace: dict = {}
     exec(snippet.replace('"runs/r1"', repr(str(run))), namespace)  # noqa: S102 - our own README
     model, cache = namespace["model"], namespace["cache"]

@@ -36,19 +36,14 @@ def make_config(out, model_dir, tune, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_model_folder(tmp_path_factory.mktemp("tiny-llama"), "llama")
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir, tmp_path_factory):
+def reference(tiny_model_dir, tmp_path_factory):
     """The uninterrupted run of each tuning mode (without checkpoints: saving one must change nothing)."""
     runs = {}
 
     def get(tune):
         if tune not in runs:
             out = tmp_path_factory.mktemp(f"reference-{tune}") / "run"
-            runs[tune] = (out, loop.train(make_config(out, model_dir, tune), show_progress=False))
+            runs[tune] = (out, loop.train(make_config(out, tiny_model_dir, tune), show_progress=False))
         return runs[tune]
 
     return get
@@ -96,7 +91,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("tune, kill", [("gist", "batch 5"), ("lora", "batch 8"), ("full", "checkpoint 6")])
-def test_killed_run_resumes_bit_identical(tmp_path, model_dir, reference, monkeypatch, tune, kill):
+def test_killed_run_resumes_bit_identical(tmp_path, tiny_model_dir, reference, monkeypatch, tune, kill):
     """Killed mid-step (gist: in step 5, after the step-3 checkpoint; lora: in step 8, the second epoch) or
     while writing the step-6 checkpoint (full), `--resume` ends exactly where the uninterrupted run ends."""
     ref_out, ref_metrics = reference(tune)
@@ -105,14 +100,14 @@ def test_killed_run_resumes_bit_identical(tmp_path, model_dir, reference, monkey
         what, n = kill.split()
         (kill_at_batch if what == "batch" else kill_in_checkpoint)(m, int(n))
         with pytest.raises(Killed):
-            loop.train(make_config(out, model_dir, tune, save_every=3), show_progress=False)
+            loop.train(make_config(out, tiny_model_dir, tune, save_every=3), show_progress=False)
     assert not (out / "config.json").exists()
     temps = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     if what == "checkpoint":
         assert len(temps) == 1 and temps[0].startswith(".step-6.tmp-"), temps
     else:
         assert temps == []
-    metrics = loop.train(make_config(out, model_dir, tune, save_every=3, resume=True), show_progress=False)
+    metrics = loop.train(make_config(out, tiny_model_dir, tune, save_every=3, resume=True), show_progress=False)
     assert_same_run(ref_out, out, ref_metrics, metrics, tune)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-6"]  # the stale temp is gone
     log = (out / "train.log").read_text()
@@ -121,31 +116,31 @@ def test_killed_run_resumes_bit_identical(tmp_path, model_dir, reference, monkey
         assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] > 0
 
 
-def test_resume_without_the_generators_departs(tmp_path, model_dir, reference, monkeypatch):
+def test_resume_without_the_generators_departs(tmp_path, tiny_model_dir, reference, monkeypatch):
     """Teeth: with LoRA dropout, a resume that does not restore the random generators ends elsewhere."""
     ref_out, ref_metrics = reference("lora")
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         kill_at_batch(m, 5)
         with pytest.raises(Killed):
-            loop.train(make_config(out, model_dir, "lora", save_every=3), show_progress=False)
+            loop.train(make_config(out, tiny_model_dir, "lora", save_every=3), show_progress=False)
     monkeypatch.setattr(loop, "set_rng_state", lambda state: None)
-    metrics = loop.train(make_config(out, model_dir, "lora", save_every=3, resume=True), show_progress=False)
+    metrics = loop.train(make_config(out, tiny_model_dir, "lora", save_every=3, resume=True), show_progress=False)
     assert metrics["loss_curve"][:3] == ref_metrics["loss_curve"][:3]
     assert metrics["loss_curve"][3:] != ref_metrics["loss_curve"][3:]
     a, b = load_file(ref_out / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_damaged_checkpoint_falls_back_to_the_newest_intact(tmp_path, model_dir, reference):
+def test_damaged_checkpoint_falls_back_to_the_newest_intact(tmp_path, tiny_model_dir, reference):
     """A damaged latest checkpoint is skipped (named in train.log); none intact: one line, nothing changed."""
     ref_out, ref_metrics = reference("gist")
     out = tmp_path / "run"
-    loop.train(make_config(out, model_dir, "gist", save_every=3), show_progress=False)
+    loop.train(make_config(out, tiny_model_dir, "gist", save_every=3), show_progress=False)
     damaged = out / "checkpoints" / "step-6" / "gist_embedding.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-7])
     (out / ".metrics.json.tmp-4242").write_text("{")  # what a kill inside atomic_write_text leaves
-    metrics = loop.train(make_config(out, model_dir, "gist", save_every=3, resume=True), show_progress=False)
+    metrics = loop.train(make_config(out, tiny_model_dir, "gist", save_every=3, resume=True), show_progress=False)
     assert_same_run(ref_out, out, ref_metrics, metrics, "gist")
     log = (out / "train.log").read_text()
     assert "skipped damaged checkpoint step-6 (gist_embedding.safetensors does not match its hash)" in log
@@ -157,7 +152,7 @@ def test_damaged_checkpoint_falls_back_to_the_newest_intact(tmp_path, model_dir,
     (out / "checkpoints" / "step-9" / "state.json").write_text("{not json")
     before = snapshot(out)
     with pytest.raises(GistError) as info:
-        loop.train(make_config(out, model_dir, "gist", save_every=3, resume=True), show_progress=False)
+        loop.train(make_config(out, tiny_model_dir, "gist", save_every=3, resume=True), show_progress=False)
     message = str(info.value)
     assert "\n" not in message and message.startswith("--resume: no intact checkpoint in")
     assert "step-9 (state.json unreadable: JSONDecodeError)" in message
@@ -166,8 +161,9 @@ def test_damaged_checkpoint_falls_back_to_the_newest_intact(tmp_path, model_dir,
 
 
 @pytest.fixture(scope="module")
-def stopped_run(model_dir, tmp_path_factory):
-    """A gist run with a step-3 checkpoint, on a data file and a base model folder of its own."""
+def stopped_run(tmp_path_factory):
+    """A gist run with a step-3 checkpoint, on a data file and a base model folder of its own (a test rewrites its
+    weights, so not the session's tiny_model_dir)."""
     root = tmp_path_factory.mktemp("stopped")
     model = tiny.save_model_folder(root / "model", "llama")
     data = root / "train.json"
@@ -269,7 +265,7 @@ def test_resume_cli_takes_the_checkpoints_flags(stopped_run, tmp_path):
     one_line_error(refused, "--lr 0.5 (checkpoint: 0.01)")
 
 
-def test_overwrite_replaces_only_a_complete_run(stopped_run, tmp_path, model_dir):
+def test_overwrite_replaces_only_a_complete_run(stopped_run, tmp_path, tiny_model_dir):
     """A folder that merely holds a config.json is refused, even with --overwrite, and left byte for byte;
     a complete run is replaced, and files that are not the run's stay."""
     folder = tmp_path / "project"
@@ -281,23 +277,23 @@ def test_overwrite_replaces_only_a_complete_run(stopped_run, tmp_path, model_dir
     before = snapshot(folder)
     for overwrite in (False, True):
         with pytest.raises(GistError, match=r"is not a complete gist run \(.*\): --overwrite replaces only"):
-            loop.train(make_config(folder, model_dir, "gist", overwrite=overwrite), show_progress=False)
+            loop.train(make_config(folder, tiny_model_dir, "gist", overwrite=overwrite), show_progress=False)
     (folder / "checkpoints" / "keep.txt").write_text("mine")
     with pytest.raises(GistError, match="checkpoints holds files that `gist train` did not write"):
-        loop.train(make_config(folder, model_dir, "gist", overwrite=True), show_progress=False)
+        loop.train(make_config(folder, tiny_model_dir, "gist", overwrite=True), show_progress=False)
     (folder / "checkpoints" / "keep.txt").unlink()
     (folder / "config.json").unlink()
     (folder / "checkpoints").rmdir()
     with pytest.raises(GistError, match=r"holds tokenizer, README\.md but no gist run: training would replace them"):
-        loop.train(make_config(folder, model_dir, "gist", overwrite=True), show_progress=False)
+        loop.train(make_config(folder, tiny_model_dir, "gist", overwrite=True), show_progress=False)
     assert snapshot(folder) == {k: v for k, v in before.items() if k != "config.json"}
 
     run = tmp_path / "run"
     shutil.copytree(stopped_run[0], run)
     (run / "notes.txt").write_text("not the run's")
     with pytest.raises(GistError, match="holds another run: pass --overwrite"):
-        loop.train(make_config(run, model_dir, "gist", max_steps=2), show_progress=False)
-    loop.train(make_config(run, model_dir, "gist", max_steps=2, overwrite=True), show_progress=False)
+        loop.train(make_config(run, tiny_model_dir, "gist", max_steps=2), show_progress=False)
+    loop.train(make_config(run, tiny_model_dir, "gist", max_steps=2, overwrite=True), show_progress=False)
     assert (run / "notes.txt").read_text() == "not the run's"
     assert not (run / "checkpoints").exists()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2

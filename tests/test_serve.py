@@ -7,6 +7,7 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
+import tiny
 from clitools import one_line_error
 from gistcache.cli.main import app
 from gistcache.errors import GistError
@@ -15,16 +16,16 @@ from gistcache.serving.export import export_run, request_ids
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm import vllm_available
 from gistcache.vllm.server import GistMiddleware, check_port
-from test_pretrained import base_dir, make_run  # noqa: F401  (base_dir is a fixture)
 
 PROMPT = "Reverse the word"
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def served(base_dir, tmp_path_factory):  # noqa: F811
+def served(make_tiny_run, tmp_path_factory):
+    """(a folder holding the LoRA run exported as `hf` and its `store` of one cache, the run's model, that key)."""
     root = tmp_path_factory.mktemp("serve")
-    run = make_run(root / "run", base_dir, tune="lora")
+    run = make_tiny_run(tune="lora", **tiny.NUDGED)
     export_run(run, root / "hf")
     model = GistModel.from_pretrained(run)
     key = compress_cached(model, PROMPT, CacheStore(root / "store"))[0].key
@@ -73,11 +74,11 @@ def test_middleware_builds_gist_requests(served):
     assert call(mw, "/v1/completions", plain) == (200, plain)
 
 
-def test_middleware_refuses_bad_requests_with_400(served, base_dir, tmp_path):  # noqa: F811
+def test_middleware_refuses_bad_requests_with_400(served, make_tiny_run, tmp_path):
     """Unknown key, a file path, a malformed entry, a chat request, a token-id prompt: HTTP 400 with one line."""
     root, model, key = served
     mw = GistMiddleware(None, root / "hf", root / "store")
-    other = GistModel.from_pretrained(make_run(tmp_path / "other", base_dir, tune="gist"))
+    other = GistModel.from_pretrained(make_tiny_run(**tiny.NUDGED))
     foreign = compress_cached(other, PROMPT, CacheStore(root / "store"))[0].key
     cases = [("/v1/completions", {"prompt": "a", "kv_transfer_params": {"gist_cache": "f" * 64}}, "no cache in"),
              ("/v1/completions", {"prompt": "a", "kv_transfer_params": {"gist_cache": "/etc/passwd"}},

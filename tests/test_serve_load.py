@@ -16,7 +16,6 @@ from gistcache.errors import GistError
 from gistcache.eval.serve_load import (BAD_KINDS, Fixtures, LoadConfig, Result, load_specs, one_line, print_report,
                                        report_rows, run_load, tally)
 from gistcache.serving.export import read_export
-from test_pretrained import base_dir  # noqa: F401  (a fixture, for served)
 from test_serve import served  # noqa: F401  (a fixture: a tiny run exported, one cache in its store)
 
 NO_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here: make "

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import tiny
 from gistcache.eval import serve_bench
 from gistcache.eval.serve_scenarios import arrival_offsets, blocks_for, cache_blocks
 
@@ -79,11 +78,9 @@ def fake_vllm(monkeypatch):
     return engines, log
 
 
-def test_the_run_drives_the_engines_as_specified(fake_vllm, tmp_path):
+def test_the_run_drives_the_engines_as_specified(fake_vllm, make_tiny_run):
     engines, log = fake_vllm
-    model_dir = tiny.save_model_folder(tmp_path / "model")
-    tiny.save_run_folder(model_dir, tmp_path / "run")
-    config = serve_bench.BenchServeConfig(run=str(tmp_path / "run"), scenario="oversubscribed", instructions=8,
+    config = serve_bench.BenchServeConfig(run=str(make_tiny_run(1)), scenario="oversubscribed", instructions=8,
                                           instruction_tokens=48, new_tokens=3, requests=24, rates=[0.0, 200.0],
                                           block_sizes=[32, 64], oversubscription=4, seed=1)
     res = serve_bench.bench_serve(config)

@@ -11,12 +11,9 @@ from clitools import one_line_error
 from gistcache._io import sha256_text
 from gistcache.cache import GistCache, load_cache, save_cache
 from gistcache.cli.main import app
-from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 from gistcache.store import MARKER, CacheStore, compress_cached, key_of
-from test_cache import make_gist_model
 
 runner = CliRunner()
 PROMPTS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
@@ -24,11 +21,6 @@ PROMPTS = ["Reverse the word", "Add one to the number you are given", "Uppercase
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return make_gist_model("llama", 2)
 
 
 def files(folder) -> dict[str, bytes]:
@@ -45,13 +37,9 @@ def test_a_new_store_is_marked_and_keeps_its_prompts(gm, tmp_path):
     assert store.prompt_for(res.cache) is None
 
 
-def test_rm_and_prune_refuse_a_folder_that_is_not_a_store(tmp_path, tiny_model_dir):
+def test_rm_and_prune_refuse_a_folder_that_is_not_a_store(tmp_path, make_tiny_run):
     """`gist cache rm a --store RUN` and `prune` on a run folder delete nothing (the adapter survives)."""
-    base, tok = load_base_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    fp = fingerprint_model(base)
-    run = tmp_path / "run"
-    save_run(GistModel(base, tok, 2, base_fingerprint=fp), run, GistConfig(model=str(tiny_model_dir), tune="gist"),
-             base_fingerprint=fp)
+    run = make_tiny_run(path=tmp_path / "run")
     (run / "adapter_model.safetensors").write_bytes(b"the adapter")
     before = files(run)
     one_line_error(invoke("cache", "rm", "a", "--store", run), "not marked as a gist cache store")

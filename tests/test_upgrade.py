@@ -12,34 +12,20 @@ from clitools import one_line_error
 from gistcache.cache import load_cache, read_cache_metadata, save_cache
 from gistcache.cache.upgrade import upgrade_caches
 from gistcache.cli.main import app
-from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
 from gistcache.inference.generation import generate_ids, generate_masked_ids
-from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer, save_run
+from gistcache.model import load_run
 
 runner = CliRunner()
 PROMPT = "Reverse the word you are given"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Run folders on one tiny Llama: `prefix` and `paper` (mask variants), `other` (another gist embedding)."""
-    root = tmp_path_factory.mktemp("upgrade")
-    base_dir = tiny.save_model_folder(root / "model", "llama")
-
-    def make_run(name, mask, shift):
-        base, tok = load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
-        fp = fingerprint_model(base)
-        gm = GistModel(base, tok, 2, base_fingerprint=fp, mask=mask)
-        with torch.no_grad():
-            gm.gist_embedding.add_(shift)
-        save_run(gm, root / name, GistConfig(model=str(base_dir), num_gist_tokens=2, tune="gist", mask=mask),
-                 base_fingerprint=fp)
-        return root / name
-
-    return {"prefix": make_run("prefix", "prefix", 1.0), "paper": make_run("paper", "paper", 1.0),
-            "other": make_run("other", "prefix", -1.0)}
+def runs(make_tiny_run):
+    """Runs on one tiny Llama: `prefix` and `paper` (mask variants), `other` (another gist embedding)."""
+    return {"prefix": make_tiny_run(2, shift=1.0, mask="prefix"), "paper": make_tiny_run(2, shift=1.0, mask="paper"),
+            "other": make_tiny_run(2, shift=-1.0, mask="prefix")}
 
 
 def invoke(*args):

@@ -37,17 +37,6 @@ NEW = 24
 pytestmark = pytest.mark.slow
 
 
-def tiny_run(root):
-    """A LoRA prefix-mask run on a tiny random Llama whose head size (32) vLLM's CPU attention supports."""
-    from test_pretrained import make_run
-
-    base = root / "tiny-base"
-    tiny.make_model("llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-                    intermediate_size=128).save_pretrained(base)
-    tiny.make_tokenizer().save_pretrained(base)
-    return make_run(root / "tiny-run", base, tune="lora")
-
-
 class Served:
     def __init__(self, root):
         from vllm import LLM
@@ -56,7 +45,7 @@ class Served:
             resolve_model("smollm2-135m")
             self.model = GistModel.from_pretrained(None)
         except GistError:
-            self.model = GistModel.from_pretrained(tiny_run(root))
+            self.model = GistModel.from_pretrained(tiny.save_vllm_run(root))  # head size 32, as vLLM's CPU takes
         self.export, self.store = root / "hf", root / "store"
         export_model(self.model, self.export)
         self.results = compress_cached(self.model, INSTRUCTIONS, CacheStore(self.store))

@@ -25,7 +25,6 @@ from gistcache.serving.export import request_ids
 from gistcache.store import CacheStore, compress_cached
 from gistcache.vllm.chat import ChatReply
 from gistcache.vllm.server import GistMiddleware
-from test_pretrained import base_dir  # noqa: F401  (a fixture, for served)
 from test_serve import PROMPT, call, served  # noqa: F401  (served is a fixture)
 
 CAPITAL = "Name the capital city of the given country. Answer with the city name only."

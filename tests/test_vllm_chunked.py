@@ -29,13 +29,7 @@ def test_vllm_answers_chunked_caches_as_gist_generate(tmp_path):
     greedy tokens equal gist generate's."""
     from vllm import LLM, SamplingParams
 
-    from test_pretrained import make_run
-
-    base = tmp_path / "tiny-base"
-    tiny.make_model("llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-                    intermediate_size=128).save_pretrained(base)
-    tiny.make_tokenizer().save_pretrained(base)
-    run = make_run(tmp_path / "run", base, tune="lora")
+    run = tiny.save_vllm_run(tmp_path)  # head size 32: vLLM's CPU attention takes it
     config = json.loads((run / "config.json").read_text())
     config["gist"]["gist_every"] = 16
     (run / "config.json").write_text(json.dumps(config))

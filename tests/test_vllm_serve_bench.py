@@ -21,13 +21,7 @@ pytestmark = pytest.mark.slow
 def test_oversubscribed_smoke(tmp_path, monkeypatch, capsys):
     """Every pass ran every request; the gist passes compute fewer prompt tokens and take fewer blocks a request;
     each full-prompt request either found its instruction cached or computed it again; the table has its rows."""
-    from test_pretrained import make_run
-
-    base = tmp_path / "tiny-base"
-    tiny.make_model("llama", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-                    intermediate_size=128).save_pretrained(base)  # head size 32: vLLM's CPU attention takes it
-    tiny.make_tokenizer().save_pretrained(base)
-    run = make_run(tmp_path / "run", base, tune="lora")
+    run = tiny.save_vllm_run(tmp_path)  # head size 32: vLLM's CPU attention takes it
     monkeypatch.setenv("GISTCACHE_DEBUG", "1")  # a failure shows its traceback, not one line
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "serve", "--scenario", "oversubscribed", "--run", str(run),

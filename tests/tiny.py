@@ -20,19 +20,77 @@ def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     return byte_tokenizer(chat)
 
 
-def save_run_folder(model_dir, run_dir, num_gist: int = 1, **gist_fields):
-    """An untrained gist run of the tiny model in `model_dir` (gist embedding only), saved as a run folder; the
-    GistModel and GistConfig take `gist_fields` (mask, gist_every, condition, ...). Returns the GistModel."""
+# A run as training leaves one (test_pretrained.py's, and the vLLM tests'): 2 gist tokens, the prefix mask, the
+# gist embedding moved 1 off the mean, a LoRA adapter of r 4 and alpha 8 on q and v (recorded in the config for
+# either tune) whose B matrices are moved 0.05 off zero, and the base's dtype fingerprints recorded.
+NUDGED = {"num_gist": 2, "mask": "prefix", "shift": 1.0, "lora_b": 0.05, "dtype_prints": True, "lora_r": 4,
+          "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]}
+# The tiny Llama's shape for vLLM, whose CPU attention takes head size 32 (hidden 64 over 2 heads).
+VLLM_SHAPE = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128}
+
+
+def run_config(model_dir, num_gist: int = 1, **gist_fields):
+    """The GistConfig of `save_run_folder(model_dir, ..., num_gist, **gist_fields)`'s run (tune "gist" unless given;
+    `model` names the base as the run records it, `model_dir` unless given)."""
     from gistcache.config import GistConfig
+
+    return GistConfig(**{"model": str(model_dir), "num_gist_tokens": num_gist, "tune": "gist", **gist_fields})
+
+
+def save_run_folder(model_dir, run_dir, num_gist: int = 1, *, shift: float = 0.0, lora_b: float = 0.0,
+                    dtype_prints: bool = False, **gist_fields):
+    """A gist run of the tiny model in `model_dir`, saved as a run folder; returns the GistModel. `gist_fields` are
+    the GistConfig's (mask, gist_every, condition, tune, lora_r, ...; see `run_config`); mask and gist_every go to
+    the GistModel too. Untrained unless told: `shift` is added to the gist embedding (the mean of the embeddings),
+    tune="lora" wraps the base in the config's LoRA adapter (r, alpha, target modules) whose B matrices (zero when
+    fresh) get `lora_b` added, and `dtype_prints` records the base's dtype fingerprints (`tiny.NUDGED` sets all
+    three as test_pretrained.py's runs have them)."""
     from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
+    config = run_config(model_dir, num_gist, **gist_fields)
     base = load_base_model(str(model_dir))
     fp = fingerprint_model(base)
+    prints = None
+    if dtype_prints:
+        from gistcache.model import dtype_fingerprints
+
+        prints = dtype_fingerprints(base)
+    if config.tune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        base = get_peft_model(base, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                               target_modules=config.lora_target_modules))
+        if lora_b:
+            with torch.no_grad():
+                for name, p in base.named_parameters():
+                    if "lora_B" in name:
+                        p.add_(lora_b)
     model_fields = {k: v for k, v in gist_fields.items() if k in ("mask", "gist_every")}
     gm = GistModel(base, load_tokenizer(str(model_dir)), num_gist, base_fingerprint=fp, **model_fields)
-    save_run(gm, run_dir, GistConfig(model=str(model_dir), num_gist_tokens=num_gist, tune="gist", **gist_fields),
-             base_fingerprint=fp)
+    if shift:
+        with torch.no_grad():
+            gm.gist_embedding.add_(shift)
+    save_run(gm, run_dir, config, base_fingerprint=fp, base_fingerprints=prints)
     return gm
+
+
+def save_vllm_run(root):
+    """The vLLM tests' run: a LoRA prefix-mask run (`NUDGED`) on a tiny random Llama of `VLLM_SHAPE`, the base
+    saved at root/tiny-base and the run at root/tiny-run (returned)."""
+    base = save_model_folder(root / "tiny-base", "llama", **VLLM_SHAPE)
+    save_run_folder(base, root / "tiny-run", tune="lora", **NUDGED)
+    return root / "tiny-run"
+
+
+def make_gist_model(arch: str = "llama", num_gist: int = 2, seed: int = 0, **overrides):
+    """A tiny GistModel in memory (paper mask) whose gist embedding is not the mean (as after training)."""
+    from gistcache.model import GistModel
+
+    gm = GistModel(make_model(arch, seed=seed, **overrides), make_tokenizer(), num_gist)
+    torch.manual_seed(100 + seed)
+    with torch.no_grad():
+        gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
+    return gm.eval()
 
 
 def skip_without_default_model() -> None:
@@ -63,9 +121,10 @@ def make_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "s
     return model.float().eval()
 
 
-def save_model_folder(path, arch: str = "llama", seed: int = 0):
-    """Write a tiny model and its tokenizer as a Hugging Face folder usable as `--model PATH`."""
-    model = make_model(arch, seed)
+def save_model_folder(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Write a tiny model (`make_model`'s config with `overrides`) and its tokenizer as a Hugging Face folder usable
+    as `--model PATH`."""
+    model = make_model(arch, seed, **overrides)
     model.save_pretrained(path)
     tok = make_tokenizer()
     tok.save_pretrained(path)
