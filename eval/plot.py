@@ -93,13 +93,15 @@ def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> P
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     alike = all(r.get("state_compression_mean") for r in rows if r["compression_mean"])  # results before it: not
     for ax, split in zip(axes[0], splits):
-        for condition in conditions:
+        for j, condition in enumerate(conditions):
             pts = sorted([(_compression(r, alike), r["rouge_l"], r["run"]) for r in rows
                           if r["split"] == split and r["condition"] == condition and _compression(r, alike)],
                          key=lambda p: p[0])
             if not pts:
                 continue
-            xs, ys = [p[0] for p in pts], [p[1]["mean"] for p in pts]
+            # conditions at one state (gist, truncate, presses) share an x: each is drawn a little apart to be seen
+            spread = 1 + 0.015 * (j - (len(conditions) - 1) / 2)
+            xs, ys = [p[0] * spread for p in pts], [p[1]["mean"] for p in pts]
             errs = [[max(0.0, p[1]["mean"] - p[1]["ci_low"]) for p in pts],
                     [max(0.0, p[1]["ci_high"] - p[1]["mean"]) for p in pts]]
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, linestyle="-" if len(pts) > 1 else "none",
@@ -113,8 +115,8 @@ def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> P
         ax.set_ylabel("ROUGE-L (F x100)")
         ax.set_title(f"{split}: ROUGE-L vs compression")
         ax.legend(fontsize="small")
-    note = ("positions held before the input, template included, for every condition: gist and truncate at one "
-            "run's state sit at the same compression" if alike else
+    note = ("positions held before the input, template included, for every condition: gist, truncate and presses "
+            "at one run's state sit at the same compression (drawn a little apart)" if alike else
             "gist: its cache's slots, the template not counted;\nthe others: the positions they keep, template included")
     fig.text(0.01, 0.01, note, fontsize="x-small", wrap=True)
     return _save(plt, fig, path, bottom=0.08)
@@ -125,13 +127,15 @@ def _compression(row: dict, alike: bool) -> float | None:
     return row.get("state_compression_mean") if alike else row["compression_mean"]
 
 
-def merged_rows(eval_dirs: list[str | Path]) -> list[dict]:
+def merged_rows(eval_dirs: list[str | Path], renames: dict[str, str] | None = None) -> list[dict]:
     """The rows of several `gist eval` folders as one list, for one fidelity-vs-compression plot of runs evaluated
     apart (e.g. runs at several `--gist-every` ratios on one split file). Each row's x is computed from its folder's
     predictions.jsonl (prompt positions / positions held, per example), so folders written before
-    `state_compression_mean` existed plot alike; a (run, split, condition) seen in an earlier folder is kept."""
+    `state_compression_mean` existed plot alike; a (run, split, condition) seen in an earlier folder is kept.
+    `renames` maps a run's name in one folder to its name in another (one run evaluated under two names)."""
     import json
 
+    renames = renames or {}
     rows, seen = [], set()
     for folder in map(Path, eval_dirs):
         results = json.loads((folder / "results.json").read_text())
@@ -142,6 +146,7 @@ def merged_rows(eval_dirs: list[str | Path]) -> list[dict]:
                 if held:
                     ratios.setdefault((pred["split"], label), []).append(pred["instruction_tokens"] / held)
         for row in results["rows"]:
+            row = {**row, "run": renames.get(row["run"], row["run"])}
             key = (row["run"], row["split"], row["condition"])
             if key in seen:
                 continue
@@ -165,13 +170,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gistcache.eval.plot", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("eval_dirs", nargs="+", help="folders written by `gist eval` (results.json, predictions.jsonl)")
     parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="a run evaluated under two names (a folder and its shipped name): plot OLD as NEW")
     args = parser.parse_args(argv)
+    renames = dict(r.split("=", 1) for r in args.rename if "=" in r)
+    if len(renames) != len(args.rename):
+        print(f"error: --rename takes OLD=NEW, got {next(r for r in args.rename if '=' not in r)[:60]!r}", file=sys.stderr)
+        raise SystemExit(2)
     for folder in map(Path, args.eval_dirs):
         if not ((folder / "results.json").is_file() and (folder / "predictions.jsonl").is_file()):
             print(f"error: {folder} holds no results.json and predictions.jsonl: give folders written by `gist eval`",
                   file=sys.stderr)
             raise SystemExit(2)
-    rows = merged_rows(args.eval_dirs)
+    rows = merged_rows(args.eval_dirs, renames)
     splits = list(dict.fromkeys(r["split"] for r in rows))
     print(_plot_compression(plt, rows, splits, Path(args.out)))
 

@@ -39,3 +39,17 @@ def test_a_folder_that_is_no_eval_gets_one_line_and_exit_code_2(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gist eval" in err
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_rename_joins_one_run_evaluated_under_two_names(tmp_path, capsys):
+    """`--rename OLD=NEW`: the shipped run evaluated as its training folder in one eval and by name in another is
+    one run; its later rows are dropped like any repeated (run, split, condition). A rename without `=` is refused."""
+    a = _eval_folder(tmp_path / "a", "every64", 10, {"gist": 20.0, "truncate": 5.0})
+    b = _eval_folder(tmp_path / "b", "long-r4", 10, {"gist": 99.0, "truncate": 99.0})
+    rows = plot.merged_rows([a, b], {"long-r4": "every64"})
+    assert {(r["run"], r["condition"], r["rouge_l"]["mean"]) for r in rows} == {("every64", "gist", 20.0),
+                                                                                ("every64", "truncate", 5.0)}
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(a), "--rename", "long-r4", "--out", str(tmp_path / "fig.png")])
+    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "fig.png").exists()

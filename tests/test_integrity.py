@@ -308,3 +308,59 @@ def test_tensor_sha256_is_unchanged_for_old_readers(saved):
     cache, path = saved
     meta = read_cache_metadata(path)
     assert meta["tensor_sha256"] == tensor_sha256(cache.tensors()) and meta[SEAL] == metadata_sha256(meta)
+
+
+# --- listing reads the header only -------------------------------------------------------------------------
+
+def test_metadata_reads_the_header_only(saved, tmp_path, monkeypatch):
+    """`gist cache ls` reads a few KB an entry: read_cache_metadata checks the tensors as the header declares them
+    (names, shapes, dtypes, byte ranges against the file's size) without reading their bytes; load_cache still reads
+    and hashes them, so a flipped tensor byte is listed and refused on load."""
+    import gistcache.cache.reader as reader
+
+    cache, path = saved
+    data = path.read_bytes()
+    header_bytes = 8 + int.from_bytes(data[:8], "little")
+    read = []
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        fh = open(file, mode, *args, **kwargs)
+        real_read = fh.read
+
+        class Counted:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                fh.close()
+
+            def fileno(self):
+                return fh.fileno()
+
+            def read(self, n=-1):
+                out = real_read(n)
+                read.append(len(out))
+                return out
+        return Counted()
+
+    monkeypatch.setattr(reader, "open", counting_open, raising=False)
+    assert read_cache_metadata(path)["prompt_sha256"] == cache.prompt_sha256
+    assert sum(read) == header_bytes < len(data)
+    read.clear()
+    load_cache(path)
+    assert sum(read) == len(data)
+    monkeypatch.undo()
+
+    header, body = split(data)
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(pack(header, bytes([body[0] ^ 0xFF]) + body[1:]))
+    assert read_cache_metadata(flipped) == read_cache_metadata(path)
+    with pytest.raises(GistError, match="tensor bytes do not match their tensor_sha256"):
+        load_cache(flipped)
+    for name, damaged in (("truncated", data[:-1]), ("grown", data + b"\0")):
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(damaged)
+        with pytest.raises(GistError, match="not a readable safetensors file"):
+            read_cache_metadata(bad)
+        with pytest.raises(GistError, match="not a readable safetensors file"):
+            load_cache(bad)

@@ -1,5 +1,5 @@
 """A cache file's header checked field by field (type, bounds, agreement with the others and with the
-tensors safetensors decoded from the file, then the seal); see `gistcache.cache`."""
+tensors, decoded or as the safetensors header declares them, then the seal); see `gistcache.cache`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Mapping, NoReturn, Protocol
 
 import torch
 
@@ -46,12 +46,19 @@ class _Header:
     gist_per_chunk: int = 0
 
 
+class _Shaped(Protocol):
+    """What the checks read of a tensor: a decoded one, or one as its safetensors header declares it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 def _int_list(value: object, lo: int, hi: int) -> bool:
     return isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value)
 
 
-def _check_header(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], *,
+def _check_header(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.Tensor | _Shaped], *,
                   versions: tuple[int, ...], need_seal: bool) -> _Header:
     """Every header field checked for type, bounds and agreement with the others and with the tensors in the file,
     then the seal; the first field that does not fit is named."""

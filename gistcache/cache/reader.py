@@ -4,9 +4,12 @@ field by field (header.py), then the tensor bytes and their values. See `gistcac
 from __future__ import annotations
 
 import json
+import math
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, Iterator, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -26,11 +29,13 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 def read_cache_metadata(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> dict[str, str]:
     """The header metadata of a cache file of one of `versions`, every field checked and the seal verified when
-    the file has one (the tensors are decoded to check their shapes and dtype, not hashed). A version 2 file
-    written before the seal is returned too: `gist cache ls` lists it, and it can be replaced or removed."""
+    the file has one. Only the header is read: the tensors' names, shapes and dtypes are checked as it declares
+    them, and their byte ranges against the file's size (a truncated file is refused), but their bytes are not
+    read or hashed, so `gist cache ls` over a large store reads a few KB an entry. A version 2 file written
+    before the seal is returned too: `gist cache ls` lists it, and it can be replaced or removed."""
     path = Path(path)
-    meta, tensors = _read(path)
-    return _check_header(path, meta, tensors, versions=versions, need_seal=False).meta
+    meta, declared = _read_header(path)
+    return _check_header(path, meta, declared, versions=versions, need_seal=False).meta
 
 
 def load_cache(path: str | Path, model: GistModel | None = None) -> GistCache:
@@ -74,19 +79,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     mix two versions. safetensors decodes the tensors (their offsets, dtypes and shapes checked there); only the
     header's `__metadata__` is read here, since safetensors returns it from a file name but not from bytes."""
     data = _read_bytes(path)
-    header = _header_json(path, data)
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not isinstance(meta, dict):
-        _unreadable(path, "its __metadata__ is not a JSON object")
-    for key, value in (meta or {}).items():
-        if not isinstance(value, str):
-            raise GistError(f"{path} has metadata field {key[:40]!r} holding {_json_kind(value)}, not text: "
-                            f"safetensors metadata is text only; {ALTERED}")
-    for name, entry in header.items():  # refused before safetensors decodes a tensor of another dtype
-        dtype = entry.get("dtype") if isinstance(entry, dict) else None
-        if isinstance(dtype, str) and dtype not in SAFETENSORS_DTYPES:
-            raise GistError(f"{path} tensor {name[:40]!r} has dtype {dtype[:20]!r}: a gist cache holds "
-                            f"{', '.join(SAFETENSORS_DTYPES)} tensors; {ALTERED}")
+    meta = _checked_metadata(path, _header_json(path, data))
     try:
         tensors = load(data)
     except SafetensorError as exc:
@@ -96,8 +89,72 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return meta or {}, tensors
 
 
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _Declared]]:
+    """(metadata, the tensors as the header declares them) from the header's bytes alone, in one open of the
+    file; each tensor's byte range checked against its shape and dtype and the ranges against the file's size."""
+    with _open_cache(path) as (fh, size):
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) == 8 and n <= min(MAX_HEADER_BYTES, size - 8):
+            head += fh.read(n)
+    header = _header_json(path, head)  # refuses a short file or a length that does not fit what was read
+    meta = _checked_metadata(path, header)
+    declared, end = {}, 0
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (_whole_numbers(shape) and _whole_numbers(offsets) and len(offsets) == 2 and "dtype" in entry):
+            _unreadable(path, f"tensor {name[:40]!r} has no dtype, shape and data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            _unreadable(path, f"tensor {name[:40]!r} has dtype {str(entry['dtype'])[:20]!r}")
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            _unreadable(path, f"tensor {name[:40]!r} spans {offsets[1] - offsets[0]} bytes, not its shape's")
+        declared[name], end = _Declared(tuple(shape), dtype), max(end, offsets[1])
+    if 8 + n + end != size:
+        _unreadable(path, f"its tensors end at byte {8 + n + end} of a file of {size} bytes")
+    return meta, declared
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """A tensor as a safetensors header declares it: what `_check_header` compares with the metadata."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _whole_numbers(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _checked_metadata(path: Path, header: dict) -> dict[str, str]:
+    """The header's `__metadata__` (taken out of `header`), text only; a tensor of a dtype no cache holds refused
+    before safetensors decodes it."""
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        _unreadable(path, "its __metadata__ is not a JSON object")
+    for key, value in (meta or {}).items():
+        if not isinstance(value, str):
+            raise GistError(f"{path} has metadata field {key[:40]!r} holding {_json_kind(value)}, not text: "
+                            f"safetensors metadata is text only; {ALTERED}")
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(dtype, str) and dtype not in SAFETENSORS_DTYPES:
+            raise GistError(f"{path} tensor {name[:40]!r} has dtype {dtype[:20]!r}: a gist cache holds "
+                            f"{', '.join(SAFETENSORS_DTYPES)} tensors; {ALTERED}")
+    return meta or {}
+
+
 def _read_bytes(path: Path) -> bytes:
-    """The file's bytes; a folder, a missing file or one too large to be a cache refused."""
+    """The file's bytes (a file grown since it was opened does not match its header: refused when decoded)."""
+    with _open_cache(path) as (fh, _):
+        return fh.read(MAX_FILE_BYTES + 1)
+
+
+@contextmanager
+def _open_cache(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """(open file, its size); a folder, a missing file or one too large to be a cache refused."""
     if path.is_dir():
         raise GistError(f"cache file {path} is a folder: give a file written by `gist compress --out FILE`")
     if not path.is_file():
@@ -107,7 +164,7 @@ def _read_bytes(path: Path) -> bytes:
         if size > MAX_FILE_BYTES:
             raise GistError(f"{path} is {size} bytes, more than any gist cache: give a file written by "
                             f"`gist compress`")
-        return fh.read(MAX_FILE_BYTES + 1)  # a file grown since fstat does not match its header: refused below
+        yield fh, size
 
 
 def _header_json(path: Path, data: bytes) -> dict:
