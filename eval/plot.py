@@ -173,10 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                         help="a run evaluated under two names (a folder and its shipped name): plot OLD as NEW")
     args = parser.parse_args(argv)
-    renames = dict(r.split("=", 1) for r in args.rename if "=" in r)
-    if len(renames) != len(args.rename):
-        print(f"error: --rename takes OLD=NEW, got {next(r for r in args.rename if '=' not in r)[:60]!r}", file=sys.stderr)
+    bad = [r for r in args.rename if "=" not in r]
+    if bad:
+        print(f"error: --rename takes OLD=NEW, got {bad[0][:60]!r}", file=sys.stderr)
         raise SystemExit(2)
+    renames = dict(r.split("=", 1) for r in args.rename)
     for folder in map(Path, args.eval_dirs):
         if not ((folder / "results.json").is_file() and (folder / "predictions.jsonl").is_file()):
             print(f"error: {folder} holds no results.json and predictions.jsonl: give folders written by `gist eval`",

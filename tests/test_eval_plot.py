@@ -49,6 +49,9 @@ def test_rename_joins_one_run_evaluated_under_two_names(tmp_path, capsys):
     rows = plot.merged_rows([a, b], {"long-r4": "every64"})
     assert {(r["run"], r["condition"], r["rouge_l"]["mean"]) for r in rows} == {("every64", "gist", 20.0),
                                                                                 ("every64", "truncate", 5.0)}
+    twice = tmp_path / "twice.png"  # the same OLD given twice: the last NEW wins, as a dict has it
+    plot.main([str(a), "--rename", "x=y", "--rename", "x=z", "--out", str(twice)])
+    assert twice.stat().st_size > 0
     with pytest.raises(SystemExit) as exc:
         plot.main([str(a), "--rename", "long-r4", "--out", str(tmp_path / "fig.png")])
     assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1

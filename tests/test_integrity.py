@@ -357,7 +357,9 @@ def test_metadata_reads_the_header_only(saved, tmp_path, monkeypatch):
     assert read_cache_metadata(flipped) == read_cache_metadata(path)
     with pytest.raises(GistError, match="tensor bytes do not match their tensor_sha256"):
         load_cache(flipped)
-    for name, damaged in (("truncated", data[:-1]), ("grown", data + b"\0")):
+    odd = json.loads(json.dumps(header))
+    odd[next(k for k in odd if k != "__metadata__")]["dtype"] = ["F32"]  # JSON, but no dtype: refused, no TypeError
+    for name, damaged in (("truncated", data[:-1]), ("grown", data + b"\0"), ("odd", pack(odd, body))):
         bad = tmp_path / f"{name}.safetensors"
         bad.write_bytes(damaged)
         with pytest.raises(GistError, match="not a readable safetensors file"):

@@ -17,7 +17,7 @@ from safetensors.torch import load
 
 from gistcache.cache.format import FORMAT_VERSION, tensor_sha256
 from gistcache.cache.gist_cache import GistCache
-from gistcache.cache.header import ALTERED, MAX_FILE_BYTES, MAX_HEADER_BYTES, _check_header
+from gistcache.cache.header import ALTERED, MAX_FILE_BYTES, MAX_HEADER_BYTES, _check_header, _int_list
 from gistcache.cache.identity import check_cache
 from gistcache.cache.writer import check_finite
 from gistcache.errors import GistError
@@ -86,7 +86,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         _unreadable(path, " ".join(str(exc).split())[:120])
     except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # a shape torch cannot hold
         _unreadable(path, f"a tensor shape torch cannot hold: {type(exc).__name__}")
-    return meta or {}, tensors
+    return meta, tensors
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _Declared]]:
@@ -103,9 +103,11 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _Declared]]:
     for name, entry in header.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (_whole_numbers(shape) and _whole_numbers(offsets) and len(offsets) == 2 and "dtype" in entry):
+        if not (_int_list(shape, 0, 1 << 64) and _int_list(offsets, 0, 1 << 64) and len(offsets) == 2
+                and "dtype" in entry):
             _unreadable(path, f"tensor {name[:40]!r} has no dtype, shape and data_offsets")
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        # a text dtype no cache holds was refused by _checked_metadata; any other kind of value is refused here
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         if dtype is None:
             _unreadable(path, f"tensor {name[:40]!r} has dtype {str(entry['dtype'])[:20]!r}")
         if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
@@ -122,10 +124,6 @@ class _Declared:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-
-def _whole_numbers(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def _checked_metadata(path: Path, header: dict) -> dict[str, str]:
