@@ -17,12 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import tiny  # noqa: E402
-
-
-def folder_digest(folder: Path) -> dict[str, str]:
-    """{relative path: SHA-256} of every file under `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+from tiny import folder_digest  # noqa: E402
 
 
 def model_digest(model: torch.nn.Module) -> str:

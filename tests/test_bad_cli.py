@@ -11,7 +11,6 @@ process (`Disk`); permission bits are real, and those cases are skipped where th
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -381,13 +380,9 @@ CASES = [
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
-    """{path: SHA-256} of every file under `roots`."""
-    out = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
+    """{path: SHA-256} of every file under `roots` (symbolic links left out)."""
+    return {str(root / rel): digest for root in roots
+            for rel, digest in tiny.folder_digest(root, follow_symlinks=False).items()}
 
 
 @pytest.mark.parametrize("build,expected", CASES)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
@@ -91,6 +94,13 @@ def make_gist_model(arch: str = "llama", num_gist: int = 2, seed: int = 0, **ove
     with torch.no_grad():
         gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
     return gm.eval()
+
+
+def folder_digest(folder, *, follow_symlinks: bool = True) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under `folder` (symbolic links to files read through, or left out)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (follow_symlinks or not p.is_symlink())}
 
 
 def skip_without_default_model() -> None:
