@@ -54,7 +54,7 @@ FUZZ ?= 10000
 FUZZ_SEED ?= 16
 fuzz: $(STAMP)
 	GISTCACHE_FUZZ=$(FUZZ) GISTCACHE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s -p no:cacheprovider \
-	  tests/test_fuzz.py -k test_fuzz_cache_files
+	  tests/cache/test_fuzz.py -k test_fuzz_cache_files
 
 # How the shipped run was made (smollm2-135m-every64: one gist token after every 64 instruction tokens,
 # `gist train --preset shipped`, 51 min on this 2-core CPU) and its evaluation. Data: k-shot and zero-shot
@@ -108,20 +108,21 @@ vllm-venv: $(VSTAMP)
 
 # The vLLM equality test (greedy vLLM from gist caches == gist generate), in the vLLM virtualenv.
 test-vllm: $(VSTAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm.py tests/test_vllm_chunked.py tests/test_export.py tests/test_serve.py
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q \
+	  $(addprefix tests/serving/,test_vllm.py test_vllm_chunked.py test_export.py test_serve.py)
 
 # gist bench serve --scenario oversubscribed on a tiny random model in vLLM (a smoke of the stream, not a benchmark).
 test-serve-bench: $(VSTAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm_serve_bench.py
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/serving/test_vllm_serve_bench.py
 
 # gist serve's /v1/chat/completions through the openai client == gist generate (one server start, ~3 min).
 test-chat: $(VSTAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/test_vllm_chat.py
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q tests/serving/test_vllm_chat.py
 
 # gist serve under load and faults: 60 requests at concurrency 8 with a bad one of each kind, a store entry
 # replaced on disk while it is served, a SIGKILL mid-load and a restart (two server starts, ~3-4.5 min).
 test-serve-load: $(VSTAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q -p no:cacheprovider tests/test_serve_load.py
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=2 $(VPY) -m pytest -q -p no:cacheprovider tests/serving/test_serve_load.py
 
 # The full run whose table is in docs/benchmarks.md (500 requests at concurrency 32, ~7.5 min on the 2-core CPU).
 serve-load: $(VSTAMP)
@@ -151,7 +152,7 @@ peers-venv: $(PSTAMP)
 
 # The press tests (each press keeps the stated positions; ratio 0 == the full prompt), in the peers virtualenv.
 test-peers: $(PSTAMP)
-	OMP_NUM_THREADS=2 $(PPY) -m pytest -q -p no:cacheprovider tests/test_peers.py
+	OMP_NUM_THREADS=2 $(PPY) -m pytest -q -p no:cacheprovider tests/eval/test_peers.py
 
 # The CLI unchanged by a change (issue 25): tests/cli_transcript.py writes `--help` of every verb and 70+ calls on a
 # tiny run (exit codes, output, SHA-256 of the files written) for BASE, checked out in a temporary git worktree, and

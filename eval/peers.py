@@ -7,7 +7,8 @@ JSON files (`eval/peers_worker.py`): token ids in, token ids out.
 
 `evaluate(config)`:
 
-1. evaluates every other condition with `gistcache.eval.loop.evaluate`, into a staging folder beside `--out`;
+1. evaluates every other condition with `gistcache.eval.loop.evaluate`, into a staging folder in the system's
+   temporary folder;
 2. for each gist run and split, sends the worker each example's prompt P (`encode_instruction`: the ids the
    full prompt reads before the input) as the context, its input I (`encode_input`) as the question and K, the
    positions the press keeps (`conditions.press_kept_positions`: the gist cache's F + M for that prompt, or
@@ -58,8 +59,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
         return loop.evaluate(config, show_progress=show_progress)
     python = peers_python()
     out = Path(config.out)
-    staging = out.with_name(f".{out.name}.peers-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    # in the system's temporary folder, not beside --out: a killed evaluation leaves nothing in the user's folders
+    staging = Path(tempfile.mkdtemp(prefix="gist-eval-peers-")) / "out"
     inner = replace(config, baselines=[b for b in config.baselines if not is_press(b)], out=str(staging))
     started = time.perf_counter()
     try:
@@ -68,7 +69,7 @@ def evaluate(config: EvalConfig, *, show_progress: bool = True) -> dict:
         predictions = _read_predictions(staging / "predictions.jsonl", examples)
         failed = _run_presses(config, presses, python, results, examples, predictions, show_progress)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent, ignore_errors=True)
     F.add_reductions(results["rows"])
     results["config"] = {**config.to_dict(), "device_resolved": results["config"]["device_resolved"]}
     results["failed"] = failed

@@ -92,3 +92,15 @@ def make_tiny_run(tmp_path_factory, tiny_model_dir):
     yield make
     changed = [str(folder) for folder, before in shared.values() if folder_digest(folder) != before]
     assert not changed, f"tests wrote into the session's shared tiny runs: {changed}"
+
+
+@pytest.fixture(scope="session")
+def lora_runs(tmp_path_factory, tiny_model_dir):
+    """{"base": run, "tuned": run}: tiny LoRA runs of both decoders whose adapter moves the logits a lot
+    (`tiny.save_lora_run`); the session's, read-only."""
+    root = tmp_path_factory.mktemp("decoders")
+    runs = {decoder: tiny.save_lora_run(tiny_model_dir, root / f"run-{decoder}", decoder)
+            for decoder in ("base", "tuned")}
+    before = folder_digest(root)
+    yield runs
+    assert folder_digest(root) == before, f"a test wrote into the session's LoRA runs {root}"

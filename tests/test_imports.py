@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import tiny
+
+ROOT = tiny.ROOT
 # package name -> its folder (pyproject.toml [tool.setuptools.package-dir])
 PACKAGE_DIRS = {"gistcache": ROOT / "gistcache", "gistcache.cli": ROOT / "cli", "gistcache.train": ROOT / "train",
                 "gistcache.eval": ROOT / "eval"}

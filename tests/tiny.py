@@ -16,6 +16,10 @@ except ModuleNotFoundError:  # a checkout from before issue 25's folders: cli_tr
     from gistcache.rotary import model_inv_freq
 
 ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+# instructions and inputs the cache-path tests compress and answer (byte-level: one token a character)
+INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
+INPUTS = ["stone", "41", "abc de fgh ijk"]
 
 
 def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
@@ -85,15 +89,63 @@ def save_vllm_run(root):
     return root / "tiny-run"
 
 
-def make_gist_model(arch: str = "llama", num_gist: int = 2, seed: int = 0, **overrides):
-    """A tiny GistModel in memory (paper mask) whose gist embedding is not the mean (as after training)."""
+def make_gist_model(arch: str = "llama", num_gist: int = 2, seed: int = 0, *, mask: str = "paper",
+                    attn_implementation: str = "sdpa", **fields):
+    """A tiny GistModel in memory whose gist embedding is not the mean (as after training): `make_model(arch, seed)`
+    with the config overrides in `fields`, and GistModel's own fields (mask, template, positions, decoder,
+    gist_every); mask "prefix-original" is the prefix mask in the original positions (one masked forward),
+    "prefix" the compact ones (two passes)."""
     from gistcache.model import GistModel
 
-    gm = GistModel(make_model(arch, seed=seed, **overrides), make_tokenizer(), num_gist)
+    gist_fields = {k: fields.pop(k) for k in ("template", "positions", "decoder", "gist_every") if k in fields}
+    if mask == "prefix-original":
+        mask, gist_fields["positions"] = "prefix", "original"
+    model = make_model(arch, seed=seed, attn_implementation=attn_implementation, **fields)
+    gm = GistModel(model, make_tokenizer(), num_gist, mask=mask, **gist_fields)
     torch.manual_seed(100 + seed)
     with torch.no_grad():
         gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
     return gm.eval()
+
+
+def make_prefix_model(arch: str = "llama", num_gist: int = 2, mask: str = "prefix", **fields):
+    """`make_gist_model` with the prefix mask unless told (the mask most tests of the cache path use)."""
+    return make_gist_model(arch, num_gist, mask=mask, **fields)
+
+
+def masked_logits(model, instruction: str, text: str) -> torch.Tensor:
+    """The logits over `text`'s tokens in one masked training forward of instruction, gists and text."""
+    from gistcache.prompts import encode_input, encode_instruction
+
+    tok, n = model.tokenizer, model.num_gist_tokens
+    after = encode_input(tok, text, model.template)
+    ids = torch.tensor([encode_instruction(tok, instruction, model.template) + [model.gist_token_id] * n + after])
+    with torch.no_grad():
+        return model(ids, torch.ones_like(ids)).logits[0, -len(after):]
+
+
+def save_lora_run(model_dir, path, decoder: str):
+    """A tiny LoRA run (1 gist token, the prefix mask, compact positions) of the base in `model_dir` whose adapter
+    moves the logits a lot (B ~ N(0, 1), unlike `NUDGED`'s small nudge) and whose decoder is `decoder`."""
+    from peft import LoraConfig, get_peft_model
+
+    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
+
+    base, tok = load_base_model(str(model_dir)), load_tokenizer(str(model_dir))
+    fp = fingerprint_model(base)
+    config = run_config(model_dir, 1, tune="lora", mask="prefix", decoder=decoder, lora_r=4, lora_alpha=8,
+                        lora_target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    gm = GistModel(peft, tok, 1, base_fingerprint=fp, mask="prefix", decoder=decoder)
+    with torch.no_grad():
+        gm.gist_embedding.add_(1.0)
+    save_run(gm, path, config, base_fingerprint=fp)
+    return path
 
 
 def folder_digest(folder, *, follow_symlinks: bool = True) -> dict[str, str]:

@@ -33,7 +33,7 @@ Measured, all on the device, timed between `torch.cuda.synchronize()` calls, med
     token), which is what the full prompts would get with their prefixes already cached.
 
 Checks, reported in the table (on a GPU in bfloat16 kernels of different shapes round differently, so a
-differing near-tie is possible there; tests/test_gpu_bench.py requires every check on the CPU in float32):
+differing near-tie is possible there; tests/eval/test_gpu_bench.py requires every check on the CPU in float32):
 the gist answer equals the masked reference (`generate_masked_ids`, the definition, no cache); the batched
 gist answers (`--check-tokens` tokens) equal each cache decoded alone; the cached prefix gives the full prompt's
 first token; the decode loop's tokens equal the generate engine's, for gist and for full.

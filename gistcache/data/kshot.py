@@ -38,7 +38,7 @@ from gistcache.errors import GistError
 # was seen, from the tasks of ../shared/data/superni/superni_train.json that have 12 rows (so each row has
 # 11 possible shots), leaving out the 4 tasks whose kept rows all carry one label (superni/README.md):
 #     eligible = sorted(tasks with 12 rows) minus those 4;  sorted(random.Random(23).sample(eligible, 24))
-# (tests/test_kshot.py checks the draw against the data file when it is there.)
+# (tests/data/test_kshot.py checks the draw against the data file when it is there.)
 LONG_DEV_TASKS: tuple[str, ...] = (
     "task064_all_elements_except_first_i",
     "task065_timetravel_consistent_sentence_classification",

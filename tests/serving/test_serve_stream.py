@@ -2,7 +2,7 @@
 engines it asks for (block size, KV blocks sized for 1/oversubscription of the full prompts), requests added no
 earlier than their Poisson arrival and carrying it, the warm-up before each kind's measured passes, and the
 result's shape. The stand-in finishes every request at the next step; a prompt whose first 8 tokens it saw
-since the last reset reports its whole blocks as cached. The real engine: tests/test_vllm_serve_bench.py."""
+since the last reset reports its whole blocks as cached. The real engine: tests/serving/test_vllm_serve_bench.py."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from gistcache.inference.generation import GREEDY, generate, generate_ids, gener
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.model.rotary import config_inv_freq, model_inv_freq, move_keys
 from gistcache.prompts import encode_input
-from test_prefix_mask import INPUTS, INSTRUCTIONS, make_prefix_model, masked_logits
+from tiny import INPUTS, INSTRUCTIONS, make_prefix_model, masked_logits
 
 NEW = 10
 ROPES = {  # shift-invariant rotary scalings, as a Llama config names them

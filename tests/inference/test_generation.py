@@ -11,7 +11,7 @@ from gistcache.inference.generation import (GenerateConfig, build_batch, generat
                                             generate_masked_ids)
 from gistcache.model import GistModel, cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction
-from test_cache import INSTRUCTIONS
+from tiny import INSTRUCTIONS
 from tiny import make_gist_model
 
 INPUTS = ["stone", "41", "abc de fgh ijk"]  # different lengths: left padding between gist and input

@@ -15,7 +15,7 @@ from gistcache.model import load_run
 from gistcache.prompts import encode_input, encode_instruction
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
-from test_prefix_mask import INPUTS, INSTRUCTIONS, make_prefix_model
+from tiny import INPUTS, INSTRUCTIONS, make_prefix_model
 
 
 def rows(model, answers=("ok", "forty-two", "ABC")):

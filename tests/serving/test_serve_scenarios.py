@@ -1,7 +1,7 @@
 """`gist bench serve --scenario oversubscribed` without vLLM (issue 26 item 1): the seeded Poisson arrivals, the
 draw from the instruction pool, the KV cache sizing, one pass's numbers, the "where the gain comes from" line,
 the table at 40 and 300 columns, and every bad flag refused in one line before any engine starts.
-The engine run itself is tests/test_vllm_serve_bench.py (.venv-vllm)."""
+The engine run itself is tests/serving/test_vllm_serve_bench.py (.venv-vllm)."""
 
 from __future__ import annotations
 

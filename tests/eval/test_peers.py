@@ -12,8 +12,10 @@ Two halves:
 
 import importlib.util
 import json
+import os
 import stat
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -257,6 +259,9 @@ def test_press_rows_merge_and_a_failing_press_still_writes(run, data, tmp_path, 
     from gistcache.model import load_run_tokenizer
 
     monkeypatch.setenv("GISTCACHE_PEERS_PYTHON", str(_fake_python(tmp_path, FAKE_WORKER)))
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     out = tmp_path / "out"
     result = _eval("--run", run, "--split", data, "--out", out, "--max-new-tokens", 2, "--flops-examples", 1,
                    "--baseline", "full", "--baseline", "kvpress:knorm", "--baseline", "kvpress:tova",
@@ -291,7 +296,35 @@ def test_press_rows_merge_and_a_failing_press_still_writes(run, data, tmp_path, 
     md = (out / "results.md").read_text()
     assert "| rows | kvpress:knorm | 3 |" in md and "kvpress:tova" not in md
     assert (out / "rouge_by_condition.png").stat().st_size > 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # the staging folder is gone
+    # the staging folder was in the system's temporary folder (where a killed run would leave it), and is gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")] and list(system_tmp.iterdir()) == []
+
+
+KILLING_WORKER = """
+import os, signal
+os.kill(os.getppid(), signal.SIGKILL)  # the gist eval that started this worker, killed mid-evaluation
+"""
+
+
+@main_venv
+def test_a_killed_evaluation_leaves_nothing_beside_out(run, data, tmp_path):
+    """`gist eval` with a press, killed (SIGKILL) while the press runs: nothing of it beside `--out`; its staging
+    folder is in the system's temporary folder, which is the operating system's to clean."""
+    import subprocess
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {**os.environ, "GISTCACHE_PEERS_PYTHON": str(_fake_python(tmp_path, KILLING_WORKER)),
+           "TMPDIR": str(system_tmp), "COLUMNS": "40"}
+    folder = tmp_path / "evals"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "gistcache.cli.main", "eval", "--run", run, "--split", data,
+                           "--out", str(folder / "out"), "--max-new-tokens", "2", "--flops-examples", "0",
+                           "--baseline", "kvpress:knorm"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert list(folder.iterdir()) == []
+    staged = sorted(p.name.split("-")[1] for p in system_tmp.iterdir())  # gist-eval-peers-*, the worker's gist-peers-*
+    assert staged == ["eval", "peers"], staged
 
 
 @main_venv

@@ -6,14 +6,14 @@ import importlib.util
 import json
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
+import tiny
 try:
     from gistcache.data.tasks import FAMILIES, make_builtin_tasks
 except ImportError:  # package not installed yet: load the file by path
-    _path = Path(__file__).resolve().parents[1] / "gistcache" / "data" / "tasks.py"
+    _path = tiny.ROOT / "gistcache" / "data" / "tasks.py"
     _spec = importlib.util.spec_from_file_location("_gistcache_data_tasks", _path)
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _mod  # dataclasses need the module registered

@@ -16,8 +16,8 @@ from gistcache.inference.compression import compress
 from gistcache.model import GistModel
 from gistcache.prompts import encode_instruction
 from gistcache.store import CacheStore, cache_key, compress_cached, default_store_dir, key_of
+from tiny import INSTRUCTIONS
 
-INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
 
 
 def assert_same_cache(a: GistCache, b: GistCache):

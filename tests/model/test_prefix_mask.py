@@ -11,27 +11,10 @@ from gistcache.errors import GistError
 from gistcache.inference.compression import compress
 from gistcache.inference.generation import build_batch, generate_ids, generate_masked_ids
 from gistcache.masks import make_gist_mask
-from gistcache.model import GistModel, cache_kwarg
+from gistcache.model import cache_kwarg
 from gistcache.prompts import encode_input, encode_instruction, fixed_prefix_ids
 from test_masks import G, random_rows, reference_mask, rows
-
-INSTRUCTIONS = ["Reverse the word", "Add one to the number you are given", "Uppercase every letter"]
-INPUTS = ["stone", "41", "abc de fgh ijk"]
-
-
-def make_prefix_model(arch="llama", num_gist=2, mask="prefix", attn_implementation="sdpa", template="auto",
-                      positions="compact"):
-    """A tiny GistModel with a random gist embedding; mask "prefix-original" is the prefix mask in the original
-    positions (one masked forward), "prefix" the compact ones (two passes)."""
-    if mask == "prefix-original":
-        mask, positions = "prefix", "original"
-    gm = GistModel(tiny.make_model(arch, attn_implementation=attn_implementation), tiny.make_tokenizer(), num_gist,
-                   mask=mask, template=template, positions=positions)
-    torch.manual_seed(100)
-    with torch.no_grad():
-        gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
-    return gm.eval()
-
+from tiny import INPUTS, INSTRUCTIONS, make_prefix_model, masked_logits
 
 def test_literal_prefix_masks():
     """For `s a b G d e` with prefix `s`, the gist and neg_control rows are the matrices drawn in masks.py."""
@@ -76,14 +59,6 @@ def test_every_prompt_starts_with_the_fixed_prefix(template):
     assert prefix
     for text in INSTRUCTIONS:
         assert encode_instruction(tok, text, template)[:len(prefix)] == prefix
-
-
-def masked_logits(model, instruction, text):
-    tok, N = model.tokenizer, model.num_gist_tokens
-    after = encode_input(tok, text, model.template)
-    ids = torch.tensor([encode_instruction(tok, instruction, model.template) + [model.gist_token_id] * N + after])
-    with torch.no_grad():
-        return model(ids, torch.ones_like(ids)).logits[0, -len(after):]
 
 
 def cache_logits(model, caches, inputs, drop_prefix=False):

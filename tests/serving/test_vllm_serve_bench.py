@@ -2,7 +2,7 @@
 60 tokens (byte tokens: synth_instruction cannot cut every seed's text at exactly 64), 12 requests in a burst and
 at 50/s, block size 32, a KV cache sized for 2 full prompts. Checks the shape and the consistency of what it
 reports, not its speed. Skipped where vLLM is not installed (.venv-vllm runs it:
-`.venv-vllm/bin/python -m pytest -q tests/test_vllm_serve_bench.py`)."""
+`.venv-vllm/bin/python -m pytest -q tests/serving/test_vllm_serve_bench.py`)."""
 
 import json
 

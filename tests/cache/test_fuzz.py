@@ -34,11 +34,10 @@ import pytest
 import torch
 
 from gistcache.cache import HEADER, SEAL, GistCache, load_cache, metadata_sha256, save_cache, tensor_sha256
-from gistcache.config import DTYPES
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
 from gistcache.masks import MASKS, POSITIONS
-from test_prefix_mask import make_prefix_model
+from tiny import make_prefix_model
 
 COUNT = int(os.environ.get("GISTCACHE_FUZZ", "300"))
 SEED = int(os.environ.get("GISTCACHE_FUZZ_SEED", "16"))

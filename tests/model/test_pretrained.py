@@ -1,10 +1,11 @@
 """The run life cycle (issue 13): from_pretrained / save_pretrained, dtype-native fingerprints, refusals, CLI decoding."""
 
-from pathlib import Path
+import json
 from unittest import mock
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from typer.testing import CliRunner
 
 import gistcache
@@ -15,7 +16,7 @@ from gistcache.cli.main import app
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
-from gistcache.inference.generation import GREEDY, generate, generate_ids
+from gistcache.inference.generation import GREEDY, generate_ids
 from gistcache.model import GistModel, fingerprint_model, load_base_model, load_run, load_tokenizer
 from gistcache.run import run_fingerprint
 
@@ -125,26 +126,22 @@ def test_flash_attention_is_refused_for_the_gist_mask(tiny_model_dir):
         model(ids, torch.ones_like(ids))
 
 
-def test_cli_decodes_greedily_whatever_the_model_suggests(make_tiny_run, tmp_path):
-    """`gist generate` passes its own greedy settings, so a model's generation_config cannot change its default."""
-    run = make_tiny_run(**tiny.NUDGED)
-    with mock.patch("gistcache.cli.generate_cmd.run_generate", return_value=["ok"]) as gen:
-        result = runner.invoke(app, ["generate", "--run", str(run), "--prompt", PROMPT, "--input", "stone",
-                                     "--store", str(tmp_path / "s")])
+def test_cli_decodes_greedily_whatever_the_model_suggests(tmp_path):
+    """`gist generate` decodes greedily even where the base model's generation_config asks otherwise: on a base whose
+    generation_config forbids any repeated token, its answer is the greedy one, which repeats tokens."""
+    base = tiny.save_model_folder(tmp_path / "base", "llama")
+    GenerationConfig(no_repeat_ngram_size=1, bos_token_id=0, eos_token_id=3, pad_token_id=1).save_pretrained(base)
+    run = tmp_path / "run"
+    tiny.save_run_folder(base, run, tune="lora", **tiny.NUDGED)
+    model = GistModel.from_pretrained(run)
+    assert model.model.generation_config.no_repeat_ngram_size == 1
+    cache = compress(model, PROMPT)
+    greedy = generate_ids(model, cache, "stone", max_new_tokens=128, **GREEDY)[0]
+    suggested = generate_ids(model, cache, "stone", max_new_tokens=128)[0]
+    assert len(set(greedy)) < len(greedy) and len(set(suggested)) == len(suggested)
+    answer = model.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert answer != model.tokenizer.decode(suggested, skip_special_tokens=True)
+    result = runner.invoke(app, ["generate", "--run", str(run), "--prompt", PROMPT, "--input", "stone",
+                                 "--store", str(tmp_path / "s"), "--json"])
     assert result.exit_code == 0, result.output
-    kwargs = gen.call_args.kwargs
-    assert {k: kwargs[k] for k in GREEDY} == GREEDY and kwargs["max_new_tokens"] == 128
-
-
-def test_readme_snippet_continues_the_cache_with_stock_generate(make_tiny_run):
-    """The README's stock-transformers snippet runs on a tiny run and answers what `generate` (gist generate) does."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = [b.split("\n", 1)[1] for b in readme.split("```python")[1:]]
-    (snippet,) = [b.split("```")[0] for b in blocks if "to_dynamic_cache" in b]
-    run = make_tiny_run(**tiny.NUDGED)
-    namespace: dict = {}
-    exec(snippet.replace('"runs/r1"', repr(str(run))), namespace)  # noqa: S102 - our own README
-    model, cache = namespace["model"], namespace["cache"]
-    assert cache.key_start == model.num_prefix_tokens == 6
-    assert namespace["answer"] and namespace["answer"] == generate(model, cache, "The cat ate the fish.",
-                                                                   max_new_tokens=32, **GREEDY)[0]
+    assert json.loads(result.output) == [{"input": "stone", "output": answer}]

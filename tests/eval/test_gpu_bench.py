@@ -18,13 +18,13 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+import tiny
 from gistcache.eval import gpu_bench
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = tiny.ROOT
 TINY = ["--shape", "tiny", "--device", "cpu", "--prompt-tokens", "96", "--batch", "3", "--new-tokens", "8",
         "--check-tokens", "8", "--repeats", "1", "--batch-repeats", "1", "--threads", "1"]
 LABELS = ["machine", "software", "model", "prompt (tokens)", "prompt KV per request", "compress 1 instruction",

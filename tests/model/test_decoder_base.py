@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
 import tiny
@@ -17,7 +18,7 @@ from gistcache.model import GistModel, load_base_model, load_run, load_tokenizer
 from gistcache.train.config import TrainConfig
 from gistcache.train.loop import train
 from test_compact import left_padded, rows
-from test_prefix_mask import INPUTS, INSTRUCTIONS
+from tiny import INPUTS, INSTRUCTIONS
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,22 @@ def test_the_untouched_base_of_a_base_decoder_run_is_the_run(decoder_runs):
     assert load_untouched_base(model, dtype=torch.float32, device="cpu") is model
     tuned = load_run(decoder_runs["tuned"])
     assert load_untouched_base(tuned, dtype=torch.float32, device="cpu") is not tuned
+
+
+def test_cache_reader_switches_the_adapter_off_only_inside():
+    """`cache_reader` yields the model with the adapter off for a --decoder base run, and puts it back."""
+    peft = get_peft_model(tiny.make_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    model = GistModel(peft, tiny.make_tokenizer(), 1, mask="prefix", decoder="base")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        on = model.model(input_ids=ids).logits
+        with model.cache_reader() as lm:
+            off = lm(input_ids=ids).logits
+        with model.model.disable_adapter():
+            bare = model.model(input_ids=ids).logits
+        again = model.model(input_ids=ids).logits
+    assert torch.equal(off, bare) and torch.equal(again, on) and not torch.equal(on, off)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import tiny
 from gistcache.cli import data_cmd
 from gistcache.cli.main import app
 from gistcache.data.kshot import LONG_DEV_TASKS, build_kshot, draw_long_dev_tasks, format_kshot
@@ -18,7 +18,7 @@ from gistcache.errors import GistError
 from clitools import one_line_error
 from tiny import make_tokenizer
 
-SUPERNI = Path(__file__).resolve().parents[2] / "shared" / "data" / "superni" / "superni_train.json"
+SUPERNI = tiny.ROOT.parent / "shared" / "data" / "superni" / "superni_train.json"
 runner = CliRunner()
 
 
