@@ -45,12 +45,12 @@ def run_config(model_dir, num_gist: int = 1, **gist_fields):
 
 
 def save_run_folder(model_dir, run_dir, num_gist: int = 1, *, shift: float = 0.0, lora_b: float = 0.0,
-                    dtype_prints: bool = False, **gist_fields):
+                    lora_b_std: float = 0.0, dtype_prints: bool = False, **gist_fields):
     """A gist run of the tiny model in `model_dir`, saved as a run folder; returns the GistModel. `gist_fields` are
     the GistConfig's (mask, gist_every, condition, tune, lora_r, ...; see `run_config`); mask and gist_every go to
     the GistModel too. Untrained unless told: `shift` is added to the gist embedding (the mean of the embeddings),
     tune="lora" wraps the base in the config's LoRA adapter (r, alpha, target modules) whose B matrices (zero when
-    fresh) get `lora_b` added, and `dtype_prints` records the base's dtype fingerprints (`tiny.NUDGED` sets all
+    fresh) are drawn from N(0, lora_b_std) (seed 1) and get `lora_b` added, and `dtype_prints` records the base's dtype fingerprints (`tiny.NUDGED` sets all
     three as test_pretrained.py's runs have them)."""
     from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
@@ -67,12 +67,15 @@ def save_run_folder(model_dir, run_dir, num_gist: int = 1, *, shift: float = 0.0
 
         base = get_peft_model(base, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                target_modules=config.lora_target_modules))
-        if lora_b:
-            with torch.no_grad():
-                for name, p in base.named_parameters():
-                    if "lora_B" in name:
-                        p.add_(lora_b)
-    model_fields = {k: v for k, v in gist_fields.items() if k in ("mask", "gist_every")}
+        if lora_b_std:
+            torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if "lora_B" in name and lora_b_std:
+                    p.normal_(0, lora_b_std)
+                if "lora_B" in name and lora_b:
+                    p.add_(lora_b)
+    model_fields = {k: v for k, v in gist_fields.items() if k in ("mask", "gist_every", "decoder")}
     gm = GistModel(base, load_tokenizer(str(model_dir)), num_gist, base_fingerprint=fp, **model_fields)
     if shift:
         with torch.no_grad():
@@ -127,24 +130,8 @@ def masked_logits(model, instruction: str, text: str) -> torch.Tensor:
 def save_lora_run(model_dir, path, decoder: str):
     """A tiny LoRA run (1 gist token, the prefix mask, compact positions) of the base in `model_dir` whose adapter
     moves the logits a lot (B ~ N(0, 1), unlike `NUDGED`'s small nudge) and whose decoder is `decoder`."""
-    from peft import LoraConfig, get_peft_model
-
-    from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
-
-    base, tok = load_base_model(str(model_dir)), load_tokenizer(str(model_dir))
-    fp = fingerprint_model(base)
-    config = run_config(model_dir, 1, tune="lora", mask="prefix", decoder=decoder, lora_r=4, lora_alpha=8,
-                        lora_target_modules=["q_proj", "v_proj"])
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
-    gm = GistModel(peft, tok, 1, base_fingerprint=fp, mask="prefix", decoder=decoder)
-    with torch.no_grad():
-        gm.gist_embedding.add_(1.0)
-    save_run(gm, path, config, base_fingerprint=fp)
+    save_run_folder(model_dir, path, 1, shift=1.0, lora_b_std=1.0, tune="lora", mask="prefix", decoder=decoder,
+                    lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
     return path
 
 

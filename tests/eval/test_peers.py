@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 import tempfile
 
@@ -310,8 +311,6 @@ os.kill(os.getppid(), signal.SIGKILL)  # the gist eval that started this worker,
 def test_a_killed_evaluation_leaves_nothing_beside_out(run, data, tmp_path):
     """`gist eval` with a press, killed (SIGKILL) while the press runs: nothing of it beside `--out`; its staging
     folder is in the system's temporary folder, which is the operating system's to clean."""
-    import subprocess
-
     system_tmp = tmp_path / "system-tmp"
     system_tmp.mkdir()
     env = {**os.environ, "GISTCACHE_PEERS_PYTHON": str(_fake_python(tmp_path, KILLING_WORKER)),

@@ -5,6 +5,7 @@ in one line with nothing on disk changed. `--overwrite` replaces only a complete
 import itertools
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,18 @@ def test_resume_refuses_another_runs_flags(stopped_run, kw, expected):
     assert snapshot(stopped_run[0]) == before
 
 
+@contextmanager
+def edited(path: Path, old: str, new: str):
+    """`path` with `old` replaced by `new` inside the block (which must find it there), its text put back after."""
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new))
+    try:
+        yield
+    finally:
+        path.write_text(text)
+
+
 def test_resume_refuses_another_model_or_data(stopped_run, tmp_path):
     """Another model folder is named as a flag; the same folder with other weights, an edited data file and
     another number of processes are refused by what the checkpoint recorded. Nothing on disk changes."""
@@ -216,22 +229,13 @@ def test_resume_refuses_another_model_or_data(stopped_run, tmp_path):
     finally:
         (model / "model.safetensors").write_bytes(weights)
 
-    rows = data.read_text()
-    data.write_text(rows.replace("Repeat 5", "Repeat five"))
-    try:
+    with edited(data, "Repeat 5", "Repeat five"):
         with pytest.raises(GistError, match="--resume: the training rows differ from those of .*step-3"):
             loop.train(resume_config(stopped_run), show_progress=False)
-    finally:
-        data.write_text(rows)
 
-    state_file = out / "checkpoints" / "step-3" / "state.json"
-    state = state_file.read_text()
-    state_file.write_text(state.replace('"processes": 1', '"processes": 2'))
-    try:
+    with edited(out / "checkpoints" / "step-3" / "state.json", '"processes": 1', '"processes": 2'):
         with pytest.raises(GistError, match="written by 2 processes, this run has 1: resume with `accelerate launch"):
             loop.train(resume_config(stopped_run), show_progress=False)
-    finally:
-        state_file.write_text(state)
     assert snapshot(out) == before
 
 
