@@ -33,18 +33,19 @@ def kshot(
     max_shots: Annotated[Optional[int], typer.Option("--max-shots", help="Most worked examples per prompt. Default: all other rows of the task that fit.")] = None,
     per_task: Annotated[Optional[int], typer.Option("--per-task", help="Rows kept per task (a seeded draw). Default: all.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shot order and of k.")] = 0,
+    recall: Annotated[float, typer.Option("--recall", help="Fraction of rows (with shots) that answer one of their own shots, word for word in the prompt: training rows that reward keeping the prompt's exact words.")] = 0.0,
     shuffle: Annotated[Optional[int], typer.Option("--shuffle", help="Write the rows in an order shuffled with this seed (default: grouped by task), so `gist eval --limit N` reads a mix of tasks.")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Turn rows that name their task into k-shot prompts: the task's instruction plus k worked examples of it."""
     check_kshot_options(max_prompt_tokens=max_prompt_tokens, min_prompt_tokens=min_prompt_tokens,
-                        min_shots=min_shots, max_shots=max_shots, per_task=per_task)
+                        min_shots=min_shots, max_shots=max_shots, per_task=per_task, recall=recall)
     check_output_file(out, "--out")
     rows = read_task_rows(data)  # refused before the tokenizer loads
     tokenizer = load_tokenizer(model)
     built = build_kshot(rows, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens, seed=seed,
                         include_tasks=tasks, exclude_tasks=exclude_tasks, min_shots=min_shots, max_shots=max_shots,
-                        per_task=per_task, min_prompt_tokens=min_prompt_tokens)
+                        per_task=per_task, min_prompt_tokens=min_prompt_tokens, recall=recall)
     if shuffle is not None:
         random.Random(shuffle).shuffle(built)
     write_rows(built, out)
@@ -53,11 +54,13 @@ def kshot(
         print_json(summary)
         return
     table = Table(title=f"k-shot rows written to {out}")
-    for column in ("rows", "tasks", "tokens min/median/max", "shots min/mean/max"):
-        table.add_column(column, justify="right")
+    columns = ["rows", "tasks", "tokens min/median/max", "shots min/mean/max"] + (["recall rows"] if recall else [])
+    for column in columns:
+        table.add_column(column, justify="right", overflow="fold")
     t, s = summary["instruction_tokens"], summary["shots"]
-    table.add_row(str(summary["rows"]), str(summary["tasks"]), f"{t['min']}/{t['median']}/{t['max']}",
-                  f"{s['min']}/{s['mean']}/{s['max']}")
+    cells = [str(summary["rows"]), str(summary["tasks"]), f"{t['min']}/{t['median']}/{t['max']}",
+             f"{s['min']}/{s['mean']}/{s['max']}"]
+    table.add_row(*cells, *([str(summary["recall_rows"])] if recall else []))
     console.print(table)
 
 

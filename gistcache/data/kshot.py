@@ -160,7 +160,7 @@ def resolve_task_list(spec: str | Iterable[str] | None, known: Iterable[str], fl
 def build_kshot(rows: list[dict] | str | Path, *, tokenizer, max_prompt_tokens: int, seed: int = 0,
                 include_tasks: str | Iterable[str] | None = None, exclude_tasks: str | Iterable[str] | None = None,
                 min_shots: int = 0, max_shots: int | None = None, per_task: int | None = None,
-                min_prompt_tokens: int = 0) -> list[dict]:
+                min_prompt_tokens: int = 0, recall: float = 0.0) -> list[dict]:
     """Turn task-named rows into k-shot rows {instruction, input, output, source, num_shots, instruction_tokens}.
 
     For each kept row, shots are other rows of its task with the same instruction (never itself, nor a row with
@@ -170,13 +170,18 @@ def build_kshot(rows: list[dict] | str | Path, *, tokenizer, max_prompt_tokens: 
     (`tokenizer(text, add_special_tokens=False)`). A row with no such k is left out. `per_task` keeps that many
     rows of each task (a seeded draw; shots still come from all its rows). `include_tasks` / `exclude_tasks`
     take names, a comma-separated string, a file, or "LONG_DEV"; a name with no rows is refused.
+
+    `recall` R: in a seeded draw, that fraction of the rows with at least one shot take one of their shots' input
+    and output as their own (marked `"recall": true`): the answer stands word for word in the prompt, so such a
+    row rewards a cache that keeps the prompt's exact words (label sets, tags, formats), which the teacher
+    reading the full prompt copies. The other rows are the same as with R = 0.
     """
     if isinstance(rows, (str, Path)):
         rows = read_task_rows(rows)
     else:
         rows = check_task_rows(rows)
     check_kshot_options(max_prompt_tokens=max_prompt_tokens, min_prompt_tokens=min_prompt_tokens, min_shots=min_shots,
-                  max_shots=max_shots, per_task=per_task)
+                  max_shots=max_shots, per_task=per_task, recall=recall)
     by_task: dict[str, list[dict]] = {}
     for row in rows:
         by_task.setdefault(row["source"], []).append(row)
@@ -214,8 +219,13 @@ def build_kshot(rows: list[dict] | str | Path, *, tokenizer, max_prompt_tokens: 
             if not fitting:
                 continue
             k, tokens = rng.choice(fitting)
-            out.append({"instruction": format_kshot(row["instruction"], pool[:k]), "input": row["input"],
-                        "output": row["output"], "source": task, "num_shots": k, "instruction_tokens": tokens})
+            built = {"instruction": format_kshot(row["instruction"], pool[:k]), "input": row["input"],
+                     "output": row["output"], "source": task, "num_shots": k, "instruction_tokens": tokens}
+            draw = random.Random(f"{seed}:{task}:{i}:recall")  # its own stream: R = 0 leaves every row as it was
+            if k and draw.random() < recall:
+                shot = pool[draw.randrange(k)]
+                built.update(input=shot["input"], output=shot["output"], recall=True)
+            out.append(built)
     if not out:
         raise GistError(f"no row fits: every task's instruction with {min_shots}+ shots is longer than "
                         f"--max-prompt-tokens {max_prompt_tokens} (or shorter than --min-prompt-tokens "
@@ -223,7 +233,8 @@ def build_kshot(rows: list[dict] | str | Path, *, tokenizer, max_prompt_tokens: 
     return out
 
 
-def check_kshot_options(*, max_prompt_tokens, min_prompt_tokens, min_shots, max_shots, per_task) -> None:
+def check_kshot_options(*, max_prompt_tokens, min_prompt_tokens, min_shots, max_shots, per_task,
+                        recall=0.0) -> None:
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -238,6 +249,8 @@ def check_kshot_options(*, max_prompt_tokens, min_prompt_tokens, min_shots, max_
         raise GistError(f"--max-shots {max_shots}: give a number of shots >= --min-shots {min_shots}")
     if per_task is not None and (not is_int(per_task) or per_task <= 0):
         raise GistError(f"--per-task {per_task}: give a positive number of rows per task")
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 <= recall <= 1:
+        raise GistError(f"--recall {recall}: give the fraction of rows that answer one of their own shots, 0 to 1")
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:
@@ -254,4 +267,5 @@ def summarize(rows: list[dict]) -> dict:
     shots = [r["num_shots"] for r in rows]
     return {"rows": len(rows), "tasks": len({r["source"] for r in rows}),
             "instruction_tokens": {"min": tokens[0], "median": tokens[len(tokens) // 2], "max": tokens[-1]},
-            "shots": {"min": min(shots), "max": max(shots), "mean": round(sum(shots) / len(shots), 2)}}
+            "shots": {"min": min(shots), "max": max(shots), "mean": round(sum(shots) / len(shots), 2)},
+            "recall_rows": sum(bool(r.get("recall")) for r in rows)}

@@ -127,6 +127,27 @@ def test_deterministic_by_seed(tok):
     assert a != build_kshot(rows, tokenizer=tok, max_prompt_tokens=300, seed=8)
 
 
+def test_recall_rows_answer_one_of_their_own_shots(tok):
+    """--recall R: about R of the rows with shots answer one of their own shots word for word (marked recall);
+    every other row, shots included, is the row R = 0 builds."""
+    rows = make_rows(4, 12)
+    plain = build_kshot(rows, tokenizer=tok, max_prompt_tokens=400, seed=3, min_shots=1)
+    mixed = build_kshot(rows, tokenizer=tok, max_prompt_tokens=400, seed=3, min_shots=1, recall=0.5)
+    assert len(plain) == len(mixed) == 48
+    recalled = [(p, m) for p, m in zip(plain, mixed) if m.get("recall")]
+    assert 12 <= len(recalled) <= 36  # a draw of 48 at 0.5
+    for p, m in zip(plain, mixed):
+        if not m.get("recall"):
+            assert m == p
+    for p, m in recalled:
+        assert m["instruction"] == p["instruction"] and m["num_shots"] == p["num_shots"]
+        assert (m["input"], m["output"]) in shots_of(p) and m["input"] != p["input"]
+    everyone = build_kshot(rows, tokenizer=tok, max_prompt_tokens=400, seed=3, min_shots=1, recall=1.0)
+    assert all(m.get("recall") for m in everyone)
+    zero_shot = build_kshot(rows, tokenizer=tok, max_prompt_tokens=400, seed=3, max_shots=0, recall=1.0)
+    assert not any(m.get("recall") for m in zero_shot)  # no shot to answer
+
+
 def test_include_exclude_and_per_task(tok, tmp_path):
     """--tasks keeps only those tasks, --exclude-tasks (names, comma list or a file) drops them, per_task caps rows."""
     rows = make_rows(4, 6)
@@ -149,6 +170,9 @@ def test_include_exclude_and_per_task(tok, tmp_path):
     (dict(max_prompt_tokens=100, exclude_tasks="task0,nosuch"), "nosuch"),
     (dict(max_prompt_tokens=100, exclude_tasks=["task0", "task1", "task2"]), "no task is left"),
     (dict(max_prompt_tokens=3), "no row fits"),
+    (dict(max_prompt_tokens=100, recall=1.5), "--recall 1.5"),
+    (dict(max_prompt_tokens=100, recall=-0.1), "--recall -0.1"),
+    (dict(max_prompt_tokens=100, recall=float("nan")), "--recall nan"),
 ])
 def test_bad_arguments_refused(tok, kwargs, text):
     """A bad budget, shot range or task list is one GistError naming it."""
@@ -222,6 +246,7 @@ def test_cli_shuffle_mixes_tasks_same_rows(cli_env):
     ("budget", "--max-prompt-tokens 0"),
     ("unknown_task", "task7"),
     ("unknown_exclude", "nosuch"),
+    ("recall", "--recall 2.0"),
 ])
 def test_cli_bad_input_one_line_nothing_written(cli_env, case, text):
     """Each bad input: one line, exit code 2, no output file."""
@@ -238,6 +263,8 @@ def test_cli_bad_input_one_line_nothing_written(cli_env, case, text):
         args[-1] = "0"
     elif case == "unknown_task":
         args += ["--tasks", "task0,task7"]
+    elif case == "recall":
+        args += ["--recall", "2"]
     else:
         args += ["--exclude-tasks", "nosuch"]
     one_line_error(runner.invoke(app, args), text)
