@@ -54,13 +54,15 @@ def kshot(
         print_json(summary)
         return
     table = Table(title=f"k-shot rows written to {out}")
-    columns = ["rows", "tasks", "tokens min/median/max", "shots min/mean/max"] + (["recall rows"] if recall else [])
-    for column in columns:
-        table.add_column(column, justify="right", overflow="fold")
     t, s = summary["instruction_tokens"], summary["shots"]
-    cells = [str(summary["rows"]), str(summary["tasks"]), f"{t['min']}/{t['median']}/{t['max']}",
-             f"{s['min']}/{s['mean']}/{s['max']}"]
-    table.add_row(*cells, *([str(summary["recall_rows"])] if recall else []))
+    cells = {"rows": str(summary["rows"]), "tasks": str(summary["tasks"]),
+             "tokens min/median/max": f"{t['min']}/{t['median']}/{t['max']}",
+             "shots min/mean/max": f"{s['min']}/{s['mean']}/{s['max']}"}
+    if recall:
+        cells["recall rows"] = str(summary["recall_rows"])
+    for column in cells:
+        table.add_column(column, justify="right", overflow="fold")
+    table.add_row(*cells.values())
     console.print(table)
 
 

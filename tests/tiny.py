@@ -50,8 +50,8 @@ def save_run_folder(model_dir, run_dir, num_gist: int = 1, *, shift: float = 0.0
     the GistConfig's (mask, gist_every, condition, tune, lora_r, ...; see `run_config`); mask and gist_every go to
     the GistModel too. Untrained unless told: `shift` is added to the gist embedding (the mean of the embeddings),
     tune="lora" wraps the base in the config's LoRA adapter (r, alpha, target modules) whose B matrices (zero when
-    fresh) are drawn from N(0, lora_b_std) (seed 1) and get `lora_b` added, and `dtype_prints` records the base's dtype fingerprints (`tiny.NUDGED` sets all
-    three as test_pretrained.py's runs have them)."""
+    fresh) are drawn from N(0, lora_b_std) (seed 1) and get `lora_b` added, and `dtype_prints` records the base's
+    dtype fingerprints (`tiny.NUDGED` sets all three as test_pretrained.py's runs have them)."""
     from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
     config = run_config(model_dir, num_gist, **gist_fields)
@@ -71,9 +71,11 @@ def save_run_folder(model_dir, run_dir, num_gist: int = 1, *, shift: float = 0.0
             torch.manual_seed(1)
         with torch.no_grad():
             for name, p in base.named_parameters():
-                if "lora_B" in name and lora_b_std:
+                if "lora_B" not in name:
+                    continue
+                if lora_b_std:
                     p.normal_(0, lora_b_std)
-                if "lora_B" in name and lora_b:
+                if lora_b:
                     p.add_(lora_b)
     model_fields = {k: v for k, v in gist_fields.items() if k in ("mask", "gist_every", "decoder")}
     gm = GistModel(base, load_tokenizer(str(model_dir)), num_gist, base_fingerprint=fp, **model_fields)

@@ -221,10 +221,11 @@ def build_kshot(rows: list[dict] | str | Path, *, tokenizer, max_prompt_tokens: 
             k, tokens = rng.choice(fitting)
             built = {"instruction": format_kshot(row["instruction"], pool[:k]), "input": row["input"],
                      "output": row["output"], "source": task, "num_shots": k, "instruction_tokens": tokens}
-            draw = random.Random(f"{seed}:{task}:{i}:recall")  # its own stream: R = 0 leaves every row as it was
-            if k and draw.random() < recall:
-                shot = pool[draw.randrange(k)]
-                built.update(input=shot["input"], output=shot["output"], recall=True)
+            if k and recall:
+                draw = random.Random(f"{seed}:{task}:{i}:recall")  # its own stream: the other draws are R = 0's
+                if draw.random() < recall:
+                    shot = pool[draw.randrange(k)]
+                    built.update(input=shot["input"], output=shot["output"], recall=True)
             out.append(built)
     if not out:
         raise GistError(f"no row fits: every task's instruction with {min_shots}+ shots is longer than "
