@@ -27,7 +27,7 @@ NARROW_DROPPED = ("EM", "prefill FLOPs", "gen FLOPs", "compress FLOPs", "wall s"
 @quiet_transformers()
 def eval_(
     run: Annotated[Optional[list[str]], typer.Option("--run", help="A run folder written by `gist train`, or a shipped run's name (repeatable). Default: the shipped run.")] = None,
-    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) | kvpress:PRESS (a KV-cache press at the gist cache's memory, run in .venv-peers: snapkv, expected_attention, knorm, streaming_llm, tova, random; kvpress:PRESS@R removes the fraction R of the prompt) (repeatable). Default: the first four; presses alone are added to them.")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help="full | none | truncate | base (the untouched base model reading the full prompt) | truncate-end (keeps the instruction's last tokens instead of its first; asked for by name only) | kvpress:PRESS (a KV-cache press at the gist cache's memory, run in .venv-peers: snapkv, expected_attention, knorm, streaming_llm, tova, random; kvpress:PRESS@R removes the fraction R of the prompt) (repeatable). Default: the first four; presses alone are added to them.")] = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="seen | unseen | human | an Alpaca-format FILE (repeatable). Default: all three splits.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples of each split.")] = None,
     truncate_tokens: Annotated[Optional[int], typer.Option("--truncate-tokens", help="Instruction tokens the truncate baseline keeps. Default: the run's number of gist tokens.")] = None,

@@ -8,6 +8,7 @@ included: what the gist tokens replace), G = N gist ids and I = `encode_input(in
     full          P + G + I                            plain causal    P positions
     base          P + I (the untouched base model)     plain causal    P positions
     truncate      P[instruction cut to M] + G + I      plain causal    template + M positions
+    truncate-end  P[instruction's last M kept] + G + I plain causal    template + M positions
     none          P[instruction removed] + G + I       plain causal    template positions
     pos_control   P + G + I (the pos_control run)      plain causal    P positions
     neg_control   I at positions P+N.. (neg_control)   see below       0 positions
@@ -51,6 +52,9 @@ from gistcache.prompts import (INSTRUCTION_SLOT, PromptText, encode_prompt, form
                                visible_prefix_ids)
 
 BASELINES = ("full", "none", "truncate", "base")
+# asked for by name only, never by default: truncation that keeps the instruction's end (its last worked example)
+EXTRA_BASELINES = ("truncate-end",)
+TRUNCATIONS = {"truncate": "start", "truncate-end": "end"}  # condition -> the part of the instruction it keeps
 CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
 PRESS_PREFIX = "kvpress:"
 PRESS_USAGE = f"write {PRESS_PREFIX}PRESS or {PRESS_PREFIX}PRESS@RATIO with PRESS one of {', '.join(PRESSES)}"
@@ -113,6 +117,7 @@ class Prepared:
     prompt: list[int]  # P: encode_instruction
     input: list[int]  # I: encode_input
     truncated: list[int] | None = None
+    truncated_end: list[int] | None = None  # `truncate-end`: the instruction's last `kept` tokens
     kept: int | None = None
     instruction_tokens: int | None = None
 
@@ -126,6 +131,8 @@ def condition_sequences(condition: str, items: list[Prepared], gist_ids: list[in
         return [[*p.prompt, *gist_ids, *p.input] for p in items], None
     if condition == "truncate":
         return [[*p.truncated, *gist_ids, *p.input] for p in items], None
+    if condition == "truncate-end":
+        return [[*p.truncated_end, *gist_ids, *p.input] for p in items], None
     if condition == "none":
         return [[*template_ids, *gist_ids, *p.input] for p in items], None
     if condition == "neg_control":
@@ -139,12 +146,13 @@ def condition_sequences(condition: str, items: list[Prepared], gist_ids: list[in
 def state_positions(condition: str, p: Prepared, num_gist: int, template_ids: list[int]) -> int:
     """Positions of prompt state kept before the input (the baselines' gist ids not counted)."""
     return {"gist": num_gist, "full": len(p.prompt), "base": len(p.prompt), "pos_control": len(p.prompt),
-            "truncate": len(p.truncated or []), "none": len(template_ids), "neg_control": 0}[condition]
+            "truncate": len(p.truncated or []), "truncate-end": len(p.truncated_end or []), "none": len(template_ids),
+            "neg_control": 0}[condition]
 
 
 @dataclass(frozen=True)
 class TruncatedPrompt:
-    """The prompt ids with the instruction cut to its first `kept` tokens."""
+    """The prompt ids with the instruction cut to its first (or last) `kept` tokens."""
 
     ids: list[int]
     kept: int  # instruction tokens kept: min(M, instruction_tokens)
@@ -158,8 +166,8 @@ def template_only_ids(tokenizer, template: str) -> list[int]:
     return encode_prompt(tokenizer, PromptText(prompt=text.prompt.replace(INSTRUCTION_SLOT, ""), after=""), template)
 
 
-def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int) -> TruncatedPrompt:
-    """`encode_instruction` with the instruction cut to its first `max_tokens` tokens.
+def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int, keep: str = "start") -> TruncatedPrompt:
+    """`encode_instruction` with the instruction cut to its first `max_tokens` tokens (its last with `keep="end"`).
 
     The cut is made in the prompt's own tokenization (the ids are the full prompt ids with the
     instruction's tokens after the first `max_tokens` removed; template tokens kept), so a budget
@@ -181,14 +189,15 @@ def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int)
                   for s in (text.prompt[:start], text.prompt[start:end], text.prompt[end:])]
         extra = full[:len(full) - sum(len(p) for p in pieces)]
         kept = min(max_tokens, len(pieces[1]))
-        return TruncatedPrompt(ids=[*extra, *pieces[0], *pieces[1][:kept], *pieces[2]], kept=kept,
-                               instruction_tokens=len(pieces[1]))
+        part = pieces[1][len(pieces[1]) - kept:] if keep == "end" else pieces[1][:kept]
+        return TruncatedPrompt(ids=[*extra, *pieces[0], *part, *pieces[2]], kept=kept, instruction_tokens=len(pieces[1]))
     n_text = len(tokenizer(text.prompt, add_special_tokens=False).input_ids)
     extra = len(full) - n_text  # a BOS that encode_prompt puts first
     first, last = first + extra, last + extra
     count = last - first
     kept = min(max_tokens, count)
-    return TruncatedPrompt(ids=[*full[:first + kept], *full[last:]], kept=kept, instruction_tokens=count)
+    part = full[last - kept:last] if keep == "end" else full[first:first + kept]
+    return TruncatedPrompt(ids=[*full[:first], *part, *full[last:]], kept=kept, instruction_tokens=count)
 
 
 def instruction_token_count(tokenizer, instruction: str, template: str) -> int:
@@ -202,13 +211,15 @@ def instruction_token_count(tokenizer, instruction: str, template: str) -> int:
 
 def truncate_budget(tokenizer, gist_config, template: str, num_prompt_tokens: int, fixed: int | None = None) -> int:
     """Instruction tokens `truncate` keeps for one prompt of `num_prompt_tokens` (`encode_instruction`): `fixed`
-    (--truncate-tokens) when given, else as many as that prompt's gist cache holds gist slots: M = N, or N per
-    chunk of `gist_every` instruction tokens (`masks.count_gist_slots`, past the run's visible fixed prefix F).
+    (--truncate-tokens) when given, else as many as that prompt's gist cache holds slots: M = N, or N per
+    chunk of `gist_every` instruction tokens, plus a raw tail's (`masks.count_gist_slots`, past the run's visible
+    fixed prefix F).
     So truncation keeps the same number of positions as the gist cache, F of the template aside."""
     if fixed:
         return fixed
     prefix = len(visible_prefix_ids(tokenizer, template, gist_config.mask))
-    return count_gist_slots(num_prompt_tokens, gist_config.num_gist_tokens, gist_config.gist_every, prefix)
+    return count_gist_slots(num_prompt_tokens, gist_config.num_gist_tokens, gist_config.gist_every, prefix,
+                            gist_config.raw_tail)
 
 
 def _instruction_token_span(tokenizer, text: str, start: int, end: int) -> tuple[int | None, int | None]:

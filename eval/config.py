@@ -18,7 +18,8 @@ from pathlib import Path
 
 from gistcache.config import torch_dtype
 from gistcache.errors import GistError
-from gistcache.eval.conditions import BASELINES, CONTROL_CONDITIONS, PRESS_PREFIX, is_press, parse_press
+from gistcache.eval.conditions import (BASELINES, CONTROL_CONDITIONS, EXTRA_BASELINES, PRESS_PREFIX, is_press,
+                                       parse_press)
 from gistcache.run import PRETRAINED_DIR, read_run_config, resolve_run_dir
 
 SPLITS = ("seen", "unseen", "human")
@@ -61,8 +62,9 @@ class EvalConfig:
         for i, name in enumerate(baselines):
             if is_press(name):
                 baselines[i] = parse_press(name).name  # one spelling per press: kvpress:snapkv
-            elif name not in BASELINES:
-                raise GistError(f"unknown baseline {name!r}: use {', '.join(BASELINES)} or {PRESS_PREFIX}PRESS")
+            elif name not in (*BASELINES, *EXTRA_BASELINES):
+                raise GistError(f"unknown baseline {name!r}: use {', '.join((*BASELINES, *EXTRA_BASELINES))} or "
+                                f"{PRESS_PREFIX}PRESS")
         self.baselines = list(dict.fromkeys(baselines))
         self.splits = list(SPLITS) if not self.splits else list(self.splits)
         for name, value, low in (("--limit", self.limit, 1), ("--truncate-tokens", self.truncate_tokens, 1)):

@@ -201,7 +201,7 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
         "flops_examples": k,
         **counts,
     }
-    if condition == "truncate":
+    if condition in ("truncate", "truncate-end"):
         row["truncate_tokens"] = spec.truncate_tokens
         row["truncate_kept_mean"] = _mean([p.kept for p in items])
     row["full_prefill_flops"] = (counts["prefill_flops"] if condition == "full"

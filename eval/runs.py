@@ -9,7 +9,8 @@ from pathlib import Path
 from gistcache.config import GistConfig
 from gistcache.data.alpaca import Example
 from gistcache.errors import GistError
-from gistcache.eval.conditions import Prepared, instruction_token_count, truncate_budget, truncate_prompt
+from gistcache.eval.conditions import (TRUNCATIONS, Prepared, instruction_token_count, truncate_budget,
+                                       truncate_prompt)
 from gistcache.eval.config import EvalConfig
 from gistcache.model import load_run_tokenizer
 from gistcache.prompts import encode_input, encode_instruction, resolve_template
@@ -50,7 +51,8 @@ def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Exam
     tok = load_run_tokenizer(spec.path)
     gist_config = GistConfig.from_dict(read_run_config(spec.path)["gist"])
     spec.template = resolve_template(tok, gist_config.template)
-    truncate = "truncate" in spec.conditions
+    truncations = [c for c in spec.conditions if c in TRUNCATIONS]
+    truncate = bool(truncations)
     if truncate:
         spec.truncate_tokens = config.truncate_tokens or (None if gist_config.gist_every else spec.num_gist_tokens)
     prepared: dict[str, list[Prepared]] = {}
@@ -61,8 +63,10 @@ def prepare_run(config: EvalConfig, spec: RunSpec, examples: dict[str, list[Exam
                             input=encode_input(tok, ex.input, spec.template))
             if truncate:  # as many instruction tokens as this prompt's gist cache has gist slots (conditions.py)
                 budget = truncate_budget(tok, gist_config, spec.template, len(item.prompt), config.truncate_tokens)
-                cut = truncate_prompt(tok, ex.instruction, spec.template, budget)
-                item.truncated, item.kept, item.instruction_tokens = cut.ids, cut.kept, cut.instruction_tokens
+                for condition in truncations:
+                    cut = truncate_prompt(tok, ex.instruction, spec.template, budget, TRUNCATIONS[condition])
+                    setattr(item, "truncated_end" if condition == "truncate-end" else "truncated", cut.ids)
+                    item.kept, item.instruction_tokens = cut.kept, cut.instruction_tokens
             else:
                 item.instruction_tokens = instruction_token_count(tok, ex.instruction, spec.template)
             prepared[split].append(item)

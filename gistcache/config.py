@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from gistcache.errors import GistError
-from gistcache.masks import check_condition, check_gist_every, check_mask, check_positions
+from gistcache.masks import check_condition, check_gist_every, check_mask, check_positions, check_raw_tail
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
@@ -57,6 +57,9 @@ class GistConfig:
     # K: the instruction is cut into chunks of K tokens, N gist tokens after each (masks.py), so the cache grows
     # with the prompt: M = N * ceil(P / K) slots; 0 = one chunk, M = N whatever the length
     gist_every: int = 0
+    # W: the last min(W, P - K) instruction tokens stay raw after the last gist, and the cache keeps their
+    # keys/values too (masks.py); 0 = every instruction token is compressed
+    raw_tail: int = 0
     condition: str = "gist"
     mask: str = "prefix"  # "paper": tokens after the gist see nothing before it; "prefix": they also see the template's fixed prefix
     # prefix mask: "compact" = the input continues right after prefix + gist (a cache is a plain F+N prefix);
@@ -82,6 +85,7 @@ class GistConfig:
         if not isinstance(self.num_gist_tokens, int) or self.num_gist_tokens < 1:
             raise GistError(f"--num-gist must be a whole number >= 1, got {self.num_gist_tokens!r}")
         check_gist_every(self.gist_every)
+        check_raw_tail(self.raw_tail, self.gist_every)
         check_condition(self.condition)
         check_mask(self.mask)
         check_positions(self.positions)

@@ -72,6 +72,24 @@ Such a run computes in the compact positions (prefix 0..F-1, the M gist slots F.
 F+M; under the paper's mask F = 0), in two passes as above (`gistcache.model.compact`), so its
 cache is a plain F+M prefix too.
 
+A raw tail (`raw_tail` W > 0, chunked runs only, recorded in a run's config): the last
+t = min(W, P - K) instruction tokens are not compressed but kept as they are, right after the last
+gist, where they read only the prefix, the gist tokens and each other, like the input after them
+(`raw_tail_length`; none when P <= K, so a short instruction is cut as before). The gists cover the
+rest, M = N * ceil((P - t) / K), and the cache holds M + t slots: the gist slots, then the tail's
+own keys/values at F+M..F+M+t-1, read by the decoder. The last words of a long prompt (the last worked
+example: its label, its format) then reach the input word for word. For `s a b G c d e` (K = 2, W = 1;
+instruction `a b c`, tail `c`)::
+
+    condition=gist, mask=prefix, gist_every=2, raw_tail=1
+    s  1 0 0 0 0 0 0
+    a  1 1 0 0 0 0 0
+    b  1 1 1 0 0 0 0
+    G  1 1 1 1 0 0 0
+    c  1 0 0 1 1 0 0
+    d  1 0 0 1 1 1 0
+    e  1 0 0 1 1 1 1
+
 Padding (left or right) is never attended to; a padding query attends to itself only, so no
 softmax row is empty.
 """
@@ -115,28 +133,49 @@ def check_gist_every(gist_every: int, max_length: int | None = None) -> int:
     return gist_every
 
 
+def check_raw_tail(raw_tail: int, gist_every: int) -> int:
+    """`--raw-tail` W: 0 (none) or the most instruction tokens kept raw after the last gist; chunked runs only."""
+    if not isinstance(raw_tail, int) or isinstance(raw_tail, bool) or raw_tail < 0:
+        raise GistError(f"--raw-tail must be a whole number of tokens >= 0, got {raw_tail!r}")
+    if raw_tail and not gist_every:
+        raise GistError("--raw-tail needs --gist-every: the tail is what is left of a prompt longer than one chunk")
+    return raw_tail
+
+
+def raw_tail_length(num_instruction_tokens: int, gist_every: int, raw_tail: int) -> int:
+    """t: the instruction's last tokens kept raw, min(W, P - K) (0 without a tail or when P <= K)."""
+    if not raw_tail or not gist_every:
+        return 0
+    return min(raw_tail, max(0, num_instruction_tokens - gist_every))
+
+
 def count_gist_slots(num_prompt_tokens: int, num_gist_tokens: int, gist_every: int = 0,
-                     num_prefix_tokens: int = 0) -> int:
-    """M: gist tokens in a prompt of `num_prompt_tokens` (the fixed prefix's `num_prefix_tokens` included):
-    N after each chunk of `gist_every` instruction tokens (N for one chunk when `gist_every` is 0)."""
+                     num_prefix_tokens: int = 0, raw_tail: int = 0) -> int:
+    """The slots a cache of a prompt of `num_prompt_tokens` (the fixed prefix's `num_prefix_tokens` included)
+    holds: M gist tokens, N after each chunk of `gist_every` instruction tokens (N for one chunk when
+    `gist_every` is 0), plus the t tokens of a raw tail (`raw_tail_length`), which the chunks do not cover."""
     if not gist_every:
         return num_gist_tokens
     instruction = max(num_prompt_tokens - num_prefix_tokens, 1)
-    return num_gist_tokens * -(-instruction // gist_every)
+    tail = raw_tail_length(instruction, gist_every, raw_tail)
+    return num_gist_tokens * -(-(instruction - tail) // gist_every) + tail
 
 
 def insert_gist_tokens(prompt_ids: list[int], gist_token_id: int, num_gist_tokens: int, gist_every: int = 0,
-                       num_prefix_tokens: int = 0) -> list[int]:
+                       num_prefix_tokens: int = 0, raw_tail: int = 0) -> list[int]:
     """`prompt_ids` with N gist ids after each chunk of `gist_every` tokens past the fixed prefix (after the
-    whole prompt when `gist_every` is 0): `a b c` with K = 2, N = 1 -> `a b G c G`."""
+    whole prompt when `gist_every` is 0): `a b c` with K = 2, N = 1 -> `a b G c G`; with a raw tail the last
+    t tokens follow the last gist instead (W = 1: `a b G c`)."""
     gist = [gist_token_id] * num_gist_tokens
     if not gist_every:
         return [*prompt_ids, *gist]
     out = list(prompt_ids[:num_prefix_tokens])
     rest = prompt_ids[num_prefix_tokens:]
-    for at in range(0, max(len(rest), 1), gist_every):
-        out += [*rest[at:at + gist_every], *gist]
-    return out
+    tail = raw_tail_length(len(rest), gist_every, raw_tail)
+    head = rest[:len(rest) - tail]
+    for at in range(0, max(len(head), 1), gist_every):
+        out += [*head[at:at + gist_every], *gist]
+    return [*out, *rest[len(rest) - tail:]]
 
 
 def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int, *,

@@ -141,12 +141,14 @@ def encode_input(tokenizer, input: str, template: str) -> list[int]:
 
 
 def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token_id: int, template: str,
-                   output: str | None = None, *, gist_every: int = 0, num_prefix_tokens: int = 0) -> EncodedExample:
+                   output: str | None = None, *, gist_every: int = 0, num_prefix_tokens: int = 0,
+                   raw_tail: int = 0) -> EncodedExample:
     """prompt ids + N gist ids + after ids (+ answer ids + EOS, which alone are labelled); with `gist_every` K,
-    N gist ids after every K prompt tokens past the fixed prefix's `num_prefix_tokens` (masks.py)."""
+    N gist ids after every K prompt tokens past the fixed prefix's `num_prefix_tokens`, and with `raw_tail` W
+    the prompt's last tokens after the last gist (masks.py)."""
     template = resolve_template(tokenizer, template)
     prompt_ids = encode_prompt(tokenizer, text, template)
-    ids = [*insert_gist_tokens(prompt_ids, gist_token_id, num_gist_tokens, gist_every, num_prefix_tokens),
+    ids = [*insert_gist_tokens(prompt_ids, gist_token_id, num_gist_tokens, gist_every, num_prefix_tokens, raw_tail),
            *encode_after(tokenizer, text)]
     labels = [IGNORE_INDEX] * len(ids)
     if output is not None:
@@ -158,8 +160,8 @@ def encode_example(tokenizer, text: PromptText, num_gist_tokens: int, gist_token
 
 
 def encode_examples(tokenizer, examples: list, *, num_gist_tokens: int, gist_token_id: int, template: str,
-                    max_length: int, gist_every: int = 0,
-                    num_prefix_tokens: int = 0) -> tuple[list[EncodedExample], int]:
+                    max_length: int, gist_every: int = 0, num_prefix_tokens: int = 0,
+                    raw_tail: int = 0) -> tuple[list[EncodedExample], int]:
     """Tokenize examples (anything with `instruction`, `input`, `output`, such as `gistcache.data.Example`).
 
     Rows longer than `max_length` are dropped, never cut (a cut could cut the gist); returns the
@@ -169,7 +171,7 @@ def encode_examples(tokenizer, examples: list, *, num_gist_tokens: int, gist_tok
     for ex in examples:
         text = format_prompt(tokenizer, ex.instruction, ex.input, template)
         enc = encode_example(tokenizer, text, num_gist_tokens, gist_token_id, template, output=ex.output,
-                             gist_every=gist_every, num_prefix_tokens=num_prefix_tokens)
+                             gist_every=gist_every, num_prefix_tokens=num_prefix_tokens, raw_tail=raw_tail)
         if len(enc.input_ids) > max_length:
             too_long += 1
             continue

@@ -86,8 +86,15 @@ def _gist_count(gist: dict) -> str:
     """`N gist token(s)`, or N per chunk of K instruction tokens for a chunked run (masks.count_gist_slots)."""
     n = gist["num_gist_tokens"]
     if gist.get("gist_every"):
-        return f"{n} gist token(s) after every {gist['gist_every']} instruction tokens (the cache grows with the prompt)"
+        return (f"{n} gist token(s) after every {gist['gist_every']} instruction tokens{_tail(gist)} (the cache grows "
+                f"with the prompt)")
     return f"{n} gist token(s)"
+
+
+def _tail(gist: dict) -> str:
+    """`, the last min(W, P - K) tokens kept raw` for a run with a raw tail (masks.py), else nothing."""
+    w = gist.get("raw_tail")
+    return f", the last min({w}, P - {gist['gist_every']}) tokens kept raw" if w else ""
 
 
 def _run_flag(run_dir: Path) -> str:
@@ -121,7 +128,8 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = (), *, folder: s
         "| | |", "| --- | --- |",
         f"| base model | `{shown_model(gist['model'])}` (fingerprint `{config['base_fingerprint'][:16]}`) |",
         f"| gist tokens | {gist['num_gist_tokens']}"
-        + (f" after every {gist['gist_every']} instruction tokens" if gist.get("gist_every") else "") + " |",
+        + (f" after every {gist['gist_every']} instruction tokens{_tail(gist)}" if gist.get("gist_every") else "")
+        + " |",
         *([f"| trained prompt lengths | {gist['trained_prompt_tokens'][0]}-{gist['trained_prompt_tokens'][1]} tokens "
            f"(`gist compress` warns past them) |"] if gist.get("trained_prompt_tokens") else []),
         f"| mask | `{gist.get('mask', 'paper')}`" + (f", `{gist.get('positions', 'original')}` positions"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.masks import check_gist_every
+from gistcache.masks import check_gist_every, check_raw_tail
 
 # What a field left unset (None) takes when the preset does not set it either.
 DEFAULTS: dict[str, object] = dict(
@@ -54,6 +54,7 @@ class TrainConfig:
     model: str = GistConfig.model
     num_gist_tokens: int = GistConfig.num_gist_tokens
     gist_every: int | None = None  # K: N gist tokens after every K instruction tokens (0: one chunk)
+    raw_tail: int = GistConfig.raw_tail  # W: the instruction's last min(W, P - K) tokens kept raw (masks.py)
     condition: str = GistConfig.condition
     mask: str | None = None  # None: "prefix" for the gist condition, "paper" for the controls (where it means nothing more)
     positions: str | None = None  # prefix mask: "compact" (a cache is a plain F+N prefix) or "original"
@@ -140,6 +141,7 @@ class TrainConfig:
         if self.max_length < 16:
             raise GistError(f"--max-length must be >= 16, got {self.max_length}")
         check_gist_every(self.gist_every, self.max_length)
+        check_raw_tail(self.raw_tail, self.gist_every)
         if self.batch_tokens < 0:
             raise GistError(f"--batch-tokens must be >= 0 (0: batches of --batch-size rows), got {self.batch_tokens}")
         if self.save_every < 0:
@@ -156,7 +158,7 @@ class TrainConfig:
 
     def gist_config(self) -> GistConfig:
         return GistConfig(model=self.model, num_gist_tokens=self.num_gist_tokens, gist_every=self.gist_every,
-                          condition=self.condition,
+                          raw_tail=self.raw_tail, condition=self.condition,
                           mask=self.mask, positions=self.positions, template=self.template, tune=self.tune, decoder=self.decoder, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict:

@@ -17,7 +17,7 @@ def encode_rows(model: GistModel, train_rows: list[Example], eval_rows: list[Exa
     context = min(config.max_length, model.max_context())
     settings = dict(num_gist_tokens=config.num_gist_tokens, gist_token_id=model.gist_token_id,
                     template=config.template, max_length=context, gist_every=config.gist_every,
-                    num_prefix_tokens=model.num_prefix_tokens)
+                    raw_tail=config.raw_tail, num_prefix_tokens=model.num_prefix_tokens)
     encoded, too_long = encode_examples(model.tokenizer, train_rows, **settings)
     eval_groups: dict[str, list] = {}
     for row in eval_rows:

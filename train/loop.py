@@ -100,7 +100,8 @@ def _train(config: TrainConfig, *, show_progress: bool) -> dict:
             eval_rows = answered[len(train_rows):]
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask,
-                      positions=config.positions, decoder=config.decoder, gist_every=config.gist_every)
+                      positions=config.positions, decoder=config.decoder, gist_every=config.gist_every,
+                      raw_tail=config.raw_tail)
     if config.init_from and resume is None:  # refused here, before anything is written
         init_from_run(model, config.init_from, config, base_fingerprint)
     if teacher is not None and teacher.disable_adapter:
@@ -160,6 +161,7 @@ def _train(config: TrainConfig, *, show_progress: bool) -> dict:
     metrics = {
         "condition": config.condition, "mask": config.mask, "positions": config.positions, "decoder": config.decoder, "objective": config.objective, "tune": config.tune,
         "num_gist_tokens": config.num_gist_tokens, "gist_every": config.gist_every,
+        **({"raw_tail": config.raw_tail} if config.raw_tail else {}),
         "steps": state["step"], "heldout_loss": after.get("all"), "heldout_loss_before": before.get("all"),
         "heldout_loss_by_split": by_split,
         "final_train_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,

@@ -19,6 +19,7 @@ HEADER = ("format", "format_version", "gistcache_version", "base_fingerprint", "
           "prompt_sha256", "prompt_preview", "template", "mask", "dtype", "num_layers", "key_shapes", "value_shapes",
           "tensor_sha256", "created", SEAL)
 CHUNK_FIELDS = ("gist_every", "gist_per_chunk")  # written by chunked runs only (masks.py), sealed like the rest
+TAIL_FIELD = "raw_tail"  # W, written by runs with a raw tail only (masks.py), beside the chunk fields
 # what older files must hold: version 2 before the seal (positions, mask and the texts optional), and version 1
 UNSEALED_REQUIRED = ("format_version", "base_fingerprint", "run_fingerprint", "num_gist_tokens", "input_position",
                      "num_prompt_tokens", "prompt_sha256", "template", "dtype", "num_layers", "key_shapes",

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import torch
 
 from gistcache._version import __version__
-from gistcache.cache.format import FORMAT, FORMAT_VERSION, PLACEHOLDER_ID, SEAL, metadata_sha256, tensor_sha256
+from gistcache.cache.format import (FORMAT, FORMAT_VERSION, PLACEHOLDER_ID, SEAL, TAIL_FIELD, metadata_sha256,
+                                    tensor_sha256)
 from gistcache.cache.identity import check_cache
 from gistcache.config import dtype_name
 from gistcache.errors import GistError
@@ -42,6 +43,9 @@ class GistCache:
     # cache holds num_gist_tokens = M = N * ceil((num_prompt_tokens - key_start) / gist_every) slots; 0: one chunk
     gist_every: int = 0
     gist_per_chunk: int = 0  # N; 0 reads as num_gist_tokens (one chunk)
+    # W of a run with a raw tail (masks.py): the instruction's last t = min(W, P - K) tokens follow the M gist slots
+    # as their own keys/values, so num_gist_tokens counts M + t slots; 0: none
+    raw_tail: int = 0
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
@@ -55,11 +59,15 @@ class GistCache:
             raise GistError(f"unknown positions {self.positions!r}: known are {', '.join(POSITIONS)}")
         if not self.gist_every:
             self.gist_per_chunk = self.gist_per_chunk or self.num_gist_tokens
-        expected = count_gist_slots(self.num_prompt_tokens, self.gist_per_chunk, self.gist_every, self.key_start)
+        if self.raw_tail < 0 or (self.raw_tail and not self.gist_every):
+            raise GistError(f"raw_tail {self.raw_tail} needs gist_every and must be >= 0")
+        expected = count_gist_slots(self.num_prompt_tokens, self.gist_per_chunk, self.gist_every, self.key_start,
+                                    self.raw_tail)
         if self.gist_every < 0 or self.gist_per_chunk < 1 or self.num_gist_tokens != expected:
+            tail = f" and a raw tail of up to {self.raw_tail}" if self.raw_tail else ""
             raise GistError(f"num_gist_tokens {self.num_gist_tokens} does not fit gist_per_chunk {self.gist_per_chunk}"
                             f" after every {self.gist_every} of {self.num_prompt_tokens - self.key_start} instruction "
-                            f"tokens ({expected} gist tokens)")
+                            f"tokens{tail} ({expected} slots)")
         dtype = self.keys[0].dtype
         for i, t in enumerate([*self.keys, *self.values]):
             layer, kind = i % len(self.keys), "keys" if i < len(self.keys) else "values"
@@ -141,6 +149,8 @@ class GistCache:
         }
         if self.gist_every:  # a one-chunk cache is written as before gist_every existed, byte for byte
             meta.update(gist_every=str(self.gist_every), gist_per_chunk=str(self.gist_per_chunk))
+        if self.raw_tail:
+            meta[TAIL_FIELD] = str(self.raw_tail)
         return {**meta, SEAL: metadata_sha256(meta)}
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from typing import Mapping, NoReturn, Protocol
 
 import torch
 
-from gistcache.cache.format import (CHUNK_FIELDS, FORMAT, FORMAT_VERSION, HEADER, SEAL, TEMPLATES, UNSEALED_REQUIRED,
-                                    V1_REQUIRED, metadata_sha256)
+from gistcache.cache.format import (CHUNK_FIELDS, FORMAT, FORMAT_VERSION, HEADER, SEAL, TAIL_FIELD, TEMPLATES,
+                                    UNSEALED_REQUIRED, V1_REQUIRED, metadata_sha256)
 from gistcache.config import DTYPES, dtype_name
 from gistcache.errors import GistError
 from gistcache.masks import MASKS, POSITIONS, count_gist_slots
@@ -44,6 +44,7 @@ class _Header:
     dtype: torch.dtype
     gist_every: int = 0
     gist_per_chunk: int = 0
+    raw_tail: int = 0
 
 
 class _Shaped(Protocol):
@@ -82,7 +83,7 @@ def _check_header(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.
     if missing:
         raise GistError(f"{path} lacks metadata field {missing[0]!r}: it was not written by `gist compress`")
     if sealed:
-        unknown = sorted(set(meta) - set(HEADER) - set(CHUNK_FIELDS))
+        unknown = sorted(set(meta) - set(HEADER) - set(CHUNK_FIELDS) - {TAIL_FIELD})
         if unknown:
             raise GistError(f"{path} has an unknown metadata field {unknown[0][:40]!r}: {ALTERED}")
     f = _Fields(path, meta)
@@ -120,7 +121,9 @@ def _check_header(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.
         if f.number("prefix_start", -MAX_PROMPT_TOKENS, 0) != prefix_start:
             raise GistError(f"{path} has prefix_start {meta['prefix_start']}, which does not fit key_start {key_start}, "
                             f"num_prompt_tokens {num_prompt} and positions {positions!r}: {ALTERED}")
-    gist_every, gist_per_chunk = 0, num_gist
+    gist_every, gist_per_chunk, raw_tail = 0, num_gist, 0
+    if TAIL_FIELD in meta and not all(name in meta for name in CHUNK_FIELDS):
+        raise GistError(f"{path} has {TAIL_FIELD} without {' and '.join(CHUNK_FIELDS)}: {ALTERED}")
     if any(name in meta for name in CHUNK_FIELDS):
         missing = [name for name in CHUNK_FIELDS if name not in meta]
         if missing or not sealed:
@@ -128,12 +131,15 @@ def _check_header(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.
                             f"{missing[0] if missing else 'a seal'}: {ALTERED}")
         gist_every = f.number("gist_every", 1, MAX_PROMPT_TOKENS)
         gist_per_chunk = f.number("gist_per_chunk", 1, MAX_GIST_TOKENS)
+        raw_tail = f.number(TAIL_FIELD, 1, MAX_GIST_TOKENS) if TAIL_FIELD in meta else 0
         if mask == "prefix" and positions != "compact":
             raise GistError(f"{path} has gist_every {gist_every} in the {positions!r} positions; chunked caches are "
                             f"compact: {ALTERED}")
-        if num_gist != count_gist_slots(num_prompt, gist_per_chunk, gist_every, key_start):
+        if num_gist != count_gist_slots(num_prompt, gist_per_chunk, gist_every, key_start, raw_tail):
+            tail = f" and a raw tail of up to {raw_tail}" if raw_tail else ""
             raise GistError(f"{path} has num_gist_tokens {num_gist}, which does not fit gist_per_chunk {gist_per_chunk} "
-                            f"after every {gist_every} of its {num_prompt - key_start} instruction tokens: {ALTERED}")
+                            f"after every {gist_every} of its {num_prompt - key_start} instruction tokens{tail}: "
+                            f"{ALTERED}")
     start = num_prompt if version == 1 else key_start  # where the keys sit
     offset = f.number("input_position", 0, MAX_PROMPT_TOKENS + MAX_GIST_TOKENS)
     if offset != start + num_gist:
@@ -156,7 +162,7 @@ def _check_header(path: Path, meta: dict[str, str], tensors: Mapping[str, torch.
         raise GistError(f"{path} header does not match its seal (sha256): a metadata field was changed; {ALTERED}")
     return _Header(meta=meta, version=version, num_layers=num_layers, num_gist=num_gist, num_prompt=num_prompt,
                    key_start=key_start, positions=positions, mask=mask, dtype=dtype, gist_every=gist_every,
-                   gist_per_chunk=gist_per_chunk)
+                   gist_per_chunk=gist_per_chunk, raw_tail=raw_tail)
 
 
 class _Fields:

@@ -36,6 +36,7 @@ class CacheFields(Protocol):
     key_start: int
     gist_every: int
     gist_per_chunk: int
+    raw_tail: int
 
     @property
     def num_layers(self) -> int: ...
@@ -57,6 +58,7 @@ class ModelIdentity:
     mask: str
     positions: str = "compact"
     gist_every: int = 0  # K of a chunked run (masks.py); 0: one chunk
+    raw_tail: int = 0  # W of a run with a raw tail (masks.py); 0: none
 
 
 def model_identity(model: GistModel) -> ModelIdentity:
@@ -75,11 +77,13 @@ def model_identity(model: GistModel) -> ModelIdentity:
         h.update(str(model.num_gist_tokens).encode())
         if model.gist_every:
             h.update(f"|every {model.gist_every}".encode())
+        if model.raw_tail:
+            h.update(f"|tail {model.raw_tail}".encode())
         h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
         h.update(tokenizer_fingerprint(model.tokenizer).encode())
         run = h.hexdigest()
     return ModelIdentity(base_fingerprint=base, run_fingerprint=run, template=template, mask=model.mask,
-                         positions=model.positions, gist_every=model.gist_every)
+                         positions=model.positions, gist_every=model.gist_every, raw_tail=model.raw_tail)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -133,6 +137,10 @@ def check_identity(cache: CacheFields, identity: ModelIdentity, num_gist_tokens:
             return f"gist tokens after every {k} instruction tokens" if k else "one chunk (no --gist-every)"
         raise GistError(f"{source} was made with {ratio(cache.gist_every)}, this run puts "
                         f"{ratio(identity.gist_every)}: {FIX}")
+    if cache.raw_tail != identity.raw_tail:
+        def tail(w: int) -> str:
+            return f"a raw tail of up to {w} tokens" if w else "no raw tail (no --raw-tail)"
+        raise GistError(f"{source} was made with {tail(cache.raw_tail)}, this run keeps {tail(identity.raw_tail)}: {FIX}")
     if cache.run_fingerprint != identity.run_fingerprint:
         raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
                         f"!= {identity.run_fingerprint[:12]} of this run): {FIX}")

@@ -69,7 +69,7 @@ def read_cache_file(path: str | Path, *, versions: tuple[int, ...] = (FORMAT_VER
                       base_fingerprint=meta["base_fingerprint"], run_fingerprint=meta["run_fingerprint"],
                       prompt_preview=meta.get("prompt_preview", ""), created=meta.get("created", ""),
                       mask=header.mask, key_start=header.key_start, positions=header.positions,
-                      gist_every=header.gist_every, gist_per_chunk=header.gist_per_chunk)
+                      gist_every=header.gist_every, gist_per_chunk=header.gist_per_chunk, raw_tail=header.raw_tail)
     check_finite(cache, str(path))
     return cache, header.version
 

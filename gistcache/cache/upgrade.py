@@ -52,7 +52,8 @@ def upgrade_caches(paths: list[str | Path], run_dir: str | Path | None = None) -
     tokenizer = load_run_tokenizer(run_dir)
     template = resolve_template(tokenizer, gist.template)
     identity = ModelIdentity(base_fingerprint=data["base_fingerprint"], run_fingerprint=run_fingerprint(run_dir),
-                             template=template, mask=gist.mask, positions=gist.positions)
+                             template=template, mask=gist.mask, positions=gist.positions,
+                             gist_every=gist.gist_every, raw_tail=gist.raw_tail)
     key_start = len(visible_prefix_ids(tokenizer, template, gist.mask))
     inv_freq = config_inv_freq(load_base_config(gist.model))  # refuses rotary scaling that is not shift-invariant
     plans: list[tuple[Upgrade, GistCache | None]] = []

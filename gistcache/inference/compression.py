@@ -18,7 +18,9 @@ Under the paper's mask F = 0: the cache holds positions 0..N-1 and the input sta
 
 A chunked run (`gist_every` K, masks.py) puts N gist tokens after every chunk of K instruction tokens:
 the M = N * ceil((P - F) / K) gist positions are kept, each turned from where it stood to F..F+M-1,
-still in one forward pass.
+still in one forward pass. With a raw tail (`raw_tail` W) the chunks cover all but the instruction's last
+t = min(W, P - F - K) tokens; those are then read after the gist slots, at F+M..F+M+t-1, by the model that
+reads the caches (`GistModel.decoding`), as in training, and their keys/values are kept too: M + t slots.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gistcache.cache.identity import model_identity
 from gistcache.config import check_batch_size
 from gistcache.errors import GistError
 from gistcache.masks import make_position_ids
-from gistcache.model import GistModel, cache_layers, returned_cache
+from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
 from gistcache.model.compact import gist_slots
 from gistcache.model.rotary import model_inv_freq, turn_keys
 from gistcache.prompts import check_instruction, encode_instruction
@@ -55,6 +57,8 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
         if len(full) >= limit:
             raise GistError(f"prompt {i} has {len(ids)} tokens + {len(full) - len(ids)} gist tokens, over the model's "
                             f"context of {limit}: shorten it")
+    tails = [full[_last_gist(full, model.gist_token_id) + 1:] for full in rows_ids]  # the raw tail: [] without one
+    rows_ids = [full[:len(full) - len(tail)] for full, tail in zip(rows_ids, tails)]
     pad_id = pad_token_id(model.tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(rows_ids[i]))  # less padding per batch
     out: list = [None] * len(prompt_ids)
@@ -80,7 +84,35 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
             out[i] = [(turn_keys(k[b:b + 1, :, cols, :].detach(), inv_freq, positions[b:b + 1, -M:], inv_freq,
                                  moved_to).to("cpu").contiguous(),
                        v[b:b + 1, :, cols, :].detach().to("cpu").contiguous().clone()) for k, v in kv]
+            if tails[i]:
+                out[i] = _with_raw_tail(model, out[i], tails[i])
     return out
+
+
+def _last_gist(ids: list[int], gist_token_id: int) -> int:
+    return len(ids) - 1 - ids[::-1].index(gist_token_id)
+
+
+def _with_raw_tail(model: GistModel, gist_kv: list[tuple], tail: list[int]) -> list[tuple]:
+    """`gist_kv` (per layer, M slots at F..F+M-1) with the raw tail's keys/values after it: the tail read at
+    F+M.. after the fixed prefix and the gist slots by the model that reads the caches, as in training."""
+    from transformers import DynamicCache  # deferred: transformers is slow to import
+
+    F, M, t = model.num_prefix_tokens, gist_kv[0][0].shape[2], len(tail)
+    device = model.device
+    prefix = model.prefix_kv() or [None] * len(gist_kv)  # no fixed prefix under the paper's mask
+    kept = [(k.to(device), v.to(device)) if p is None else
+            (torch.cat([p[0], k.to(device)], dim=2), torch.cat([p[1], v.to(device)], dim=2))
+            for p, (k, v) in zip(prefix, gist_kv)]
+    ids = torch.tensor([tail], device=device)
+    positions = torch.arange(F + M, F + M + t, device=device).view(1, t)
+    with torch.no_grad(), model.decoding():
+        res = model.model(inputs_embeds=model.embed(ids), position_ids=positions,
+                          **{cache_kwarg(model.stock_model): DynamicCache(ddp_cache_data=kept, config=model.config)},
+                          use_cache=True, logits_to_keep=1)
+    return [(torch.cat([g_k, k[:, :, -t:].detach().to("cpu", g_k.dtype)], dim=2).contiguous(),
+             torch.cat([g_v, v[:, :, -t:].detach().to("cpu", g_v.dtype)], dim=2).contiguous())
+            for (g_k, g_v), (k, v) in zip(gist_kv, cache_layers(returned_cache(res)))]
 
 
 def untrained_length_warning(model: GistModel, prompt_tokens: list[int]) -> str | None:
@@ -111,7 +143,7 @@ def compress(model: GistModel, instructions: str | list[str], *, batch_size: int
     kvs = compress_ids(model, prompt_ids, batch_size=batch_size)
     caches = [
         GistCache(keys=[k for k, _ in kv], values=[v for _, v in kv], num_gist_tokens=kv[0][0].shape[2],
-                  gist_every=model.gist_every, gist_per_chunk=model.num_gist_tokens,
+                  gist_every=model.gist_every, gist_per_chunk=model.num_gist_tokens, raw_tail=model.raw_tail,
                   num_prompt_tokens=len(ids), prompt_sha256=sha256_text(text), template=identity.template,
                   base_fingerprint=identity.base_fingerprint, run_fingerprint=identity.run_fingerprint,
                   prompt_preview=" ".join(text.split())[:PREVIEW_CHARS], mask=identity.mask,

@@ -239,4 +239,5 @@ def load_exported(export_dir: str | Path) -> GistModel:
     return GistModel(model.eval(), tokenizer, info.num_gist_tokens, gist_embedding=gist,
                      base_fingerprint=info.identity.base_fingerprint, template=info.identity.template,
                      mask=info.identity.mask, gist_config=config, run_fingerprint=info.identity.run_fingerprint,
-                     positions=config.positions, decoder=config.decoder, gist_every=config.gist_every).eval()
+                     positions=config.positions, decoder=config.decoder, gist_every=config.gist_every,
+                     raw_tail=config.raw_tail).eval()

@@ -92,12 +92,12 @@ def test_records_from_columns_and_table_text():
 def test_truncate_budget_matches_the_gist_slots():
     """truncate keeps as many instruction tokens as the cache has gist slots: N, or N per chunk of K past F."""
     tok = tiny.make_tokenizer()
-    paper = SimpleNamespace(mask="paper", num_gist_tokens=2, gist_every=0)
+    paper = SimpleNamespace(mask="paper", num_gist_tokens=2, gist_every=0, raw_tail=0)
     assert truncate_budget(tok, paper, "chat", 500) == 2
     assert truncate_budget(tok, paper, "chat", 500, fixed=7) == 7
-    chunked = SimpleNamespace(mask="paper", num_gist_tokens=2, gist_every=64)
+    chunked = SimpleNamespace(mask="paper", num_gist_tokens=2, gist_every=64, raw_tail=0)
     assert truncate_budget(tok, chunked, "chat", 129) == 2 * 3  # ceil(129 / 64) chunks
-    prefix = SimpleNamespace(mask="prefix", num_gist_tokens=1, gist_every=64)
+    prefix = SimpleNamespace(mask="prefix", num_gist_tokens=1, gist_every=64, raw_tail=0)
     f = len(fixed_prefix_ids(tok, "chat"))
     assert f > 0 and truncate_budget(tok, prefix, "chat", f + 128) == 2 and truncate_budget(tok, prefix, "chat",
                                                                                               f + 129) == 3
@@ -187,3 +187,29 @@ def test_chunked_run_truncates_to_its_gist_slots(make_tiny_run, tmp_path):
     assert rows["truncate"]["truncate_tokens"] is None  # per prompt, not one budget
     assert results["runs"][0]["gist_every"] == 32
     assert "N=1 per 32 tokens" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_raw_tail_run_truncates_to_its_slots_and_truncate_end_keeps_the_end(make_tiny_run, tmp_path):
+    """A run with a raw tail: truncate and truncate-end keep as many instruction tokens as its cache holds slots
+    (M + t), the first ones and the last ones; the gist's cached positions are F + M + t."""
+    from gistcache.masks import count_gist_slots
+
+    run = make_tiny_run(1, mask="prefix", gist_every=32, raw_tail=8)
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(ROWS))
+    evaluate(EvalConfig(runs=str(run), splits=[str(data)], out=str(tmp_path / "eval"), max_new_tokens=2,
+                        batch_size=2, flops_examples=0, baselines=["truncate", "truncate-end"]), show_progress=False)
+    gm = load_run(str(run))
+    f = gm.num_prefix_tokens
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    for pred in preds:
+        slots = count_gist_slots(pred["instruction_tokens"], 1, 32, f, raw_tail=8)
+        assert pred["cached_positions"]["gist"] == f + slots
+        assert pred["cached_positions"]["truncate"] == pred["cached_positions"]["truncate-end"]
+        assert pred["truncate_kept_tokens"] == min(slots, pred["instruction_only_tokens"])
+    tails = [p["cached_positions"]["gist"] - f - count_gist_slots(p["instruction_tokens"], 1, 32, f) for p in preds]
+    assert tails == [0, 8, 8]  # the short instruction has none
+    tok = gm.tokenizer
+    start, end = (truncate_prompt(tok, ROWS[2]["instruction"], gm.template, 11, keep) for keep in ("start", "end"))
+    assert "Reverse the" in tok.decode(start.ids) and "thing else." not in tok.decode(start.ids)
+    assert "thing else." in tok.decode(end.ids) and "Reverse" not in tok.decode(end.ids)

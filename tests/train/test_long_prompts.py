@@ -144,3 +144,52 @@ def test_init_from_a_run_takes_its_gist_and_adapter_and_refuses_another_shape(ch
     gm8, cfg8, fp8 = fresh(8)
     with pytest.raises(GistError, match="that run has lora_r 4, this one 8"):
         init_from_run(gm8, str(chunked_run), cfg8, fp8)
+
+
+def test_raw_tail_run_trains_records_its_tail_and_generates(tiny_model_dir, tmp_path):
+    """`gist train --gist-every 8 --raw-tail 6` through the CLI: config and card name the tail; a saved cache holds
+    M + t slots and greedy generation from it equals the run's masked definition (the base decoder reading it)."""
+    from typer.testing import CliRunner
+
+    from gistcache.cache import load_cache, save_cache
+    from gistcache.cli.main import app
+    from gistcache.inference.compression import compress
+    from gistcache.inference.generation import generate_ids, generate_masked_ids
+    from gistcache.masks import raw_tail_length
+    from gistcache.model import load_run
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--model", str(tiny_model_dir), "--preset", "smoke",
+                                      "--max-steps", "2", "--max-examples", "16", "--eval-examples", "4",
+                                      "--gist-every", "8", "--raw-tail", "6", "--decoder", "base",
+                                      "--lora-r", "4", "--lora-alpha", "8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["gist"]["raw_tail"] == 6
+    assert "the last min(6, P - 8) tokens kept raw" in (out / "README.md").read_text()
+    model = load_run(str(out))
+    instructions = ["Reverse the letters of the word you are given, then say it twice.", "Add one."]
+    caches = [load_cache(save_cache(c, tmp_path / f"{i}.safetensors"), model)
+              for i, c in enumerate(compress(model, instructions))]
+    F = model.num_prefix_tokens
+    tails = [raw_tail_length(c.num_prompt_tokens - F, 8, 6) for c in caches]
+    assert tails[0] == 6
+    assert [c.num_gist_tokens for c in caches] == [-(-(c.num_prompt_tokens - F - t) // 8) + t
+                                                   for c, t in zip(caches, tails)]
+    inputs = ["stone", "41"]
+    assert generate_ids(model, caches, inputs, max_new_tokens=6) == generate_masked_ids(model, instructions, inputs,
+                                                                                          max_new_tokens=6)
+
+
+@pytest.mark.parametrize("flags,message", [(["--raw-tail", "6"], "--raw-tail needs --gist-every"),
+                                           (["--gist-every", "8", "--raw-tail", "-1"], "--raw-tail must be a whole")])
+def test_raw_tail_refusals_in_the_cli(tmp_path, flags, message):
+    """--raw-tail without --gist-every, or below 0: one line, exit code 2, no run folder."""
+    from typer.testing import CliRunner
+
+    from gistcache.cli.main import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--preset", "smoke", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
