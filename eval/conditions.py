@@ -166,7 +166,8 @@ def template_only_ids(tokenizer, template: str) -> list[int]:
     return encode_prompt(tokenizer, PromptText(prompt=text.prompt.replace(INSTRUCTION_SLOT, ""), after=""), template)
 
 
-def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int, keep: str = "start") -> TruncatedPrompt:
+def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int,
+                    keep: str = "start") -> TruncatedPrompt:
     """`encode_instruction` with the instruction cut to its first `max_tokens` tokens (its last with `keep="end"`).
 
     The cut is made in the prompt's own tokenization (the ids are the full prompt ids with the
@@ -190,7 +191,8 @@ def truncate_prompt(tokenizer, instruction: str, template: str, max_tokens: int,
         extra = full[:len(full) - sum(len(p) for p in pieces)]
         kept = min(max_tokens, len(pieces[1]))
         part = pieces[1][len(pieces[1]) - kept:] if keep == "end" else pieces[1][:kept]
-        return TruncatedPrompt(ids=[*extra, *pieces[0], *part, *pieces[2]], kept=kept, instruction_tokens=len(pieces[1]))
+        return TruncatedPrompt(ids=[*extra, *pieces[0], *part, *pieces[2]], kept=kept,
+                               instruction_tokens=len(pieces[1]))
     n_text = len(tokenizer(text.prompt, add_special_tokens=False).input_ids)
     extra = len(full) - n_text  # a BOS that encode_prompt puts first
     first, last = first + extra, last + extra

@@ -49,9 +49,9 @@ def save_run_folder(model_dir, run_dir, num_gist: int = 1, *, shift: float = 0.0
     """A gist run of the tiny model in `model_dir`, saved as a run folder; returns the GistModel. `gist_fields` are
     the GistConfig's (mask, gist_every, raw_tail, decoder, condition, tune, lora_r, ...; see `run_config`); the first
     four go to the GistModel too. Untrained unless told: `shift` is added to the gist embedding (the mean of the
-    embeddings), tune="lora" wraps the base in the config's LoRA adapter (r, alpha, target modules) whose B matrices (zero when
-    fresh) are drawn from N(0, lora_b_std) (seed 1) and get `lora_b` added, and `dtype_prints` records the base's
-    dtype fingerprints (`tiny.NUDGED` sets all three as test_pretrained.py's runs have them)."""
+    embeddings), tune="lora" wraps the base in the config's LoRA adapter (r, alpha, target modules) whose B
+    matrices (zero when fresh) are drawn from N(0, lora_b_std) (seed 1) and get `lora_b` added, and `dtype_prints`
+    records the base's dtype fingerprints (`tiny.NUDGED` sets all three as test_pretrained.py's runs have them)."""
     from gistcache.model import GistModel, fingerprint_model, load_base_model, load_tokenizer, save_run
 
     config = run_config(model_dir, num_gist, **gist_fields)

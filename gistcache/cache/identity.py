@@ -140,7 +140,8 @@ def check_identity(cache: CacheFields, identity: ModelIdentity, num_gist_tokens:
     if cache.raw_tail != identity.raw_tail:
         def tail(w: int) -> str:
             return f"a raw tail of up to {w} tokens" if w else "no raw tail (no --raw-tail)"
-        raise GistError(f"{source} was made with {tail(cache.raw_tail)}, this run keeps {tail(identity.raw_tail)}: {FIX}")
+        raise GistError(f"{source} was made with {tail(cache.raw_tail)}, this run keeps {tail(identity.raw_tail)}: "
+                        f"{FIX}")
     if cache.run_fingerprint != identity.run_fingerprint:
         raise GistError(f"{source} was made with another run (run_fingerprint {cache.run_fingerprint[:12]} "
                         f"!= {identity.run_fingerprint[:12]} of this run): {FIX}")
