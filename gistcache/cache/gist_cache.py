@@ -15,7 +15,7 @@ from gistcache.cache.format import (FORMAT, FORMAT_VERSION, PLACEHOLDER_ID, SEAL
 from gistcache.cache.identity import check_cache
 from gistcache.config import dtype_name
 from gistcache.errors import GistError
-from gistcache.masks import POSITIONS, count_gist_slots
+from gistcache.masks import POSITIONS, check_raw_tail, count_gist_slots
 from gistcache.model import GistModel
 from gistcache.model.rotary import model_inv_freq, move_keys
 
@@ -59,8 +59,7 @@ class GistCache:
             raise GistError(f"unknown positions {self.positions!r}: known are {', '.join(POSITIONS)}")
         if not self.gist_every:
             self.gist_per_chunk = self.gist_per_chunk or self.num_gist_tokens
-        if self.raw_tail < 0 or (self.raw_tail and not self.gist_every):
-            raise GistError(f"raw_tail {self.raw_tail} needs gist_every and must be >= 0")
+        check_raw_tail(self.raw_tail, self.gist_every)
         expected = count_gist_slots(self.num_prompt_tokens, self.gist_per_chunk, self.gist_every, self.key_start,
                                     self.raw_tail)
         if self.gist_every < 0 or self.gist_per_chunk < 1 or self.num_gist_tokens != expected:

@@ -32,7 +32,7 @@ from gistcache.cache import GistCache
 from gistcache.cache.identity import model_identity
 from gistcache.config import check_batch_size
 from gistcache.errors import GistError
-from gistcache.masks import make_position_ids
+from gistcache.masks import make_position_ids, raw_tail_length
 from gistcache.model import GistModel, cache_kwarg, cache_layers, returned_cache
 from gistcache.model.compact import gist_slots
 from gistcache.model.rotary import model_inv_freq, turn_keys
@@ -57,8 +57,8 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
         if len(full) >= limit:
             raise GistError(f"prompt {i} has {len(ids)} tokens + {len(full) - len(ids)} gist tokens, over the model's "
                             f"context of {limit}: shorten it")
-    tails = [full[_last_gist(full, model.gist_token_id) + 1:] for full in rows_ids]  # the raw tail: [] without one
-    rows_ids = [full[:len(full) - len(tail)] for full, tail in zip(rows_ids, tails)]
+    tails = [ids[len(ids) - raw_tail_length(len(ids) - F, model.gist_every, model.raw_tail):] for ids in prompt_ids]
+    rows_ids = [full[:len(full) - len(tail)] for full, tail in zip(rows_ids, tails)]  # up to the last gist
     pad_id = pad_token_id(model.tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(rows_ids[i]))  # less padding per batch
     out: list = [None] * len(prompt_ids)
@@ -87,10 +87,6 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
             if tails[i]:
                 out[i] = _with_raw_tail(model, out[i], tails[i])
     return out
-
-
-def _last_gist(ids: list[int], gist_token_id: int) -> int:
-    return len(ids) - 1 - ids[::-1].index(gist_token_id)
 
 
 def _with_raw_tail(model: GistModel, gist_kv: list[tuple], tail: list[int]) -> list[tuple]:

@@ -27,9 +27,10 @@ INSTRUCTIONS = ["Reverse the word you are given, letter by letter.", "Add one to
 INPUTS = ["stone", "41", "abc de fgh ijk"]
 
 
-def make_chunked_model(arch="llama", num_gist=1, gist_every=8, mask="prefix", attn_implementation="sdpa"):
+def make_chunked_model(arch="llama", num_gist=1, gist_every=8, mask="prefix", attn_implementation="sdpa",
+                       raw_tail=0):
     gm = GistModel(tiny.make_model(arch, attn_implementation=attn_implementation), tiny.make_tokenizer(), num_gist,
-                   mask=mask, gist_every=gist_every)
+                   mask=mask, gist_every=gist_every, raw_tail=raw_tail)
     torch.manual_seed(100)
     with torch.no_grad():
         gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
@@ -185,9 +186,11 @@ def test_batched_training_forward_equals_each_row_alone(arch):
             torch.testing.assert_close(full[b, -len(r):], alone, atol=1e-4, rtol=0)
 
 
-def test_chunked_generation_equals_masked_definition(arch, tmp_path):
-    """compress -> save -> load -> generate (one batch) equals greedy decoding of the training forward."""
-    model = make_chunked_model(arch, 1, 6)
+@pytest.mark.parametrize("raw_tail", [0, 5])
+def test_chunked_generation_equals_masked_definition(arch, raw_tail, tmp_path):
+    """compress -> save -> load -> generate (one batch) equals greedy decoding of the training forward, with and
+    without a raw tail (test_raw_tail.py)."""
+    model = make_chunked_model(arch, 1, 6, raw_tail=raw_tail)
     caches = [load_cache(save_cache(c, tmp_path / f"{i}.safetensors"), model)
               for i, c in enumerate(compress(model, INSTRUCTIONS))]
     reference = generate_masked_ids(model, INSTRUCTIONS, INPUTS, max_new_tokens=8)

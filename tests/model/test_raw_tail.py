@@ -1,33 +1,26 @@
 """A raw tail (`raw_tail` W, masks.py): the instruction's last min(W, P - K) tokens stay raw after the last gist.
 
 The same layers as for the chunked mask (test_chunked.py): the literal mask and layout, the cache path against
-the training forward (Llama, Mistral, Qwen2; rows with and without a tail in one batch), generation from files
-against the masked definition, teeth, then the cache file and the refusals.
+the training forward (Llama, Mistral, Qwen2; rows with and without a tail in one batch), teeth, then the cache
+file and the refusals; generation from files against the masked definition is test_chunked.py's, with a tail.
 """
 
 import pytest
 import torch
-from test_chunked import INPUTS, INSTRUCTIONS, cache_logits, masked_logits
+from test_chunked import INPUTS, INSTRUCTIONS, cache_logits, make_chunked_model, masked_logits
 
-import tiny
 from gistcache.cache import load_cache, read_cache_metadata, save_cache
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
 from gistcache.inference.compression import compress
-from gistcache.inference.generation import generate_ids, generate_masked_ids
 from gistcache.masks import count_gist_slots, insert_gist_tokens, make_gist_mask, raw_tail_length
 from gistcache.model import GistModel
 
 G = 99
 
 
-def make_tail_model(arch="llama", gist_every=8, raw_tail=4, num_gist=1, mask="prefix"):
-    gm = GistModel(tiny.make_model(arch), tiny.make_tokenizer(), num_gist, mask=mask, gist_every=gist_every,
-                   raw_tail=raw_tail)
-    torch.manual_seed(100)
-    with torch.no_grad():
-        gm.gist_embedding.add_(torch.randn_like(gm.gist_embedding))
-    return gm.eval()
+def make_tail_model(arch="llama", gist_every=8, raw_tail=4, mask="prefix"):
+    return make_chunked_model(arch, 1, gist_every, mask=mask, raw_tail=raw_tail)
 
 
 def test_literal_raw_tail_mask():
@@ -74,15 +67,6 @@ def test_raw_tail_cache_equals_training_forward(arch, gist_every, raw_tail, mask
     got = cache_logits(model, caches, INPUTS)
     for b, (instruction, text) in enumerate(zip(INSTRUCTIONS, INPUTS)):
         torch.testing.assert_close(got[b], masked_logits(model, instruction, text), atol=1e-4, rtol=0)
-
-
-def test_raw_tail_generation_equals_masked_definition(arch, tmp_path):
-    """compress -> save -> load -> generate (one batch) equals greedy decoding of the training forward."""
-    model = make_tail_model(arch, 6, 5)
-    caches = [load_cache(save_cache(c, tmp_path / f"{i}.safetensors"), model)
-              for i, c in enumerate(compress(model, INSTRUCTIONS))]
-    reference = generate_masked_ids(model, INSTRUCTIONS, INPUTS, max_new_tokens=8)
-    assert generate_ids(model, caches, INPUTS, max_new_tokens=8) == reference
 
 
 def test_raw_tail_has_teeth(arch):
