@@ -11,7 +11,7 @@ from rich.table import Table
 from gistcache.cli.common import check_output_file, console, friendly_errors, print_json
 from gistcache.cli.options import JsonOut
 from gistcache.data.kshot import build_kshot, check_kshot_options, read_task_rows, summarize, write_rows
-from gistcache.data.tasks import make_long_tasks
+from gistcache.data.tasks import SHAPES, make_long_tasks
 from gistcache.errors import GistError
 from gistcache.model import load_tokenizer, quiet_transformers
 
@@ -73,12 +73,19 @@ def long(
     num: Annotated[int, typer.Option("--num", help="Rows to generate.")] = 200,
     held_out: Annotated[bool, typer.Option("--held-out", help="The held-out family (rules of another shape), for evaluation.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    shapes: Annotated[str, typer.Option("--shapes", help="fixed: the training family's four rule shapes; varied: a "
+                                        "shape drawn per prompt, none with the held-out family's marks.")] = "fixed",
 ) -> None:
     """Generate the built-in long-prompt family: a made-up rule shown by 10-99 worked examples, then a new word."""
     if num < 1:
         raise GistError(f"--num {num}: give a positive number of rows")
+    if shapes not in SHAPES:
+        raise GistError(f"--shapes {shapes!r}: use one of {', '.join(SHAPES)}")
+    if shapes == "varied" and held_out:
+        raise GistError("--shapes varied is a training family: the held-out family (--held-out) has its own shapes")
     check_output_file(out, "--out")
+    made = make_long_tasks(num, seed=seed, held_out=held_out, shapes=shapes)
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"],
-             "source": f"builtin:{r['family']}"} for r in make_long_tasks(num, seed=seed, held_out=held_out)]
+             "source": f"builtin:{r['family']}"} for r in made]
     write_rows(rows, out)
     console.print(f"wrote {len(rows)} rows of {rows[0]['source']} to {out}", highlight=False)

@@ -480,11 +480,36 @@ RULES: tuple[str, ...] = ("{word}-{code}", "{code} {word}", "{word} {code}", "{c
 HELD_OUT_RULES: tuple[str, ...] = ("<{code}>{word}</{code}>", "[{code}: {word}]")
 
 
-def _word_rule(lo: int, hi: int, rules: tuple[str, ...]):
-    """Many worked examples of one made-up rule on a word: a rule of `rules` ({word}, {code}) with a made-up
-    code word drawn per prompt; the input is a word not among the examples. n in [lo, hi] examples."""
+# The characters the held-out rules write around the word and code; no varied shape (below) uses one, so the
+# held-out family stays a shape never trained on.
+HELD_OUT_MARKS: frozenset[str] = frozenset("".join(HELD_OUT_RULES).replace("{word}", "").replace("{code}", "")) - {" "}
+SHAPE_SEPARATORS: tuple[str, ...] = ("-", " ", "_", "+", "=", "~", ".", ", ", " | ", " # ", "*", "@", " & ", "")
+SHAPE_WRAPS: tuple[tuple[str, str], ...] = (("(", ")"), ('"', '"'), ("'", "'"), ("*", "*"), ("|", "|"), ("_", "_"),
+                                            ("~", "~"), ("#", "#"), ("!", "!"), ("%", "%"), ("(", ")!"), ("^", "^"))
+
+
+def _varied_rule(rng: random.Random) -> str:
+    """A rule shape drawn per prompt: the code before, after or on both sides of the word, joined by a separator,
+    the code, the word or the whole optionally wrapped in marks ('(blick)_{word}', '#{word}# + blick'); no
+    character of HELD_OUT_MARKS, so the gist learns to carry a form it has not seen, not the held-out ones."""
+    code, word = "{code}", "{word}"
+    opening, closing = rng.choice(SHAPE_WRAPS)
+    wrapped = rng.choice(("code", "word", "all", "none"))
+    if wrapped == "code":
+        code = opening + code + closing
+    elif wrapped == "word":
+        word = opening + word + closing
+    parts = rng.choice(((code, word), (word, code), (code, word, code)))
+    rule = rng.choice(SHAPE_SEPARATORS[:-1] if wrapped == "none" else SHAPE_SEPARATORS).join(parts)
+    return opening + rule + closing if wrapped == "all" else rule
+
+
+def _word_rule(lo: int, hi: int, rules: tuple[str, ...] | Callable[[random.Random], str]):
+    """Many worked examples of one made-up rule on a word: a rule of `rules` ({word}, {code}), or one drawn by
+    it, with a made-up code word drawn per prompt; the input is a word not among the examples. n in [lo, hi]
+    examples."""
     def generate(rng: random.Random) -> Generated:
-        rule = rng.choice(rules)
+        rule = rules(rng) if callable(rules) else rng.choice(rules)
         code = _code_words(rng, 1)[0]
         words = rng.sample(WORDS, min(rng.randint(lo, hi), len(WORDS) - 1) + 1)
         query, shown = words[0], words[1:]
@@ -509,11 +534,17 @@ LONG_FAMILIES: tuple[TaskFamily, ...] = (
     _f("long_word_rule_wrap", _word_rule(10, 99, HELD_OUT_RULES), *_RULE_INSTRUCTIONS, held_out=True),
 )
 LONG_HELD_OUT_FAMILIES: frozenset[str] = frozenset(f.name for f in LONG_FAMILIES if f.held_out)
+# The training family with a rule shape drawn per prompt (`gist data long --shapes varied`), apart from
+# LONG_FAMILIES so that the default rows stay as they were.
+LONG_VARIED_FAMILY = _f("long_word_shape", _word_rule(10, 99, _varied_rule), *_RULE_INSTRUCTIONS)
+SHAPES = ("fixed", "varied")
 
 
-def make_long_tasks(num_examples: int, *, seed: int = 0, held_out: bool = False) -> list[dict[str, str]]:
+def make_long_tasks(num_examples: int, *, seed: int = 0, held_out: bool = False,
+                    shapes: str = "fixed") -> list[dict[str, str]]:
     """num_examples rows of the long families, as `make_builtin_tasks` (round-robin, seeded): the training
-    family (held_out=False) or the held-out one.
+    family (held_out=False) or the held-out one; shapes="varied": the training family whose rule shape is
+    drawn per prompt (LONG_VARIED_FAMILY) instead of one of four.
 
     Measured before adding (smollm2-135m base model, greedy, chat template, 30 rows each, seed 0; the full
     prompt vs the template alone, as `gist eval`'s base / none build them):
@@ -527,6 +558,10 @@ def make_long_tasks(num_examples: int, *, seed: int = 0, held_out: bool = False)
     """
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-    families = [f for f in LONG_FAMILIES if f.held_out == held_out]
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {', '.join(SHAPES)}, got {shapes!r}")
+    if shapes == "varied" and held_out:
+        raise ValueError("the varied shapes are a training family; the held-out family has its own shapes")
+    families = [LONG_VARIED_FAMILY] if shapes == "varied" else [f for f in LONG_FAMILIES if f.held_out == held_out]
     rngs = [_family_rng(seed, f.name) for f in families]
     return [families[i % len(families)].example(rngs[i % len(families)]) for i in range(num_examples)]

@@ -234,3 +234,42 @@ def test_long_family_leaves_the_short_set_unchanged():
     """The long families are kept apart: FAMILIES and make_builtin_tasks do not include them."""
     _, families, _, _, _ = _long()
     assert not {f.name for f in families} & {f.name for f in FAMILIES}
+
+
+def test_varied_shapes_follow_the_shown_rule_and_avoid_the_held_out_marks():
+    """`shapes="varied"`: each prompt draws its own rule shape, every shown example and the answer follow it, no
+    output writes a mark of the held-out rules, and the default rows are the fixed family's, unchanged."""
+    from gistcache.data.tasks import HELD_OUT_MARKS
+
+    _, _, rules, make_long_tasks, _ = _long()
+    assert HELD_OUT_MARKS == set("<>/[]:")
+    rows = make_long_tasks(60, seed=2, shapes="varied")
+    assert {r["family"] for r in rows} == {"long_word_shape"}
+    shapes = set()
+    for r in rows:
+        pairs = _shown_pairs(r["instruction"])
+        assert 10 <= len(pairs) <= 99 and r["input"] not in [w for w, _ in pairs]
+        rule = pairs[0][1].replace(pairs[0][0], "{word}")
+        assert "{word}" in rule and rule != "{word}"
+        assert all(out == rule.replace("{word}", w) for w, out in pairs)
+        assert r["output"] == rule.replace("{word}", r["input"])
+        assert not set(r["output"]) & HELD_OUT_MARKS
+        shapes.add(_shape_of(pairs))
+    assert len(shapes) >= 30, shapes  # many shapes, not four
+    assert shapes & set(rules)  # the fixed shapes are among them
+    assert make_long_tasks(5, seed=3) == make_long_tasks(5, seed=3, shapes="fixed")
+    assert make_long_tasks(5, seed=3, shapes="varied") == make_long_tasks(5, seed=3, shapes="varied")
+    with pytest.raises(ValueError, match="shapes"):
+        make_long_tasks(2, shapes="random")
+    with pytest.raises(ValueError, match="held-out"):
+        make_long_tasks(2, held_out=True, shapes="varied")
+
+
+def _shape_of(pairs):
+    """The rule shape behind worked examples: the first output with its word and its code word (the letters
+    the first two outputs share beyond their words) replaced by {word} and {code}."""
+    import re
+
+    (w1, o1), (w2, o2) = pairs[:2]
+    code = next(c for c in re.findall("[a-z]+", o1.replace(w1, " ")) if c in o2.replace(w2, " "))
+    return re.sub(rf"\b{code}\b", "{code}", o1.replace(w1, "{word}"))
