@@ -18,7 +18,8 @@ and, against `full` and `none` (fidelity.py's definitions, paired bootstrap), fo
     retention    s(c) / s(full)        gap closed    (s(c) - s(none)) / (s(full) - s(none))
 
 plus `gist_minus_truncate`: mean ROUGE-L of gist minus truncate (x100, paired bootstrap), so "gist beats
-truncation to the same state" can be read bucket by bucket. Empty buckets are left out.
+truncation to the same state" can be read bucket by bucket, and `gist_minus_truncate_end` the same against
+truncate-end (the instruction's last tokens, the recent window) when it was run. Empty buckets are left out.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ BUCKETS: tuple[tuple[str, int, int | None], ...] = (
     ("1025-2048", 1025, 2048), (">2048", 2049, None),
 )
 COMPARED = ("gist", "truncate")  # conditions whose retention and gap closed are reported
+# the truncations the gist is set against per bucket (condition, the row's key, the table's column)
+AGAINST = (("truncate", "gist_minus_truncate", "gist-trunc"),
+           ("truncate-end", "gist_minus_truncate_end", "gist-trunc-end"))
+TABLE_CONDITIONS = ("gist", "truncate", "truncate-end", "none", "full", "base")
 
 
 def bucket_of(instruction_tokens: int) -> str:
@@ -83,9 +88,9 @@ def length_rows(examples: list[dict], *, resamples: int = 1000, seed: int = 0) -
                 if "none" in scores:
                     row[f"{c}_gap_closed"] = bootstrap_statistic([scores[c], scores["none"], scores["full"]],
                                                                  lambda g, n, f: (g - n) / (f - n), **stat)
-        row["gist_minus_truncate"] = (bootstrap_statistic([scores["gist"], scores["truncate"]], lambda g, t: g - t,
-                                                          **stat)
-                                      if "gist" in scores and "truncate" in scores else None)
+        for truncation, key, _ in AGAINST:
+            row[key] = (bootstrap_statistic([scores["gist"], scores[truncation]], lambda g, t: g - t, **stat)
+                        if "gist" in scores and truncation in scores else None)
         rows.append(row)
     return rows
 
@@ -99,15 +104,19 @@ def length_records(instruction_tokens: list[int], prompt_positions: list[int], r
             for i in range(len(references))]
 
 
-def length_table(rows: list[dict], *, conditions: tuple[str, ...] = ("gist", "truncate", "none", "full", "base")
+def length_table(rows: list[dict], *, conditions: tuple[str, ...] = TABLE_CONDITIONS
                  ) -> tuple[list[str], list[list[str]]]:
     """(headers, rows of text) of the per-bucket table for the screen and results.md; `rows` may span several
-    (run, split) pairs, each row carrying "run" and "split"."""
+    (run, split) pairs, each row carrying "run" and "split". The gist-trunc-end column shows only when some
+    row has truncate-end."""
     present = [c for c in conditions if any(c in r["conditions"] for r in rows)]
+    against = [(key, column) for truncation, key, column in AGAINST
+               if truncation == "truncate" or truncation in present]
     multi_run = len({r.get("run") for r in rows}) > 1
     headers = (["run"] if multi_run else []) + ["split", "tokens", "n"]
     headers += [f"{c} R-L" for c in present] + [f"{c} EM" for c in present]
-    headers += ["gist ret.", "gist gap", "trunc ret.", "gist-trunc", "gist comp.", "trunc comp."]
+    headers += ["gist ret.", "gist gap", "trunc ret.", *(column for _, column in against), "gist comp.",
+                "trunc comp."]
     out = []
     for r in rows:
         cells = ([r.get("run", "")] if multi_run else []) + [r.get("split", ""), r["bucket"], str(r["examples"])]
@@ -115,8 +124,8 @@ def length_table(rows: list[dict], *, conditions: tuple[str, ...] = ("gist", "tr
         cells += [f"{r['conditions'][c]['exact_match']['mean']:.1f}" if c in r["conditions"] else "—"
                   for c in present]
         cells += [format_interval(r["gist_retention"], "%"), format_interval(r["gist_gap_closed"], "%"),
-                  format_interval(r["truncate_retention"], "%"), format_interval(r["gist_minus_truncate"]),
-                  _format_ratio(r["conditions"].get("gist")), _format_ratio(r["conditions"].get("truncate"))]
+                  format_interval(r["truncate_retention"], "%"),
+                  *(format_interval(r.get(key)) for key, _ in against), _format_ratio(r["conditions"].get("gist")), _format_ratio(r["conditions"].get("truncate"))]
         out.append(cells)
     return headers, out
 
@@ -124,7 +133,7 @@ def length_table(rows: list[dict], *, conditions: tuple[str, ...] = ("gist", "tr
 def narrow_length_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(headers, rows of text) for a narrow screen, rows of one (run, split): ROUGE-L by condition, gist
     retention (mean) and compression; `length_table` has every column."""
-    present = [c for c in ("gist", "truncate", "none", "full", "base") if any(c in r["conditions"] for r in rows)]
+    present = [c for c in TABLE_CONDITIONS if any(c in r["conditions"] for r in rows)]
     out = []
     for r in rows:
         retention = r.get("gist_retention")
@@ -143,8 +152,9 @@ def length_markdown(results: dict) -> str:
     lines = ["## By instruction length", "", *markdown_table(headers, cells)]
     lines += ["", "Buckets by the instruction's own tokens (template excluded). R-L: ROUGE-L F x100; EM: exact "
               "match x100. ret.: retention, c / full ROUGE-L; gap: (c - none) / (full - none); gist-trunc: gist minus "
-              "truncate ROUGE-L; comp.: prompt positions (template included) / cached positions (the gist cache's "
-              "context_used, or the truncated prompt). 95% paired bootstrap intervals.", ""]
+              "truncate ROUGE-L (gist-trunc-end: minus truncate-end, the instruction's last tokens); comp.: prompt "
+              "positions (template included) / cached positions (the gist cache's context_used, or the truncated "
+              "prompt). 95% paired bootstrap intervals.", ""]
     return "\n".join(lines)
 
 

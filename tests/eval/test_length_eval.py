@@ -75,6 +75,21 @@ def test_conditions_missing_give_none():
     assert row["gist_gap_closed"] is None and row["truncate_retention"] is None and row["gist_minus_truncate"] is None
 
 
+def test_gist_against_truncate_end_per_bucket():
+    """With truncate-end run, each bucket also holds gist minus truncate-end and the table gains its column;
+    without it the key is None and the column is absent."""
+    exs = [{**r, "outputs": {**r["outputs"], "truncate-end": r["outputs"]["gist"] if i in (1, 2) else "x"},
+            "cached_positions": {**r["cached_positions"], "truncate-end": 6}} for i, r in enumerate(LITERAL)]
+    short, long = length_rows(exs, resamples=200)
+    assert short["gist_minus_truncate_end"]["mean"] == 50 and long["gist_minus_truncate_end"]["mean"] == 0
+    assert short["gist_minus_truncate"]["mean"] == 50  # the first truncation unchanged beside it
+    headers, cells = length_table([{"split": "dev", **r} for r in (short, long)])
+    assert "truncate-end R-L" in headers and headers.index("gist-trunc") < headers.index("gist-trunc-end")
+    assert cells[0][headers.index("gist-trunc-end")].startswith("50.0 [")
+    (row,) = length_rows(LITERAL[:2], resamples=50)
+    assert row["gist_minus_truncate_end"] is None and "gist-trunc-end" not in length_table([row])[0]
+
+
 def test_records_from_columns_and_table_text():
     """length_records turns per-condition columns into records; length_table writes one line per bucket."""
     recs = length_records([10, 300], [30, 320], ["a b", "a b"], {"gist": ["a b", "x"], "full": ["a b", "a b"]},
@@ -207,6 +222,8 @@ def test_raw_tail_run_truncates_to_its_slots_and_truncate_end_keeps_the_end(make
         assert pred["cached_positions"]["gist"] == f + slots
         assert pred["cached_positions"]["truncate"] == pred["cached_positions"]["truncate-end"]
         assert pred["truncate_kept_tokens"] == min(slots, pred["instruction_only_tokens"])
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert all("mean" in row["gist_minus_truncate_end"] for row in results["length"])  # the by-length table has it
     tails = [p["cached_positions"]["gist"] - f - count_gist_slots(p["instruction_tokens"], 1, 32, f) for p in preds]
     assert tails == [0, 8, 8]  # the short instruction has none
     tok = gm.tokenizer
