@@ -125,7 +125,8 @@ def length_table(rows: list[dict], *, conditions: tuple[str, ...] = TABLE_CONDIT
                   for c in present]
         cells += [format_interval(r["gist_retention"], "%"), format_interval(r["gist_gap_closed"], "%"),
                   format_interval(r["truncate_retention"], "%"),
-                  *(format_interval(r.get(key)) for key, _ in against), _format_ratio(r["conditions"].get("gist")), _format_ratio(r["conditions"].get("truncate"))]
+                  *(format_interval(r.get(key)) for key, _ in against),
+                  _format_ratio(r["conditions"].get("gist")), _format_ratio(r["conditions"].get("truncate"))]
         out.append(cells)
     return headers, out
 
