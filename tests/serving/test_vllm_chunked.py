@@ -24,19 +24,23 @@ INPUTS = ["France", "apple"]
 NEW = 12
 
 
-def test_vllm_answers_chunked_caches_as_gist_generate(tmp_path):
+@pytest.mark.parametrize("raw_tail", [0, 5])
+def test_vllm_answers_chunked_caches_as_gist_generate(tmp_path, raw_tail):
     """Caches of 3 prompts with 3 different M (N = 1 after every 16 tokens), 2 inputs each, in one vLLM batch:
-    greedy tokens equal gist generate's."""
+    greedy tokens equal gist generate's; with a raw tail (`gist train --raw-tail`) the cache's last slots are the
+    instruction's last raw tokens, read as plain slots."""
     from vllm import LLM, SamplingParams
 
     run = tiny.save_vllm_run(tmp_path)  # head size 32: vLLM's CPU attention takes it
     config = json.loads((run / "config.json").read_text())
     config["gist"]["gist_every"] = 16
+    config["gist"]["raw_tail"] = raw_tail
     (run / "config.json").write_text(json.dumps(config))
     model = GistModel.from_pretrained(run)
     export_model(model, tmp_path / "hf")
     results = compress_cached(model, INSTRUCTIONS, CacheStore(tmp_path / "store"))
     assert len({r.cache.num_gist_tokens for r in results}) == 3
+    assert [r.cache.raw_tail for r in results] == [raw_tail] * 3
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     llm = LLM(model=str(tmp_path / "hf"), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.15,
               max_model_len=512, generation_config="vllm", seed=0, distributed_executor_backend="uni",
