@@ -36,6 +36,7 @@ def train(
     model: Annotated[str, typer.Option(help="Hugging Face id or folder, a .gguf file, or smollm2-135m.")] = "smollm2-135m",
     num_gist: Annotated[int, typer.Option("--num-gist", help="Gist tokens per prompt (per chunk with --gist-every).")] = 1,
     gist_every: Annotated[Optional[int], typer.Option("--gist-every", help=f"Cut the instruction into chunks of K tokens with --num-gist gist tokens after each, so the cache grows with the prompt (F + N*ceil(P/K) slots); 0: one chunk.{_default('gist_every')}")] = None,
+    chunk_attention: Annotated[str, typer.Option("--chunk-attention", help="With --gist-every: causal (each chunk's tokens read every earlier chunk) | local (they read earlier chunks only through their gists, as in Activation Beacon).")] = "causal",
     raw_tail: Annotated[int, typer.Option("--raw-tail", help="With --gist-every: keep the instruction's last min(W, P - K) tokens raw after the last gist (the cache holds their keys/values too); 0: compress every token.")] = 0,
     condition: Annotated[str, typer.Option(help="gist | pos_control | neg_control.")] = "gist",
     mask: Annotated[Optional[str], typer.Option("--mask", help="prefix (tokens after the gist also see the template's fixed prefix; default for --condition gist) | paper (they see nothing before the gist).")] = None,
@@ -72,7 +73,7 @@ def train(
     """Train gist tokens through the masked forward and write a run folder."""
     given = dict(
         out=out, data=data or [], eval_data=eval_data or [], exclude_data=exclude_data or [], preset=preset, model=model, num_gist_tokens=num_gist,
-        gist_every=gist_every, raw_tail=raw_tail, condition=condition, mask=mask, positions=positions, template=template, tune=tune, decoder=decoder, objective=objective,
+        gist_every=gist_every, raw_tail=raw_tail, chunk_attention=chunk_attention, condition=condition, mask=mask, positions=positions, template=template, tune=tune, decoder=decoder, objective=objective,
         distill_temperature=distill_temperature, teacher_answers=teacher_answers,
         teacher_max_new_tokens=teacher_max_new_tokens, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, gist_lr=gist_lr,
         warmup_ratio=warmup_ratio,

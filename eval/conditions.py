@@ -13,6 +13,7 @@ included: what the gist tokens replace), G = N gist ids and I = `encode_input(in
     pos_control   P + G + I (the pos_control run)      plain causal    P positions
     neg_control   I at positions P+N.. (neg_control)   see below       0 positions
     kvpress:PRESS P compressed by the press, then I     plain causal    K positions (below)
+    echo          no model: the input itself is the answer  (none)    0 positions
 
 `base` is what a user runs without gistcache: the base model before any tuning (no adapter, no
 trained weights) reading the full prompt, with no gist token. The other baselines keep the N gist
@@ -28,6 +29,11 @@ positions P+N onwards. That is exactly greedy generation over I alone with posit
 P+N and no cache, which is how it is generated here (batched). The gist-cache path would be
 wrong for it: it would let the input attend to the gist keys/values, which this run never did
 in training and which do carry the prompt (the gist tokens themselves see it).
+
+`echo` is a control on the metric, not a way to keep a prompt: it answers every example with its own input (stripped)
+and runs no model. Where a split's references hold the input (a rule applied to a word, a label beside the input's
+words), ROUGE-L gives an answer credit for repeating the input; echo's score says how much, so a gist that scores
+near echo may have learned to repeat the input rather than the prompt's rule (exact match tells them apart).
 
 `kvpress:PRESS` (issue 24): a training-free KV-cache press of NVIDIA's kvpress compresses P during its prefill
 (the untouched base model, for every run) so that every layer keeps K positions per KV head, then I is read
@@ -52,8 +58,10 @@ from gistcache.prompts import (INSTRUCTION_SLOT, PromptText, encode_prompt, form
                                visible_prefix_ids)
 
 BASELINES = ("full", "none", "truncate", "base")
-# asked for by name only, never by default: truncation that keeps the instruction's end (its last worked example)
-EXTRA_BASELINES = ("truncate-end",)
+# asked for by name only, never by default: truncation that keeps the instruction's end (its last worked example),
+# and the echo control (the input as the answer)
+EXTRA_BASELINES = ("truncate-end", "echo")
+NO_MODEL = ("echo",)  # conditions that generate nothing
 TRUNCATIONS = {"truncate": "start", "truncate-end": "end"}  # condition -> the part of the instruction it keeps
 CONTROL_CONDITIONS = {"pos": "pos_control", "neg": "neg_control"}
 PRESS_PREFIX = "kvpress:"
@@ -137,6 +145,8 @@ def condition_sequences(condition: str, items: list[Prepared], gist_ids: list[in
         return [[*template_ids, *gist_ids, *p.input] for p in items], None
     if condition == "neg_control":
         return [list(p.input) for p in items], [len(p.prompt) + len(gist_ids) for p in items]
+    if condition in NO_MODEL:
+        raise GistError(f"{condition} runs no model: its answers are echo_answers(inputs)")
     if is_press(condition):
         raise GistError(f"{condition} runs in the peers virtualenv: evaluate it with gistcache.eval.peers.evaluate "
                         f"(what `gist eval` calls), not gistcache.eval.loop.evaluate")
@@ -147,7 +157,12 @@ def state_positions(condition: str, p: Prepared, num_gist: int, template_ids: li
     """Positions of prompt state kept before the input (the baselines' gist ids not counted)."""
     return {"gist": num_gist, "full": len(p.prompt), "base": len(p.prompt), "pos_control": len(p.prompt),
             "truncate": len(p.truncated or []), "truncate-end": len(p.truncated_end or []), "none": len(template_ids),
-            "neg_control": 0}[condition]
+            "neg_control": 0, "echo": 0}[condition]
+
+
+def echo_answers(inputs: list[str]) -> list[str]:
+    """The echo control's answers: each input itself, stripped (an empty input answers "")."""
+    return [text.strip() for text in inputs]
 
 
 @dataclass(frozen=True)

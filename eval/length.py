@@ -5,7 +5,7 @@ Examples are put in buckets by the tokens of their instruction alone (template e
 
     <=128   129-256   257-512   513-1024   1025-2048   >2048
 
-and per bucket, for each condition present (gist, full, none, truncate, base, ...):
+and per bucket, for each condition present (gist, full, none, truncate, base, echo, ...):
 
     ROUGE-L, exact match      x100, mean with a 95% percentile-bootstrap interval (rouge.py)
     cached positions          mean positions of prompt state before the input: the gist cache's
@@ -36,7 +36,7 @@ COMPARED = ("gist", "truncate")  # conditions whose retention and gap closed are
 # the truncations the gist is set against per bucket (condition, the row's key, the table's column)
 AGAINST = (("truncate", "gist_minus_truncate", "gist-trunc"),
            ("truncate-end", "gist_minus_truncate_end", "gist-trunc-end"))
-TABLE_CONDITIONS = ("gist", "truncate", "truncate-end", "none", "full", "base")
+TABLE_CONDITIONS = ("gist", "truncate", "truncate-end", "none", "full", "base", "echo")
 
 
 def bucket_of(instruction_tokens: int) -> str:

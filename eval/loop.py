@@ -2,7 +2,8 @@
 
 For each run (its own trained condition), each split and each condition, every example is
 generated greedily with the same `max_new_tokens` (see `gistcache.eval.conditions` for how each
-condition is built). Reported per (run, split, condition):
+condition is built; the echo control generates nothing: its answer is the input). Reported per
+(run, split, condition):
 
 - ROUGE-L F x100 with a 95% percentile-bootstrap interval (1000 resamples, fixed seed), and
   exact match x100 (stripped, lower-cased);
@@ -32,7 +33,8 @@ from gistcache.config import torch_dtype
 from gistcache.data.alpaca import Example, load_examples
 from gistcache.errors import GistError
 from gistcache.eval import flops as F
-from gistcache.eval.conditions import Prepared, condition_sequences, generate_gist, state_positions, template_only_ids
+from gistcache.eval.conditions import (NO_MODEL, Prepared, condition_sequences, echo_answers, generate_gist,
+                                       state_positions, template_only_ids)
 from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_row
 from gistcache.eval.length import length_records, length_rows
@@ -154,7 +156,7 @@ def _run_info(spec: RunSpec, models: RunModels) -> dict:
 def _check_contexts(config: EvalConfig, spec: RunSpec, models: RunModels, split: str, items: list[Prepared]) -> None:
     """Check every causal condition's context before generating anything."""
     for condition in spec.conditions:
-        if condition != "gist":
+        if condition != "gist" and condition not in NO_MODEL:
             seqs, offsets = condition_sequences(condition, items, models.gist_ids, models.template_ids)
             check_context(models.gm, offsets or [0] * len(seqs), seqs, config.max_new_tokens, what=f"{split} example")
 
@@ -170,6 +172,9 @@ def _condition_row(config: EvalConfig, spec: RunSpec, models: RunModels, conditi
         outputs = generate_gist(gm, [ex.instruction for ex in exs], [ex.input for ex in exs],
                                 max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, on_batch=advance,
                                 context_used=context_used)
+    elif condition == "echo":
+        outputs = echo_answers([ex.input for ex in exs])
+        advance(len(exs))
     else:
         seqs, offsets = condition_sequences(condition, items, models.gist_ids, models.template_ids)
         outputs = generate_causal(gm, seqs, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
@@ -234,8 +239,8 @@ def _label(condition: str, spec: RunSpec, single: bool) -> str:
 
 def _count_flops(gm: GistModel, condition: str, exs: list[Example], items: list[Prepared], models: RunModels,
                  max_new_tokens: int) -> dict:
-    """Mean FLOPs per example on the subset, batch size 1."""
-    if not items:
+    """Mean FLOPs per example on the subset, batch size 1; None for a condition that runs no model (echo)."""
+    if not items or condition in NO_MODEL:
         return {"prefill_flops": None, "generation_flops": None, "compress_flops": None}
     counts = []
     compress_counts = []

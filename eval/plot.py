@@ -10,7 +10,7 @@
   compression ratio (prompt positions / positions held before the input, template included for every
   condition; log scale), one line per condition (gist, truncate, ...) through its runs, each
   point named by its run, so gist at several ratios sits beside truncation to the same state
-  (neg_control keeps no prompt state, so it has no ratio).
+  (neg_control keeps no prompt state, so it has no ratio; the echo control, when run, is a dotted level).
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def _plot_compression(plt, rows: list[dict], splits: list[str], path: Path) -> P
             if condition in ("gist", "truncate"):
                 for x, y, (_, _, run) in zip(xs, ys, pts):
                     ax.annotate(run, (x, y), fontsize="x-small", xytext=(4, 4), textcoords="offset points")
+        echo = next((r for r in rows if r["split"] == split and r["condition"] == "echo"), None)
+        if echo is not None:  # a control with no state: a level to read the others against
+            ax.axhline(echo["rouge_l"]["mean"], color="grey", linestyle=":", label="echo (the input as the answer)")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("compression (prompt positions / positions held)")

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from gistcache.errors import GistError
-from gistcache.masks import check_condition, check_gist_every, check_mask, check_positions, check_raw_tail
+from gistcache.masks import (check_chunk_attention, check_condition, check_gist_every, check_mask, check_positions,
+                             check_raw_tail)
 
 DEFAULT_MODEL = "smollm2-135m"
 TEMPLATES = ("auto", "chat", "plain")
@@ -60,6 +61,8 @@ class GistConfig:
     # W: the last min(W, P - K) instruction tokens stay raw after the last gist, and the cache keeps their
     # keys/values too (masks.py); 0 = every instruction token is compressed
     raw_tail: int = 0
+    # "causal": each chunk's tokens read every earlier chunk; "local": only the earlier chunks' gists (masks.py)
+    chunk_attention: str = "causal"
     condition: str = "gist"
     mask: str = "prefix"  # "paper": tokens after the gist see nothing before it; "prefix": they also see the template's fixed prefix
     # prefix mask: "compact" = the input continues right after prefix + gist (a cache is a plain F+N prefix);
@@ -86,6 +89,7 @@ class GistConfig:
             raise GistError(f"--num-gist must be a whole number >= 1, got {self.num_gist_tokens!r}")
         check_gist_every(self.gist_every)
         check_raw_tail(self.raw_tail, self.gist_every)
+        check_chunk_attention(self.chunk_attention, self.gist_every)
         check_condition(self.condition)
         check_mask(self.mask)
         check_positions(self.positions)

@@ -90,6 +90,24 @@ instruction `a b c`, tail `c`)::
     d  1 0 0 1 1 1 0
     e  1 0 0 1 1 1 1
 
+Chunk-local attention (`chunk_attention` "local", chunked runs only, recorded in a run's config; "causal",
+drawn above, is the default and every run before it), the structure of Activation Beacon: an instruction
+token reads the fixed prefix, every earlier gist token and the earlier tokens of its own chunk, but no earlier
+chunk's tokens, so each chunk reaches the next only through its gists; each gist reads the prefix, every
+earlier gist and its own chunk. The tokens after the last gist read what they read above. Compressing a
+prompt of P instruction tokens then attends over about K + M keys per query instead of up to P. For
+`s a b G c G d e` (K = 2)::
+
+    condition=gist, mask=prefix, gist_every=2, chunk_attention=local
+    s  1 0 0 0 0 0 0 0
+    a  1 1 0 0 0 0 0 0
+    b  1 1 1 0 0 0 0 0
+    G  1 1 1 1 0 0 0 0
+    c  1 0 0 1 1 0 0 0
+    G  1 0 0 1 1 1 0 0
+    d  1 0 0 1 0 1 1 0
+    e  1 0 0 1 0 1 1 1
+
 Padding (left or right) is never attended to; a padding query attends to itself only, so no
 softmax row is empty.
 """
@@ -103,6 +121,7 @@ from gistcache.errors import GistError
 CONDITIONS = ("gist", "pos_control", "neg_control")
 MASKS = ("paper", "prefix")
 POSITIONS = ("compact", "original")
+CHUNK_ATTENTION = ("causal", "local")
 
 
 def check_condition(condition: str) -> str:
@@ -131,6 +150,16 @@ def check_gist_every(gist_every: int, max_length: int | None = None) -> int:
         raise GistError(f"--gist-every {gist_every} is longer than --max-length {max_length}: every prompt would be "
                         f"one chunk; give at most {max_length}, or 0 for one chunk")
     return gist_every
+
+
+def check_chunk_attention(chunk_attention: str, gist_every: int) -> str:
+    """`--chunk-attention`: "causal" (each chunk reads every earlier one) or "local" (each chunk reads the earlier
+    ones only through their gists); "local" needs chunks (`--gist-every`)."""
+    if chunk_attention not in CHUNK_ATTENTION:
+        raise GistError(f"unknown --chunk-attention {chunk_attention!r}: use one of {', '.join(CHUNK_ATTENTION)}")
+    if chunk_attention == "local" and not gist_every:
+        raise GistError("--chunk-attention local needs --gist-every: with one chunk there is no earlier chunk to hide")
+    return chunk_attention
 
 
 def check_raw_tail(raw_tail: int, gist_every: int) -> int:
@@ -245,6 +274,30 @@ def make_gist_mask(
         eye = torch.eye(T, dtype=torch.bool, device=device).view(1, T, T)
         mask = torch.where(real.view(B, T, 1), mask, eye)
     return mask
+
+
+def chunk_local_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, gist_token_id: int,
+                     num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Boolean mask (B, T, T) of chunk-local attention (drawn above): causal, and a query reads a key only when
+    the key is in the fixed prefix (the first `num_prefix_tokens` real tokens), is a gist token, or stands in the
+    query's own chunk. A chunk ends with its run of gist tokens; the tokens after the last gist form one more
+    chunk, so over a whole sequence this is the gist mask with the chunks hidden from each other.
+
+    input_ids: (B, T), left-padded; attention_mask: (B, T) with 1 for real tokens (or None). Padding is
+    handled as in `make_gist_mask`.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    causal = make_gist_mask(input_ids, attention_mask, gist_token_id, "pos_control")  # padding sees itself only
+    is_gist = input_ids == gist_token_id  # (B, T)
+    run_ended = is_gist[:, :-1] & ~is_gist[:, 1:]  # (B, T-1): a run of gist tokens ends after column t
+    chunk = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device), run_ended.long().cumsum(dim=1)], dim=1)
+    same_chunk = chunk.view(B, T, 1) == chunk.view(B, 1, T)
+    first_real = (torch.zeros(B, dtype=torch.long, device=device) if attention_mask is None
+                  else attention_mask.long().argmax(dim=1))
+    k = torch.arange(T, device=device).view(1, 1, T)
+    in_prefix = k < (first_real + num_prefix_tokens).view(B, 1, 1)
+    return causal & (same_chunk | is_gist.view(B, 1, T) | in_prefix)
 
 
 def check_prefix_fits(first_real: torch.Tensor, start: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

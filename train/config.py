@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
-from gistcache.masks import check_gist_every, check_raw_tail
+from gistcache.masks import check_chunk_attention, check_gist_every, check_raw_tail
 
 # What a field left unset (None) takes when the preset does not set it either.
 DEFAULTS: dict[str, object] = dict(
@@ -55,6 +55,7 @@ class TrainConfig:
     num_gist_tokens: int = GistConfig.num_gist_tokens
     gist_every: int | None = None  # K: N gist tokens after every K instruction tokens (0: one chunk)
     raw_tail: int = GistConfig.raw_tail  # W: the instruction's last min(W, P - K) tokens kept raw (masks.py)
+    chunk_attention: str = GistConfig.chunk_attention  # "local": a chunk reads earlier ones via their gists (masks.py)
     condition: str = GistConfig.condition
     mask: str | None = None  # None: "prefix" for the gist condition, "paper" for the controls (where it means nothing more)
     positions: str | None = None  # prefix mask: "compact" (a cache is a plain F+N prefix) or "original"
@@ -142,6 +143,7 @@ class TrainConfig:
             raise GistError(f"--max-length must be >= 16, got {self.max_length}")
         check_gist_every(self.gist_every, self.max_length)
         check_raw_tail(self.raw_tail, self.gist_every)
+        check_chunk_attention(self.chunk_attention, self.gist_every)
         if self.batch_tokens < 0:
             raise GistError(f"--batch-tokens must be >= 0 (0: batches of --batch-size rows), got {self.batch_tokens}")
         if self.save_every < 0:
@@ -158,7 +160,7 @@ class TrainConfig:
 
     def gist_config(self) -> GistConfig:
         return GistConfig(model=self.model, num_gist_tokens=self.num_gist_tokens, gist_every=self.gist_every,
-                          raw_tail=self.raw_tail, condition=self.condition,
+                          raw_tail=self.raw_tail, chunk_attention=self.chunk_attention, condition=self.condition,
                           mask=self.mask, positions=self.positions, template=self.template, tune=self.tune, decoder=self.decoder, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
 
     def to_dict(self) -> dict:

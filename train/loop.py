@@ -101,7 +101,7 @@ def _train(config: TrainConfig, *, show_progress: bool) -> dict:
     model = GistModel(wrap_for_tuning(base, config), tokenizer, config.num_gist_tokens,
                       base_fingerprint=base_fingerprint, template=config.template, mask=config.mask,
                       positions=config.positions, decoder=config.decoder, gist_every=config.gist_every,
-                      raw_tail=config.raw_tail)
+                      raw_tail=config.raw_tail, chunk_attention=config.chunk_attention)
     if config.init_from and resume is None:  # refused here, before anything is written
         init_from_run(model, config.init_from, config, base_fingerprint)
     if teacher is not None and teacher.disable_adapter:

@@ -79,6 +79,8 @@ def model_identity(model: GistModel) -> ModelIdentity:
             h.update(f"|every {model.gist_every}".encode())
         if model.raw_tail:
             h.update(f"|tail {model.raw_tail}".encode())
+        if model.chunk_attention != "causal":
+            h.update(f"|chunks {model.chunk_attention}".encode())
         h.update(model.gist_embedding.detach().float().cpu().numpy().tobytes())
         h.update(tokenizer_fingerprint(model.tokenizer).encode())
         run = h.hexdigest()

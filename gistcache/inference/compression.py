@@ -66,13 +66,13 @@ def compress_ids(model: GistModel, prompt_ids: list[list[int]], *, batch_size: i
         rows = order[start:start + batch_size]
         input_ids, attention_mask = left_pad([rows_ids[i] for i in rows], pad_id, model.device)  # (B, T) each
         with torch.no_grad():
-            if bool(attention_mask.all()):
+            if bool(attention_mask.all()) and model.chunk_attention == "causal":
                 # No padding: over prompt + gist the gist mask is plain causal, so the stock causal
                 # forward (fast sdpa path) computes exactly the masked forward's keys and values.
                 res = model.model(inputs_embeds=model.embed(input_ids), use_cache=True, logits_to_keep=1)
             else:
-                # Left padding: the masked forward hides it (a padding query sees only itself, so no
-                # softmax row is empty and no NaN reaches real rows); positions count real tokens.
+                # Left padding, or chunk-local attention: the masked forward (a padding query sees only
+                # itself, so no softmax row is empty and no NaN reaches real rows); positions count real tokens.
                 res = model(input_ids, attention_mask, use_cache=True, logits_to_keep=1)
         kv = cache_layers(returned_cache(res))
         columns, _, count = gist_slots(input_ids == model.gist_token_id)  # (B, Mmax), (B,)

@@ -7,6 +7,7 @@ the prefix at two distances at once, so the forward is what compress + generate 
 gradients flowing through both passes::
 
     pass 1   prefix 0..F-1   instruction F..P-1   gist P..P+N-1     causal: the gist reads everything
+             (chunk-local for a run with chunk_attention "local", masks.py)
     kept     prefix keys/values                   gist keys/values, the keys turned from P.. to F..
     pass 2   input (and answer) from F+N, reading the F+N kept slots and each other (causal);
              a run with decoder="base" runs it with the LoRA adapter off (`GistModel.decoding`)
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from gistcache.errors import GistError
-from gistcache.masks import check_prefix_fits, find_gist_spans, make_gist_mask, make_position_ids, to_additive_mask
+from gistcache.masks import (check_prefix_fits, chunk_local_mask, find_gist_spans, make_gist_mask, make_position_ids,
+                             to_additive_mask)
 from gistcache.model.kv import cache_kwarg, cache_layers, returned_cache
 from gistcache.model.rotary import model_inv_freq, turn_keys
 
@@ -46,6 +48,7 @@ class TwoPassModel(Protocol):
     gist_token_id: int
     num_gist_tokens: int
     gist_every: int
+    chunk_attention: str
 
     @property
     def num_prefix_tokens(self) -> int: ...
@@ -88,8 +91,11 @@ def compact_forward(model: TwoPassModel, input_ids: torch.Tensor, attention_mask
     both = not logits_to_keep or logits_to_keep > C  # are logits of pass 1's columns asked for?
     embeds1 = model.embed(ids1)
     dtype = embeds1.dtype
-    causal1 = make_gist_mask(ids1, real1, model.gist_token_id, "pos_control")  # causal, padding sees itself
-    out1 = model.model(inputs_embeds=embeds1, attention_mask=to_additive_mask(causal1, dtype),
+    if model.chunk_attention == "local":  # each chunk reads the earlier ones through their gists only (masks.py)
+        mask1 = chunk_local_mask(ids1, real1, model.gist_token_id, F)
+    else:
+        mask1 = make_gist_mask(ids1, real1, model.gist_token_id, "pos_control")  # causal, padding sees itself
+    out1 = model.model(inputs_embeds=embeds1, attention_mask=to_additive_mask(mask1, dtype),
                        position_ids=make_position_ids(real1.long()), use_cache=True, logits_to_keep=0 if both else 1)
     if C == 0:  # no row has tokens after its gist: pass 1 was the whole forward, cache included (compress)
         if labels is not None:

@@ -12,8 +12,8 @@ from torch import nn
 
 from gistcache.config import GIST_TOKEN, GistConfig, check_decoder
 from gistcache.errors import GistError
-from gistcache.masks import (check_gist_every, check_mask, check_positions, check_raw_tail, count_gist_slots,
-                             gist_attention_mask, insert_gist_tokens, make_position_ids)
+from gistcache.masks import (check_chunk_attention, check_gist_every, check_mask, check_positions, check_raw_tail,
+                             count_gist_slots, gist_attention_mask, insert_gist_tokens, make_position_ids)
 from gistcache.model.base import check_masked_attention, load_base_model
 from gistcache.model.compact import compact_forward
 from gistcache.model.kv import cache_layers, returned_cache
@@ -40,7 +40,8 @@ class GistModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, num_gist_tokens: int, *,
                  gist_embedding: torch.Tensor | None = None, base_fingerprint: str | None = None,
                  template: str = "auto", mask: str = "paper", positions: str = "compact", decoder: str = "tuned",
-                 gist_every: int = 0, raw_tail: int = 0, gist_config: GistConfig | None = None,
+                 gist_every: int = 0, raw_tail: int = 0, chunk_attention: str = "causal",
+                 gist_config: GistConfig | None = None,
                  run_dir: str | Path | None = None, run_fingerprint: str | None = None):
         super().__init__()
         self.model = model
@@ -48,6 +49,7 @@ class GistModel(nn.Module):
         self.num_gist_tokens = num_gist_tokens  # N: after each chunk of `gist_every` instruction tokens
         self.gist_every = check_gist_every(gist_every)  # K (0: one chunk), see masks.py
         self.raw_tail = check_raw_tail(raw_tail, gist_every)  # W: the instruction's last tokens kept raw, masks.py
+        self.chunk_attention = check_chunk_attention(chunk_attention, gist_every)  # what a chunk reads, masks.py
         self.template = resolve_template(tokenizer, template)
         self.mask = check_mask(mask)
         # where the tokens after the gist find the prefix (masks.py); the paper's mask has no prefix: "compact"

@@ -240,4 +240,4 @@ def load_exported(export_dir: str | Path) -> GistModel:
                      base_fingerprint=info.identity.base_fingerprint, template=info.identity.template,
                      mask=info.identity.mask, gist_config=config, run_fingerprint=info.identity.run_fingerprint,
                      positions=config.positions, decoder=config.decoder, gist_every=config.gist_every,
-                     raw_tail=config.raw_tail).eval()
+                     raw_tail=config.raw_tail, chunk_attention=config.chunk_attention).eval()

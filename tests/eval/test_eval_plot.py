@@ -56,3 +56,25 @@ def test_rename_joins_one_run_evaluated_under_two_names(tmp_path, capsys):
         plot.main([str(a), "--rename", "long-r4", "--out", str(tmp_path / "fig.png")])
     assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_the_echo_control_is_a_level_with_no_compression(tmp_path, monkeypatch):
+    """An echo row (the input as the answer, no prompt state) has no x; the figure draws it as a level per split."""
+    from matplotlib.axes import Axes
+
+    a = _eval_folder(tmp_path / "a", "k32", 20, {"gist": 30.0, "truncate": 10.0})
+    results = json.loads((a / "results.json").read_text())
+    results["rows"].append({"run": "k32", "split": "s", "condition": "echo", "label": "k32:echo", "examples": 2,
+                            "compression_mean": None, "rouge_l": {"mean": 42.0, "ci_low": 40.0, "ci_high": 44.0}})
+    (a / "results.json").write_text(json.dumps(results))
+    preds = [{**json.loads(line), "cached_positions": {"k32:gist": 20, "k32:truncate": 20, "k32:echo": 0}}
+             for line in (a / "predictions.jsonl").read_text().splitlines()]
+    (a / "predictions.jsonl").write_text("\n".join(json.dumps(p) for p in preds) + "\n")
+    rows = plot.merged_rows([a])
+    assert next(r for r in rows if r["condition"] == "echo")["state_compression_mean"] is None
+    levels = []
+    drawn = Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda self, y=0, *args, **kw: levels.append(y) or drawn(self, y, *args, **kw))
+    out = tmp_path / "fig.png"
+    plot.main([str(a), "--out", str(out)])
+    assert levels == [42.0] and out.stat().st_size > 0

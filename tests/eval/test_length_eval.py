@@ -230,3 +230,35 @@ def test_raw_tail_run_truncates_to_its_slots_and_truncate_end_keeps_the_end(make
     start, end = (truncate_prompt(tok, ROWS[2]["instruction"], gm.template, 11, keep) for keep in ("start", "end"))
     assert "Reverse the" in tok.decode(start.ids) and "thing else." not in tok.decode(start.ids)
     assert "thing else." in tok.decode(end.ids) and "Reverse" not in tok.decode(end.ids)
+
+
+def test_echo_control_answers_the_input_and_runs_no_model(run_dir, tmp_path):
+    """--baseline echo: each answer is the example's own input (stripped), scored like any condition, with no
+    prompt state, no compression and no FLOPs; where the reference is the input it scores 100 in ROUGE-L and EM."""
+    from gistcache.eval.conditions import condition_sequences
+    from gistcache.errors import GistError
+
+    rows = [{**r, "input": f"  word{i} ", "output": f"word{i}" if i == 0 else f"[tag: word{i}]"}
+            for i, r in enumerate(ROWS)]
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "eval"
+    results = evaluate(EvalConfig(runs=str(run_dir), splits=[str(data)], out=str(out), max_new_tokens=2,
+                                  batch_size=2, flops_examples=1, baselines=["none", "echo"]), show_progress=False)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["outputs"]["echo"] for p in preds] == ["word0", "word1", "word2"]
+    assert [p["cached_positions"]["echo"] for p in preds] == [0, 0, 0]
+    echo = next(r for r in results["rows"] if r["condition"] == "echo")
+    assert echo["exact_match"]["mean"] == pytest.approx(100 / 3, abs=0.01)  # only the first reference is the input
+    assert 100 / 3 < echo["rouge_l"]["mean"] < 100  # the others hold it beside a tag: partial credit
+    assert echo["compression_mean"] is None and echo["prompt_state_positions_mean"] == 0
+    assert echo["prefill_flops"] is None and echo["prefill_reduction_vs_full"] is None
+    length = results["length"]
+    assert all("echo" in r["conditions"] for r in length)
+    assert length[0]["conditions"]["echo"]["rouge_l"]["mean"] == 100
+    assert all(r["conditions"]["echo"]["compression_mean"] is None for r in length)
+    headers, _ = length_table(length)
+    assert "echo R-L" in headers and "echo EM" in headers
+    assert "| echo |" in (out / "results.md").read_text()
+    with pytest.raises(GistError, match="runs no model"):
+        condition_sequences("echo", [], [], [])

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from gistcache.config import GistConfig
 from gistcache.errors import GistError
@@ -184,6 +185,56 @@ def test_raw_tail_run_trains_records_its_tail_and_generates(tiny_model_dir, tmp_
                                            (["--gist-every", "8", "--raw-tail", "-1"], "--raw-tail must be a whole")])
 def test_raw_tail_refusals_in_the_cli(tmp_path, flags, message):
     """--raw-tail without --gist-every, or below 0: one line, exit code 2, no run folder."""
+    from typer.testing import CliRunner
+
+    from gistcache.cli.main import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--preset", "smoke", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_chunk_local_run_trains_records_its_structure_and_generates(tiny_model_dir, tmp_path):
+    """`gist train --gist-every 8 --chunk-attention local` through the CLI: config and card name the structure; the
+    loaded run compresses under it (the cache differs from the same weights read causally) and greedy generation
+    from a saved cache equals the run's masked definition."""
+    from typer.testing import CliRunner
+
+    from gistcache.cache import load_cache, save_cache
+    from gistcache.cli.main import app
+    from gistcache.inference.compression import compress
+    from gistcache.inference.generation import generate_ids, generate_masked_ids
+    from gistcache.model import load_run
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--model", str(tiny_model_dir), "--preset", "smoke",
+                                      "--max-steps", "2", "--max-examples", "16", "--eval-examples", "4",
+                                      "--gist-every", "8", "--chunk-attention", "local", "--decoder", "base",
+                                      "--lora-r", "4", "--lora-alpha", "8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["gist"]["chunk_attention"] == "local"
+    assert "each chunk reading the earlier ones through their gists only" in (out / "README.md").read_text()
+    model = load_run(str(out))
+    assert model.chunk_attention == "local"
+    instructions = ["Reverse the letters of the word you are given, then say it twice.", "Add one."]
+    local = compress(model, instructions)
+    model.chunk_attention = "causal"
+    causal = compress(model, instructions[0])
+    model.chunk_attention = "local"
+    assert not torch.equal(local[0].values[-1], causal.values[-1])  # two chunks: the second gist reads differently
+    caches = [load_cache(save_cache(c, tmp_path / f"{i}.safetensors"), model) for i, c in enumerate(local)]
+    inputs = ["stone", "41"]
+    assert generate_ids(model, caches, inputs, max_new_tokens=6) == generate_masked_ids(model, instructions, inputs,
+                                                                                          max_new_tokens=6)
+
+
+@pytest.mark.parametrize("flags,message", [(["--chunk-attention", "local"], "--chunk-attention local needs --gist-every"),
+                                           (["--gist-every", "8", "--chunk-attention", "beacon"],
+                                            "unknown --chunk-attention 'beacon'")])
+def test_chunk_attention_refusals_in_the_cli(tmp_path, flags, message):
+    """--chunk-attention local without --gist-every, or an unknown structure: one line, exit code 2, no run folder."""
     from typer.testing import CliRunner
 
     from gistcache.cli.main import app
