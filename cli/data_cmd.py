@@ -66,6 +66,10 @@ def kshot(
     console.print(table)
 
 
+SHAPES_HELP = ("fixed: the training family's four rule shapes; varied: a shape drawn per prompt, none with the "
+               "held-out family's marks; label: every output is one made-up word, so an echo of the input scores 0.")
+
+
 @app.command("long")
 @friendly_errors
 def long(
@@ -73,16 +77,16 @@ def long(
     num: Annotated[int, typer.Option("--num", help="Rows to generate.")] = 200,
     held_out: Annotated[bool, typer.Option("--held-out", help="The held-out family (rules of another shape), for evaluation.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    shapes: Annotated[str, typer.Option("--shapes", help="fixed: the training family's four rule shapes; varied: a "
-                                        "shape drawn per prompt, none with the held-out family's marks.")] = "fixed",
+    shapes: Annotated[str, typer.Option("--shapes", help=SHAPES_HELP)] = "fixed",
 ) -> None:
     """Generate the built-in long-prompt family: a made-up rule shown by 10-99 worked examples, then a new word."""
     if num < 1:
         raise GistError(f"--num {num}: give a positive number of rows")
     if shapes not in SHAPES:
         raise GistError(f"--shapes {shapes!r}: use one of {', '.join(SHAPES)}")
-    if shapes == "varied" and held_out:
-        raise GistError("--shapes varied is a training family: the held-out family (--held-out) has its own shapes")
+    if shapes != "fixed" and held_out:
+        raise GistError(f"--shapes {shapes} is a family of its own: the held-out family (--held-out) has its own "
+                        "shapes")
     check_output_file(out, "--out")
     made = make_long_tasks(num, seed=seed, held_out=held_out, shapes=shapes)
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"],

@@ -86,10 +86,10 @@ def _gist_count(gist: dict) -> str:
     """`N gist token(s)`, or N per chunk of K instruction tokens for a chunked run (masks.count_gist_slots)."""
     n = gist["num_gist_tokens"]
     if gist.get("gist_every"):
-        local = ", each chunk reading the earlier ones through their gists only" if gist.get(
+        local = "; each chunk reads the earlier ones through their gists only" if gist.get(
             "chunk_attention") == "local" else ""
-        return (f"{n} gist token(s) after every {gist['gist_every']} instruction tokens{_tail(gist)}{local} (the cache "
-                f"grows with the prompt)")
+        return (f"{n} gist token(s) after every {gist['gist_every']} instruction tokens{_tail(gist)} (the cache "
+                f"grows with the prompt{local})")
     return f"{n} gist token(s)"
 
 

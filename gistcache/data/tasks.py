@@ -537,14 +537,19 @@ LONG_HELD_OUT_FAMILIES: frozenset[str] = frozenset(f.name for f in LONG_FAMILIES
 # The training family with a rule shape drawn per prompt (`gist data long --shapes varied`), apart from
 # LONG_FAMILIES so that the default rows stay as they were.
 LONG_VARIED_FAMILY = _f("long_word_shape", _word_rule(10, 99, _varied_rule), *_RULE_INSTRUCTIONS)
-SHAPES = ("fixed", "varied")
+# Every worked example's output is the same made-up word (`gist data long --shapes label`): the answer holds
+# nothing of the input, so answering with the input scores 0 (the echo control), and only a cache that carries the
+# made-up word's surface form can answer.
+LONG_LABEL_FAMILY = _f("long_word_label", _word_rule(10, 99, ("{code}",)), *_RULE_INSTRUCTIONS)
+SHAPES = ("fixed", "varied", "label")
 
 
 def make_long_tasks(num_examples: int, *, seed: int = 0, held_out: bool = False,
                     shapes: str = "fixed") -> list[dict[str, str]]:
     """num_examples rows of the long families, as `make_builtin_tasks` (round-robin, seeded): the training
     family (held_out=False) or the held-out one; shapes="varied": the training family whose rule shape is
-    drawn per prompt (LONG_VARIED_FAMILY) instead of one of four.
+    drawn per prompt (LONG_VARIED_FAMILY) instead of one of four; shapes="label": every output is one made-up
+    word whatever the input (LONG_LABEL_FAMILY), an echo-free check.
 
     Measured before adding (smollm2-135m base model, greedy, chat template, 30 rows each, seed 0; the full
     prompt vs the template alone, as `gist eval`'s base / none build them):
@@ -560,8 +565,9 @@ def make_long_tasks(num_examples: int, *, seed: int = 0, held_out: bool = False,
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     if shapes not in SHAPES:
         raise ValueError(f"shapes must be one of {', '.join(SHAPES)}, got {shapes!r}")
-    if shapes == "varied" and held_out:
-        raise ValueError("the varied shapes are a training family; the held-out family has its own shapes")
-    families = [LONG_VARIED_FAMILY] if shapes == "varied" else [f for f in LONG_FAMILIES if f.held_out == held_out]
+    if shapes != "fixed" and held_out:
+        raise ValueError(f"the {shapes} shapes are a family of their own; the held-out family has its own shapes")
+    own = {"varied": LONG_VARIED_FAMILY, "label": LONG_LABEL_FAMILY}
+    families = [own[shapes]] if shapes in own else [f for f in LONG_FAMILIES if f.held_out == held_out]
     rngs = [_family_rng(seed, f.name) for f in families]
     return [families[i % len(families)].example(rngs[i % len(families)]) for i in range(num_examples)]

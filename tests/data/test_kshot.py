@@ -287,7 +287,12 @@ def test_cli_long_family_file(tmp_path):
     result = runner.invoke(app, ["data", "long", "--out", str(varied), "--num", "3", "--shapes", "varied"])
     assert result.exit_code == 0, result.output
     assert {r["source"] for r in json.loads(varied.read_text())} == {"builtin:long_word_shape"}
-    refusals = ((["--shapes", "random"], "--shapes 'random'"), (["--shapes", "varied", "--held-out"], "--held-out"))
+    label = tmp_path / "label.json"
+    result = runner.invoke(app, ["data", "long", "--out", str(label), "--num", "3", "--shapes", "label"])
+    assert result.exit_code == 0, result.output
+    assert {r["source"] for r in json.loads(label.read_text())} == {"builtin:long_word_label"}
+    refusals = ((["--shapes", "random"], "--shapes 'random'"), (["--shapes", "varied", "--held-out"], "--held-out"),
+                (["--shapes", "label", "--held-out"], "--held-out"))
     for args, text in refusals:
         one_line_error(runner.invoke(app, ["data", "long", "--out", str(bad), "--num", "2", *args]), text)
         assert not bad.exists()

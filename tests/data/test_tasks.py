@@ -265,6 +265,26 @@ def test_varied_shapes_follow_the_shown_rule_and_avoid_the_held_out_marks():
         make_long_tasks(2, held_out=True, shapes="varied")
 
 
+def test_label_shape_answers_one_made_up_word_that_holds_nothing_of_the_input():
+    """`shapes="label"`: every worked example of a prompt and its answer are one made-up word, not an English word of
+    the vocabulary, and the answer shares no word with the input, so an echo of the input scores 0 ROUGE-L."""
+    from gistcache.data.tasks import WORDS
+    from gistcache.eval.rouge import rouge_l_scores
+
+    _, _, _, make_long_tasks, _ = _long()
+    rows = make_long_tasks(40, seed=1, shapes="label")
+    assert {r["family"] for r in rows} == {"long_word_label"}
+    for r in rows:
+        pairs = _shown_pairs(r["instruction"])
+        assert 10 <= len(pairs) <= 99 and r["input"] not in [w for w, _ in pairs]
+        assert {out for _, out in pairs} == {r["output"]} and r["output"] not in WORDS
+    assert len({r["output"] for r in rows}) > 30  # a label of its own per prompt
+    assert rouge_l_scores([r["input"] for r in rows], [r["output"] for r in rows]) == [0.0] * len(rows)
+    assert make_long_tasks(5, seed=3) == make_long_tasks(5, seed=3, shapes="fixed")
+    with pytest.raises(ValueError, match="held-out"):
+        make_long_tasks(2, held_out=True, shapes="label")
+
+
 def _shape_of(pairs):
     """The rule shape behind worked examples: the first output with its word and its code word (the letters
     the first two outputs share beyond their words) replaced by {word} and {code}."""

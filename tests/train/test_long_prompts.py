@@ -215,7 +215,7 @@ def test_chunk_local_run_trains_records_its_structure_and_generates(tiny_model_d
                                       "--lora-r", "4", "--lora-alpha", "8"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["gist"]["chunk_attention"] == "local"
-    assert "each chunk reading the earlier ones through their gists only" in (out / "README.md").read_text()
+    assert "each chunk reads the earlier ones through their gists only)" in (out / "README.md").read_text()
     model = load_run(str(out))
     assert model.chunk_attention == "local"
     instructions = ["Reverse the letters of the word you are given, then say it twice.", "Add one."]
