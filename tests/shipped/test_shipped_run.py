@@ -61,8 +61,8 @@ def test_default_run_grows_with_the_prompt_and_the_earlier_one_still_ships():
 
 def test_shipped_run_is_the_shipped_preset():
     """The default run's recipe is `--preset shipped`, field for field, so the preset the README leads with is
-    the recipe whose fidelity the card measures. A field added after the run was trained (raw_tail) is not in its
-    config, and the preset leaves it at its default: what the run did."""
+    the recipe whose fidelity the card measures. Fields added after the run was trained (raw_tail, chunk_attention)
+    are not in its config, and the preset leaves them at their defaults: what the run did."""
     from dataclasses import fields
 
     from gistcache.train.config import TrainConfig
@@ -71,7 +71,7 @@ def test_shipped_run_is_the_shipped_preset():
     recorded = json.loads((SHIPPED / "config.json").read_text())["train"]
     preset = TrainConfig(out="RUN", preset="shipped").to_dict()
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    assert set(recorded) <= set(preset) and set(preset) - set(recorded) == {"raw_tail"}
+    assert set(recorded) <= set(preset) and set(preset) - set(recorded) == {"raw_tail", "chunk_attention"}
     recorded = {**{k: defaults[k] for k in set(preset) - set(recorded)}, **recorded}
     assert {k: v for k, v in recorded.items() if k not in where} == {k: v for k, v in preset.items() if k not in where}
 
