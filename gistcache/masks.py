@@ -231,6 +231,13 @@ def find_gist_spans(input_ids: torch.Tensor, gist_token_id: int, *,
     return start, end
 
 
+def first_real_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) each row's first real token (left padding before it; 0 without an attention mask)."""
+    if attention_mask is None:
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    return attention_mask.long().argmax(dim=1)
+
+
 def make_gist_mask(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -261,9 +268,7 @@ def make_gist_mask(
         if condition == "gist":  # ... but the gist tokens themselves
             hidden = hidden & ~(input_ids == gist_token_id).view(B, 1, T)
         if num_prefix_tokens:
-            first_real = (torch.zeros(B, dtype=torch.long, device=device) if attention_mask is None
-                          else attention_mask.long().argmax(dim=1))  # (B,): left padding before it
-            prefix_end = check_prefix_fits(first_real, start, num_prefix_tokens)
+            prefix_end = check_prefix_fits(first_real_index(input_ids, attention_mask), start, num_prefix_tokens)
             hidden = hidden & ~(k < prefix_end.view(B, 1, 1))
         mask = mask & ~hidden
 
@@ -293,10 +298,8 @@ def chunk_local_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     run_ended = is_gist[:, :-1] & ~is_gist[:, 1:]  # (B, T-1): a run of gist tokens ends after column t
     chunk = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device), run_ended.long().cumsum(dim=1)], dim=1)
     same_chunk = chunk.view(B, T, 1) == chunk.view(B, 1, T)
-    first_real = (torch.zeros(B, dtype=torch.long, device=device) if attention_mask is None
-                  else attention_mask.long().argmax(dim=1))
     k = torch.arange(T, device=device).view(1, 1, T)
-    in_prefix = k < (first_real + num_prefix_tokens).view(B, 1, 1)
+    in_prefix = k < (first_real_index(input_ids, attention_mask) + num_prefix_tokens).view(B, 1, 1)
     return causal & (same_chunk | is_gist.view(B, 1, T) | in_prefix)
 
 

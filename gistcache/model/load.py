@@ -101,7 +101,8 @@ def load_run_parts(run_dir: str | Path | None, *, dtype: torch.dtype, device_map
         num_gist_tokens=gist_config.num_gist_tokens, gist_embedding=gist["gist_embedding"],
         base_fingerprint=data["base_fingerprint"], template=gist_config.template, mask=gist_config.mask,
         positions=gist_config.positions, decoder=gist_config.decoder, gist_every=gist_config.gist_every,
-        raw_tail=gist_config.raw_tail, chunk_attention=gist_config.chunk_attention, gist_config=gist_config, run_dir=run_dir, run_fingerprint=fingerprint)
+        raw_tail=gist_config.raw_tail, chunk_attention=gist_config.chunk_attention, gist_config=gist_config,
+        run_dir=run_dir, run_fingerprint=fingerprint)
 
 
 def attach_adapter(base, folder: Path, model_name: str):

@@ -19,7 +19,8 @@ from gistcache.masks import chunk_local_mask, insert_gist_tokens
 from gistcache.model import cache_kwarg, cache_layers, returned_cache
 from gistcache.model.rotary import model_inv_freq, turn_keys
 from gistcache.prompts import encode_instruction
-from test_chunked import G, INPUTS, INSTRUCTIONS, cache_logits, make_chunked_model, masked_logits
+from test_chunked import (G, INPUTS, INSTRUCTIONS, cache_logits, draw_chunked_batch, make_chunked_model,
+                          masked_logits)
 
 
 def make_local_model(arch="llama", num_gist=1, gist_every=8, mask="prefix", raw_tail=0):
@@ -71,18 +72,7 @@ def reference_local_mask(ids, attn, prefix):
 @given(data=st.data(), batch=st.integers(1, 3), prefix=st.integers(0, 2))
 def test_chunk_local_mask_matches_reference(data, batch, prefix):
     """Random prompts, ratios, gist counts, suffixes and left padding: the builder equals the loops."""
-    rows, masks = [], []
-    for _ in range(batch):
-        prompt = data.draw(st.lists(st.integers(10, 50), min_size=prefix + 1, max_size=prefix + 9))
-        k, n = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 2))
-        after = data.draw(st.lists(st.integers(10, 50), min_size=0, max_size=3))
-        real = insert_gist_tokens(prompt, G, n, k, prefix) + after
-        pad = data.draw(st.integers(0, 3))
-        rows.append([0] * pad + real)
-        masks.append([0] * pad + [1] * len(real))
-    T = max(map(len, rows))
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
-    attn = torch.tensor([[0] * (T - len(m)) + m for m in masks])
+    ids, attn = draw_chunked_batch(data, batch, prefix)
     assert torch.equal(chunk_local_mask(ids, attn, G, prefix), reference_local_mask(ids, attn, prefix))
 
 

@@ -98,10 +98,9 @@ def reference_mask(ids, attn, prefix):
     return out
 
 
-@settings(max_examples=60, deadline=None)
-@given(data=st.data(), batch=st.integers(1, 3), prefix=st.integers(0, 2))
-def test_chunked_mask_matches_reference(data, batch, prefix):
-    """Random prompts, ratios, gist counts, suffixes and left padding: the builder equals the loops."""
+def draw_chunked_batch(data, batch, prefix):
+    """(ids, attention mask), each (B, T): random chunked prompts (ratio 1-4, 1-2 gists per chunk) with 0-3 tokens
+    after them, left-padded by 0-3 beyond the longest, drawn with hypothesis."""
     rows, masks = [], []
     for _ in range(batch):
         prompt = data.draw(st.lists(st.integers(10, 50), min_size=prefix + 1, max_size=prefix + 9))
@@ -114,6 +113,14 @@ def test_chunked_mask_matches_reference(data, batch, prefix):
     T = max(map(len, rows))
     ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
     attn = torch.tensor([[0] * (T - len(m)) + m for m in masks])
+    return ids, attn
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), batch=st.integers(1, 3), prefix=st.integers(0, 2))
+def test_chunked_mask_matches_reference(data, batch, prefix):
+    """Random prompts, ratios, gist counts, suffixes and left padding: the builder equals the loops."""
+    ids, attn = draw_chunked_batch(data, batch, prefix)
     assert torch.equal(make_gist_mask(ids, attn, G, "gist", prefix, chunked=True), reference_mask(ids, attn, prefix))
 
 

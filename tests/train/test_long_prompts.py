@@ -181,10 +181,15 @@ def test_raw_tail_run_trains_records_its_tail_and_generates(tiny_model_dir, tmp_
                                                                                           max_new_tokens=6)
 
 
-@pytest.mark.parametrize("flags,message", [(["--raw-tail", "6"], "--raw-tail needs --gist-every"),
-                                           (["--gist-every", "8", "--raw-tail", "-1"], "--raw-tail must be a whole")])
-def test_raw_tail_refusals_in_the_cli(tmp_path, flags, message):
-    """--raw-tail without --gist-every, or below 0: one line, exit code 2, no run folder."""
+@pytest.mark.parametrize("flags,message", [
+    (["--raw-tail", "6"], "--raw-tail needs --gist-every"),
+    (["--gist-every", "8", "--raw-tail", "-1"], "--raw-tail must be a whole"),
+    (["--chunk-attention", "local"], "--chunk-attention local needs --gist-every"),
+    (["--gist-every", "8", "--chunk-attention", "beacon"], "unknown --chunk-attention 'beacon'"),
+])
+def test_chunk_flag_refusals_in_the_cli(tmp_path, flags, message):
+    """--raw-tail or --chunk-attention local without --gist-every, a raw tail below 0, an unknown chunk structure:
+    one line, exit code 2, no run folder."""
     from typer.testing import CliRunner
 
     from gistcache.cli.main import app
@@ -228,19 +233,3 @@ def test_chunk_local_run_trains_records_its_structure_and_generates(tiny_model_d
     inputs = ["stone", "41"]
     assert generate_ids(model, caches, inputs, max_new_tokens=6) == generate_masked_ids(model, instructions, inputs,
                                                                                           max_new_tokens=6)
-
-
-@pytest.mark.parametrize("flags,message", [(["--chunk-attention", "local"], "--chunk-attention local needs --gist-every"),
-                                           (["--gist-every", "8", "--chunk-attention", "beacon"],
-                                            "unknown --chunk-attention 'beacon'")])
-def test_chunk_attention_refusals_in_the_cli(tmp_path, flags, message):
-    """--chunk-attention local without --gist-every, or an unknown structure: one line, exit code 2, no run folder."""
-    from typer.testing import CliRunner
-
-    from gistcache.cli.main import app
-
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(out), "--preset", "smoke", *flags])
-    assert result.exit_code == 2, result.output
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
-    assert not out.exists()
