@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compress_cmd, eval_cmd, export_cmd, generate_cmd,
-                           serve_cmd, train_cmd)
+from gistcache.cli import (attention_cmd, bench_cmd, cache_cmd, compare_cmd, compress_cmd, eval_cmd, export_cmd,
+                           generate_cmd, serve_cmd, train_cmd)
 from gistcache.cli import data_cmd
 from gistcache.cli.common import OneLineUsage
 
@@ -26,6 +26,7 @@ def main() -> None:
 
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
+app.command("compare")(compare_cmd.compare)
 app.command("attention")(attention_cmd.attention)
 app.command("compress")(compress_cmd.compress)
 app.command("generate")(generate_cmd.generate)

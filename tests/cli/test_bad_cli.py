@@ -376,6 +376,10 @@ CASES = [
      "'gist' is null"),
     case("attention-model-truncated", lambda c: ["attention", "--model", c.model_with_truncated_weights()],
          "cannot load model"),
+    # --- compare ----------------------------------------------------------------------------------------
+    case("compare-not-an-eval-folder", lambda c: ["compare", c.tmp, c.tmp], "no predictions.jsonl"),
+    case("compare-predictions-not-utf8", lambda c: ["compare", c.file("e/predictions.jsonl", b'{"a": "\xe9"}\n').parent,
+                                                    c.tmp], "not UTF-8"),
 ]
 
 
