@@ -92,7 +92,7 @@ def eval_(
         for row in rows:
             table.add_row(*(row[i] for i in keep))
         console.print(table)
-    if (length_table := length_rich_table(results, narrow=narrow)) is not None:
+    if (length_table := length_rich_table(results, narrow=narrow, width=console.width)) is not None:
         console.print(length_table)
     console.print(f"wrote results.json, results.md, predictions.jsonl, {', '.join(results['plots'])} in {results['out']}",
                   highlight=False)

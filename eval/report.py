@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 from rich import box
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from gistcache._io import atomic_path, format_bytes
 from gistcache.errors import GistError
@@ -91,14 +92,15 @@ def results_markdown(results: dict) -> str:
     ])
 
 
-def length_rich_table(results: dict, *, narrow: bool = False):
+def length_rich_table(results: dict, *, narrow: bool = False, width: int | None = None):
     """The by-length table as a rich Table for the screen, or None when the results have none. `narrow` (a
     terminal under 150 columns): one table per (run, split) of ROUGE-L by condition, gist retention and
-    compression; results.md has every column."""
+    compression, or, where that table is wider than `width`, one line per bucket that the terminal wraps whole
+    (no number cut); results.md has every column."""
     if not results.get("length"):
         return None
     if narrow:
-        return Group(*(_narrow_length_table(rows) for rows in _by_run_split(results["length"])))
+        return Group(*(_narrow_length_table(rows, width) for rows in _by_run_split(results["length"])))
     headers, rows = length_table(results["length"])
     table = Table(title="by instruction length (tokens): ROUGE-L, EM, retention, gap closed, compression",
                   box=box.SIMPLE_HEAD)
@@ -116,16 +118,20 @@ def _by_run_split(rows: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def _narrow_length_table(rows: list[dict]) -> Table:
+def _narrow_length_table(rows: list[dict], width: int | None = None) -> Table | Text:
     run, split = rows[0].get("run", ""), rows[0].get("split", "")
-    table = Table(title=f"ROUGE-L by length: {' '.join(x for x in (run, split) if x)}", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True)
+    title = f"ROUGE-L by length: {' '.join(x for x in (run, split) if x)}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     headers, cells = narrow_length_table(rows)
     for h in headers:
         table.add_column(h, justify="left" if h == "tokens" else "right", no_wrap=True)
     for row in cells:
         table.add_row(*row)
-    return table
+    if width is None or Console(width=10_000).measure(table).maximum <= width:
+        return table
+    lines = [f"{row[0]} tokens (n {row[1]}): " + ", ".join(f"{h} {v}" for h, v in zip(headers[2:], row[2:]))
+             for row in cells]
+    return Text("\n".join([title, *lines]))
 
 
 def write_outputs(out: str | Path, results: dict, examples: dict, predictions: dict) -> None:

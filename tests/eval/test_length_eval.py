@@ -90,6 +90,27 @@ def test_gist_against_truncate_end_per_bucket():
     assert row["gist_minus_truncate_end"] is None and "gist-trunc-end" not in length_table([row])[0]
 
 
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_narrow_length_table_never_cuts_a_number(width):
+    """With every condition (six columns of ROUGE-L) and a long bucket label, the narrow screen table keeps every
+    cell whole: a table inside the width, or one line per bucket when the table would not fit."""
+    exs = [{**r, "instruction_tokens": 1500 if i == 3 else r["instruction_tokens"],
+            "outputs": {**r["outputs"], "truncate-end": "x", "echo": "x", "base": "a b"},
+            "cached_positions": {**r["cached_positions"], "truncate-end": 6, "echo": 0, "base": r["prompt_positions"]}}
+           for i, r in enumerate(LITERAL)]
+    rows = [{"split": "long_label_dev160", **row} for row in length_rows(exs, resamples=50)]
+    console = Console(width=width, record=True, file=io.StringIO(), soft_wrap=True)
+    console.print(length_rich_table({"length": rows}, narrow=True, width=width))
+    text = console.export_text()
+    assert "…" not in text
+    for row in rows:
+        line = next(line for line in text.splitlines() if line.strip().startswith(row["bucket"] + " "))
+        assert f"{row['conditions']['gist']['compression_mean']:.1f}x" in line
+        assert all(f"{c['rouge_l']['mean']:.1f}" in line for c in row["conditions"].values())
+    if width >= 120:
+        assert max(len(line) for line in text.splitlines()) <= width and "truncate-end" in text.splitlines()[2]
+
+
 def test_records_from_columns_and_table_text():
     """length_records turns per-condition columns into records; length_table writes one line per bucket."""
     recs = length_records([10, 300], [30, 320], ["a b", "a b"], {"gist": ["a b", "x"], "full": ["a b", "a b"]},
