@@ -18,8 +18,8 @@ TABLE_WIDTH = 110  # the table fits a terminal this wide with short condition na
 
 @friendly_errors
 def compare(
-    a: Annotated[str, typer.Argument(help="An evaluation folder (`gist eval --out`): A, the one subtracted.")],
-    b: Annotated[str, typer.Argument(help="Another evaluation folder, or A again to set two of its conditions side by side.")],
+    a: Annotated[str, typer.Argument(metavar="A", help="An evaluation folder (`gist eval --out`): A, the one subtracted.")],
+    b: Annotated[str, typer.Argument(metavar="B", help="Another evaluation folder, or A again to set two of its conditions side by side.")],
     condition: Annotated[Optional[list[str]], typer.Option("--condition", help="A condition both hold (gist, full, truncate, RUN:gist, ...) or A_LABEL=B_LABEL (repeatable). Default: every condition both hold.")] = None,
     by_length: Annotated[bool, typer.Option("--by-length", help="Also compare within each instruction-length bucket.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
