@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gistcache.errors import GistError
 from gistcache.eval.length import BUCKETS, bucket_of
-from gistcache.eval.rouge import bootstrap_statistic, exact_match, rouge_l_scores
+from gistcache.eval.rouge import bootstrap_statistic, exact_match, rouge_l_scores, summarize
 
 ROW_IDENTITY = ("instruction", "input", "reference")  # what must agree for two records to be the same row
 
@@ -118,8 +118,7 @@ def compare_evaluations(folder_a: str | Path, folder_b: str | Path, *, condition
                 em = [[exact_match(p, r) for p, r in zip(answers, references)] for answers in (answers_a, answers_b)]
                 rows.append({"split": split, "bucket": bucket, "a_condition": label_a, "b_condition": label_b,
                              "examples": len(group),
-                             "rouge_a": bootstrap_statistic([score_a], lambda m: m, **stat),
-                             "rouge_b": bootstrap_statistic([score_b], lambda m: m, **stat),
+                             "rouge_a": summarize(score_a, **stat), "rouge_b": summarize(score_b, **stat),
                              "difference": bootstrap_statistic([score_a, score_b], lambda a, b: b - a, **stat),
                              "em_a": round(100 * sum(em[0]) / len(group), 2),
                              "em_b": round(100 * sum(em[1]) / len(group), 2)})
