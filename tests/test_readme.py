@@ -3,20 +3,27 @@ generate` does, on a tiny run, on runs of both decoders (`--decoder base` and tu
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 import tiny
 from gistcache.inference.generation import GREEDY, generate, generate_ids
+from gistcache.model import cache_kwarg
 
 README = tiny.ROOT / "README.md"
 INSTRUCTIONS = ["Reverse the word you are given", "Add one to the number", "Name the capital of the country",
                 "Uppercase every letter"]
 INPUTS = ["stone", "41", "France", "abc"]
+# the name stock `generate` takes the KV cache under in the installed transformers
+STOCK_CACHE_ARGUMENT = cache_kwarg(LlamaForCausalLM)
 
 
 def readme_snippet() -> str:
     """The README's stock-transformers snippet (the Python block that calls `to_dynamic_cache`)."""
     blocks = [b.split("\n", 1)[1] for b in README.read_text().split("```python")[1:]]
     (snippet,) = [b.split("```")[0] for b in blocks if "to_dynamic_cache" in b]
+    if STOCK_CACHE_ARGUMENT == "past_key_values":  # as the snippet's comment says for transformers before 5.24
+        assert snippet.count("cache=cache.to_dynamic_cache") == 1
+        snippet = snippet.replace("cache=cache.to_dynamic_cache", "past_key_values=cache.to_dynamic_cache")
     return snippet
 
 
@@ -59,9 +66,9 @@ def test_readme_snippet_answers_what_generate_does_for_both_decoders(lora_runs, 
         assert new == generate_ids(model, cache, text, max_new_tokens=32, **GREEDY)[0]
         assert ns["answer"] == generate(model, cache, text, max_new_tokens=32, **GREEDY)[0]
         with torch.no_grad():  # teeth: the adapter left on (the snippet before issue 25)
-            adapter_on = model.model.generate(input_ids=torch.cat([cache.input_ids(), ids], dim=1),
-                                              cache=cache.to_dynamic_cache(model), max_new_tokens=32,
-                                              eos_token_id=eos, **GREEDY)
+            past = {STOCK_CACHE_ARGUMENT: cache.to_dynamic_cache(model)}
+            adapter_on = model.model.generate(input_ids=torch.cat([cache.input_ids(), ids], dim=1), **past,
+                                              max_new_tokens=32, eos_token_id=eos, **GREEDY)
         differs += not torch.equal(adapter_on, ns["out"])
     assert model.decoder == decoder
     assert (differs > 0) == (decoder == "base"), differs

@@ -78,7 +78,35 @@ def load_tokenizer(spec: str):
     except Exception as exc:  # transformers raises many kinds for a missing or broken model
         raise GistError(f"cannot load the tokenizer of {spec!r} ({type(exc).__name__}): "
                         f"give a local folder, a .gguf file, or 'smollm2-135m'") from exc
+    if gguf_file:
+        set_special_tokens(tokenizer, gguf_special_token_ids(Path(source) / gguf_file))
     return add_gist_token(tokenizer)
+
+
+GGUF_SPECIAL_TOKENS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                       "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """{"bos" | "eos" | "pad": token id} as the GGUF file's own metadata names them (those it names)."""
+    from gguf import GGUFReader  # deferred: only GGUF models need it
+
+    fields = GGUFReader(str(path)).fields
+    return {role: int(fields[key].parts[fields[key].data[0]][0])
+            for role, key in GGUF_SPECIAL_TOKENS.items() if key in fields}
+
+
+def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:
+    """Make the tokenizer's bos / eos / pad tokens the ones `ids` names.
+
+    transformers 5.17 builds SmolLM2's GGUF tokenizer with `<|im_start|>` (id 1) as its end-of-sequence
+    and padding token although the file names `<|im_end|>` (id 2), so answers ran on past the end of the turn
+    (5.24 reads the file right; this is then a no-op).
+    """
+    vocab_size = len(tokenizer)
+    for role, token_id in ids.items():
+        if 0 <= token_id < vocab_size and getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def add_gist_token(tokenizer):

@@ -129,8 +129,8 @@ def test_stock_generate_equals_gist_generate(arch, mask):
         ids = torch.tensor([encode_input(model.tokenizer, text, model.template)])
         input_ids = torch.cat([cache.input_ids(), ids], dim=1)
         with torch.no_grad():
-            out = model.model.generate(input_ids=input_ids, cache=cache.to_dynamic_cache(model), max_new_tokens=NEW,
-                                       do_sample=False)
+            past = {cache_kwarg(model.model): cache.to_dynamic_cache(model)}  # `cache` from transformers 5.24
+            out = model.model.generate(input_ids=input_ids, **past, max_new_tokens=NEW, do_sample=False)
         new = out[0, input_ids.shape[1]:].tolist()
         new = new[:new.index(eos) + 1] if eos in new else new
         assert new == generate_ids(model, cache, text, max_new_tokens=NEW, **GREEDY)[0]
