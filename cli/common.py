@@ -91,6 +91,9 @@ def describe_error(exc: Exception) -> tuple[int, str]:
         return BAD_INPUT, f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
     if isinstance(exc, json.JSONDecodeError):
         return BAD_INPUT, f"a file is not valid JSON ({exc.msg}, line {exc.lineno})"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, on any accelerator: a setting, not a bug
+        return BAD_INPUT, (f"out of accelerator memory ({first_line(exc)[:120]}): lower --batch-size (--batch-tokens "
+                           f"when training) or free the device")
     if type(exc).__name__ == "SafetensorError":
         return BAD_INPUT, (f"a file is not readable safetensors ({first_line(exc)}): it is truncated or damaged; "
                            f"write it again")

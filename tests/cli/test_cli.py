@@ -2,6 +2,7 @@
 
 from unittest import mock
 
+import torch
 from typer.testing import CliRunner
 
 from gistcache.cli.main import app
@@ -131,3 +132,15 @@ def test_unloadable_model_one_line(tmp_path):
     (folder / "config.json").write_text("{not json")
     result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--model", str(folder), "--preset", "smoke"])
     assert "cannot load" in one_line_error(result)
+
+
+def test_out_of_accelerator_memory_is_one_line_with_the_setting_to_lower():
+    """torch's OutOfMemoryError (seen with nine jobs on one GPU) is a setting to change, not a bug report."""
+    from gistcache.cli.common import BAD_INPUT, describe_error
+
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 86.00 MiB. GPU 0 has a total capacity of "
+                                 "139.80 GiB of which 36.44 MiB is free.\nmore detail")
+    code, line = describe_error(exc)
+    assert code == BAD_INPUT == 2
+    assert line.startswith("out of accelerator memory (CUDA out of memory. Tried to allocate 86.00 MiB.")
+    assert "--batch-size" in line and "\n" not in line and "bug" not in line
