@@ -19,8 +19,9 @@ never among its own shots, nor is a row of the same input). Per row, k is drawn 
 (counted with the tokenizer of the model that will read it) and, with `min_prompt_tokens`, reaches that many;
 a row with no such k is skipped. Everything is seeded: the same rows, seed and tokenizer give the same file.
 
-`LONG_DEV_TASKS` are the SuperNI tasks held out of long-prompt training for the long dev split (see its
-comment for how they were picked).
+`LONG_DEV_TASKS` are the SuperNI tasks held out of long-prompt training for the long dev split, and
+`LONG_TUNE_TASKS` those of the tuning split that recipes are chosen on (see their comments for how they were
+picked); a task list names them as LONG_DEV and LONG_TUNE.
 """
 
 from __future__ import annotations
@@ -69,14 +70,53 @@ LONG_DEV_SEED = 23
 LONG_DEV_SIZE = 24
 CONSTANT_LABEL_TASKS = ("task150_afs_argument_quality_gun_control", "task1548_wiqa_binary_classification",
                         "task512_twitter_emotion_classification", "task855_conv_ai_2_classification")
-# a task list given as this name means LONG_DEV_TASKS
+# The long tuning split's tasks: held out of long-prompt training too, so that recipes are chosen on them and
+# LONG_DEV is only reported. Drawn the same way from the eligible tasks outside LONG_DEV (2026-12-04, before
+# any result on them was seen):  sorted(random.Random(41).sample(eligible minus LONG_DEV_TASKS, 20)).
+LONG_TUNE_TASKS: tuple[str, ...] = (
+    "task063_first_i_elements",
+    "task1294_wiki_qa_answer_verification",
+    "task1338_peixian_equity_evaluation_corpus_sentiment_classifier",
+    "task1341_msr_text_classification",
+    "task1383_quarel_write_incorrect_answer",
+    "task1399_obqa_answer_generation",
+    "task1446_farthest_integers",
+    "task1498_24hour_to_12hour_clock",
+    "task1506_celebrity_minimal_dob_span",
+    "task298_storycloze_correct_end_classification",
+    "task369_synthetic_remove_odds",
+    "task471_haspart_answer_generation",
+    "task492_mwsc_incorrect_answer_generation",
+    "task517_emo_classify_emotion_of_dialogue",
+    "task586_amazonfood_polarity_classification",
+    "task610_conllpp_ner",
+    "task751_svamp_subtraction_question_answering",
+    "task850_synthetic_longest_palindrome",
+    "task852_synthetic_multiply_odds",
+    "task860_prost_mcq_generation",
+)
+LONG_TUNE_SEED = 41
+LONG_TUNE_SIZE = 20
+# a task list may name these sets, alone or among names: LONG_DEV,LONG_TUNE
 LONG_DEV_NAME = "LONG_DEV"
+LONG_TUNE_NAME = "LONG_TUNE"
+NAMED_TASK_SETS = {LONG_DEV_NAME: LONG_DEV_TASKS, LONG_TUNE_NAME: LONG_TUNE_TASKS}
+
+
+def eligible_tasks(task_counts: dict[str, int]) -> list[str]:
+    """The tasks the named sets are drawn from: 12 rows each (11 possible shots), not one label throughout."""
+    return sorted(t for t, n in task_counts.items() if n == 12 and t not in CONSTANT_LABEL_TASKS)
 
 
 def draw_long_dev_tasks(task_counts: dict[str, int]) -> list[str]:
     """The rule that picked LONG_DEV_TASKS, given {task: number of rows} of superni_train.json."""
-    eligible = sorted(t for t, n in task_counts.items() if n == 12 and t not in CONSTANT_LABEL_TASKS)
-    return sorted(random.Random(LONG_DEV_SEED).sample(eligible, LONG_DEV_SIZE))
+    return sorted(random.Random(LONG_DEV_SEED).sample(eligible_tasks(task_counts), LONG_DEV_SIZE))
+
+
+def draw_long_tune_tasks(task_counts: dict[str, int]) -> list[str]:
+    """The rule that picked LONG_TUNE_TASKS: the same draw from the eligible tasks outside LONG_DEV_TASKS."""
+    eligible = [t for t in eligible_tasks(task_counts) if t not in LONG_DEV_TASKS]
+    return sorted(random.Random(LONG_TUNE_SEED).sample(eligible, LONG_TUNE_SIZE))
 
 
 def format_kshot(instruction: str, shots: list[dict]) -> str:
@@ -123,13 +163,13 @@ def check_task_rows(rows: list, where: list[str] | None = None) -> list[dict]:
 
 
 def resolve_task_list(spec: str | Iterable[str] | None, known: Iterable[str], flag: str) -> set[str] | None:
-    """A task list as names, a comma-separated string, a file (one name a line, or a JSON list) or `LONG_DEV`;
-    every name must be a task of the rows."""
+    """A task list as names, a comma-separated string, a file (one name a line, or a JSON list), `LONG_DEV` or
+    `LONG_TUNE` (alone or among names); every name must be a task of the rows."""
     if spec is None:
         return None
     if isinstance(spec, str):
         path = Path(spec)
-        if spec != LONG_DEV_NAME and path.is_file():
+        if spec not in NAMED_TASK_SETS and path.is_file():
             text = path.read_text(encoding="utf-8")
             try:
                 names = json.loads(text)
@@ -143,12 +183,13 @@ def resolve_task_list(spec: str | Iterable[str] | None, known: Iterable[str], fl
         names = list(spec)
     out: set[str] = set()
     for name in (n.strip() for n in names):
-        if name == LONG_DEV_NAME:
-            out.update(LONG_DEV_TASKS)
+        if name in NAMED_TASK_SETS:
+            out.update(NAMED_TASK_SETS[name])
         elif name:
             out.add(name)
     if not out:
-        raise GistError(f"{flag}: the task list is empty: give task names, a file of them, or {LONG_DEV_NAME}")
+        raise GistError(f"{flag}: the task list is empty: give task names, a file of them, {LONG_DEV_NAME} or "
+                        f"{LONG_TUNE_NAME}")
     unknown = sorted(out - set(known))
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 import tiny
 from gistcache.cli import data_cmd
 from gistcache.cli.main import app
-from gistcache.data.kshot import LONG_DEV_TASKS, build_kshot, draw_long_dev_tasks, format_kshot
+from gistcache.data.kshot import (LONG_DEV_TASKS, LONG_TUNE_TASKS, build_kshot, draw_long_dev_tasks,
+                                  draw_long_tune_tasks, format_kshot, resolve_task_list)
 from gistcache.errors import GistError
 
 from clitools import one_line_error
@@ -195,6 +196,19 @@ def test_long_dev_tasks_fixed_list():
         pytest.skip(f"{SUPERNI} is not here")
     counts = collections.Counter(r["source"] for r in json.loads(SUPERNI.read_text()))
     assert tuple(draw_long_dev_tasks(counts)) == LONG_DEV_TASKS
+
+
+def test_long_tune_tasks_fixed_list_apart_from_long_dev():
+    """LONG_TUNE_TASKS: 20 distinct names, none of LONG_DEV, the seeded draw (checked when the file is here); a
+    list may name both sets among other names."""
+    assert len(LONG_TUNE_TASKS) == len(set(LONG_TUNE_TASKS)) == 20
+    assert not set(LONG_TUNE_TASKS) & set(LONG_DEV_TASKS)
+    known = [*LONG_DEV_TASKS, *LONG_TUNE_TASKS, "task_other"]
+    assert resolve_task_list("LONG_DEV,LONG_TUNE,task_other", known, "--tasks") == set(known)
+    if not SUPERNI.is_file():
+        pytest.skip(f"{SUPERNI} is not here")
+    counts = collections.Counter(r["source"] for r in json.loads(SUPERNI.read_text()))
+    assert tuple(draw_long_tune_tasks(counts)) == LONG_TUNE_TASKS
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------
