@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import tiny
 from gistcache.cli import data_cmd
 from gistcache.cli.main import app
-from gistcache.data.kshot import (LONG_DEV_TASKS, LONG_TUNE_TASKS, build_kshot, draw_long_dev_tasks,
-                                  draw_long_tune_tasks, format_kshot, resolve_task_list)
+from gistcache.data.heldout_tasks import LONG_DEV_TASKS, LONG_TUNE_TASKS, draw_long_dev_tasks, draw_long_tune_tasks
+from gistcache.data.kshot import build_kshot, format_kshot, resolve_task_list
 from gistcache.errors import GistError
 
 from clitools import one_line_error
