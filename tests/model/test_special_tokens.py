@@ -55,3 +55,41 @@ def test_default_model_tokenizer_ends_turns_with_im_end():
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     roles = ("bos", "eos", "pad")
     assert [getattr(tokenizer, f"{role}_token_id") for role in roles] == [ids[role] for role in roles]
+
+
+def test_gguf_header_reader_agrees_with_gguf_reader_and_refuses_a_cut_file(tmp_path):
+    """read_gguf_scalars reads the key-value header alone, skipping arrays of strings and numbers, and gives what
+    gguf's own GGUFReader gives for every scalar and string; a file cut inside its header, or no GGUF, is one
+    GistError."""
+    from gguf import GGUFReader
+
+    from gistcache.errors import GistError
+    from gistcache.model.gguf_metadata import read_gguf_scalars
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_token_list(["<a>", "<b>", "ünïcode"] * 50)
+    writer.add_uint32("test.u32", 7)
+    writer.add_int32("test.i32", -3)
+    writer.add_float32("test.f32", 0.25)
+    writer.add_bool("test.bool", True)
+    writer.add_uint64("test.u64", 2**40)
+    writer.add_array("test.ints", [1, 2, 3])
+    writer.add_string("test.text", "héllo")
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = GGUFReader(str(path)).fields
+    keys = {k for k, v in fields.items() if not k.startswith("GGUF.") and not isinstance(v.contents(), list)}
+    assert {"test.u32", "test.f32", "test.bool", "test.u64", "test.text", "tokenizer.ggml.eos_token_id"} <= keys
+    assert read_gguf_scalars(path, keys | {"test.ints", "absent"}) == {k: fields[k].contents() for k in keys}
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(GistError, match="is the file whole"):
+        read_gguf_scalars(cut, {"tokenizer.ggml.eos_token_id"})
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(GistError, match="not a GGUF file"):
+        read_gguf_scalars(other, {"test.u32"})
