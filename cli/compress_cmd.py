@@ -18,6 +18,7 @@ from gistcache.data.alpaca import load_instructions
 from gistcache.errors import GistError
 from gistcache.inference.compression import untrained_length_warning
 from gistcache.model import load_run, quiet_transformers
+from gistcache.model.shipped import route_instructions
 from gistcache.store import CacheStore, compress_cached
 
 NOTE = "full KV = (prompt tokens + gist tokens) x layers x 2 x kv_heads x head_dim x dtype bytes"
@@ -53,19 +54,28 @@ def compress(
         check_writable_folder(out, "--out")
     cache_store = CacheStore(store)
     check_parent_not_file(cache_store.root, "--store")
-    model = load_run(run, device=device, dtype=dtype_)
+    # with no --run, each instruction goes to the shipped run for its length (gistcache/model/shipped.py)
+    groups = route_instructions(texts) if run is None else {run: list(range(len(texts)))}
+    results: list = [None] * len(texts)
+    for name, indices in groups.items():
+        model = load_run(name, device=device, dtype=dtype_)
+        done = compress_cached(model, [texts[i] for i in indices], cache_store, batch_size=batch_size)
+        for i, res in zip(indices, done):
+            results[i] = res
+        warning = untrained_length_warning(model, [res.cache.num_prompt_tokens for res in done])
+        if warning:  # stderr, one line: --json output stays one JSON document
+            prefix = f"{name}: " if len(groups) > 1 else ""
+            err_console.print(prefix + warning, style="yellow", highlight=False, soft_wrap=True)
+    run_of = {i: name for name, indices in groups.items() for i in indices}
     rows = []
-    for i, res in enumerate(compress_cached(model, texts, cache_store, batch_size=batch_size)):
+    for i, res in enumerate(results):
         path = res.path
         if out is not None:  # one file, or with --file one file per line in the folder --out
             path = Path(out) if file is None else Path(out) / f"{i:04d}-{res.key[:12]}.safetensors"
             if file is not None:
                 check_replaceable(path, overwrite)
             save_cache(res.cache, path)
-        rows.append({"index": i, **res.summary(path)})
-    warning = untrained_length_warning(model, [r["prompt_tokens"] for r in rows])
-    if warning:  # stderr, one line: --json output stays one JSON document
-        err_console.print(warning, style="yellow", highlight=False, soft_wrap=True)
+        rows.append({"index": i, "run": str(run_of[i]), **res.summary(path)})
     if json_out:
         print_json(rows if file is not None else rows[0])
     elif file is None:
@@ -91,6 +101,7 @@ def print_one(r: dict, store_root: Path) -> None:
     table.add_column("value", overflow="fold")
     for name, value in (
         ("prompt", r["prompt_preview"]),
+        ("run", r["run"]),
         ("store", f"{r['store']} ({r['key'][:16]})"),
         ("tokens", f"{r['prompt_tokens']} prompt -> {r['gist_tokens']} gist ({r['compression_ratio']:.1f}x fewer)"),
         ("bytes", f"{format_bytes(r['bytes_on_disk'])} on disk vs {format_bytes(r['full_prompt_kv_bytes'])} full KV "
@@ -117,4 +128,8 @@ def print_many(rows: list[dict]) -> None:
                       format_bytes(r["bytes_on_disk"]), format_bytes(r["full_prompt_kv_bytes"]),
                       f"{r['bytes_ratio']:.1f}x")
     console.print(table, highlight=False)
+    runs = {r["run"]: sum(q["run"] == r["run"] for q in rows) for r in rows}
+    if len(runs) > 1:  # no --run and prompts of both lengths: say which run made how many
+        console.print("runs: " + ", ".join(f"{name} ({n})" for name, n in runs.items()), style="dim",
+                      highlight=False)
     console.print(f"files in {Path(rows[0]['path']).parent}; {NOTE}", style="dim", highlight=False)

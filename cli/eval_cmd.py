@@ -14,6 +14,7 @@ from gistcache.errors import GistError
 from gistcache.eval import loop, peers
 from gistcache.eval.config import EvalConfig, resolve_config
 from gistcache.eval.fidelity import fidelity_markdown, fidelity_table
+from gistcache.eval.length import length_markdown
 from gistcache.eval.report import length_rich_table, table_rows
 from gistcache.model import quiet_transformers
 from gistcache.run import resolve_run_dir
@@ -40,7 +41,8 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    update_card: Annotated[bool, typer.Option("--update-card", help="Write the fidelity table into the run's model card (RUN/README.md).")] = False,
+    update_card: Annotated[bool, typer.Option("--update-card", help="Write the fidelity table (and the table by "
+                                              "prompt length) into the run's model card (RUN/README.md).")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Compare the gist cache with the full, truncated and no-instruction prompts: ROUGE-L, FLOPs, bytes."""
@@ -58,7 +60,7 @@ def eval_(
     results = evaluate(config, show_progress=not json_out)
     failure = peers.failure_line(results)  # a press that failed: the other conditions are written, then exit 2
     if update_card:
-        write_model_card(config.runs[0], [fidelity_markdown(results)])
+        write_model_card(config.runs[0], [fidelity_markdown(results), length_markdown(results)])
     if json_out:
         print_json({**{k: results[k] for k in ("out", "runs", "rows")}, "length": results.get("length", []),
                     **({"failed": results["failed"]} if "failed" in results else {})})

@@ -17,6 +17,7 @@ from gistcache.errors import GistError
 from gistcache.inference.generation import GREEDY, GenerateConfig, generate_full_prompt
 from gistcache.inference.generation import generate as run_generate
 from gistcache.model import GistModel, load_run, load_untouched_base, quiet_transformers
+from gistcache.model.shipped import instruction_length, shipped_run_for, shipped_run_of, shipped_tokenizer
 from gistcache.store import CacheStore, compress_cached
 
 
@@ -56,6 +57,9 @@ def generate(
     settings = {**GREEDY, **settings}  # the flags decide, not the model's generation_config
     dtype_ = torch_dtype(dtype)
     gist_cache = load_cache(cache) if cache is not None else None  # the file is checked before the model loads
+    if run is None:  # the shipped run that made the cache, or the one for the prompt's length
+        run = (shipped_run_of(gist_cache.run_fingerprint) if gist_cache is not None
+               else shipped_run_for(instruction_length(shipped_tokenizer(), prompt)))
     model = load_run(run, device=device, dtype=dtype_)
     if gist_cache is None:
         gist_cache = compress_cached(model, prompt, CacheStore(store))[0].cache

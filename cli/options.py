@@ -6,8 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
-RunDir = Annotated[Optional[str], typer.Option("--run", help="A run folder written by `gist train`. Default: the run "
-                                                "shipped for smollm2-135m (one gist token).")]
+RunDir = Annotated[Optional[str], typer.Option("--run", help="A run folder written by `gist train`, or a shipped "
+                                                "run's name. Default: the run shipped for smollm2-135m (one gist "
+                                                "token per 64 instruction tokens); `gist compress` and `gist "
+                                                "generate` take the shipped long-prompt run for an instruction of "
+                                                "more than 128 tokens, and `gist generate --cache` the shipped run "
+                                                "that made the cache.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
 StoreDir = Annotated[Optional[str], typer.Option("--store", help="Cache store folder. Default: $GISTCACHE_HOME, "
                                                  "else $XDG_CACHE_HOME/gistcache, else ~/.cache/gistcache.")]

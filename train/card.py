@@ -1,7 +1,7 @@
 """The model card of a run folder (RUN/README.md): what the run is, how it was made, what it measured.
 
 Generated from the run's own files (config.json, metrics.json), plus sections that other steps
-measured on the run (`gist eval --update-card` adds its fidelity table), so every figure on the card
+measured on the run (`gist eval --update-card` adds its fidelity table and its table by prompt length), so every figure on the card
 is one the run or its evaluation wrote.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from gistcache._io import atomic_write_text
-from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR
+from gistcache.model.shipped import LONG_PROMPT_TOKENS
+from gistcache.run import DEFAULT_RUN, LONG_RUN, PRETRAINED_DIR
 from gistcache.train.config import TrainConfig
 
 # TrainConfig fields whose flag is not `--field-name`
@@ -160,10 +161,15 @@ def model_card(run_dir: str | Path, extra_sections: list[str] = (), *, folder: s
     if train:
         lines += ["", "## Command", "", "```bash", train_command(train), "```"]
     for section in extra_sections:
-        lines += ["", section.strip()]
+        if section.strip():
+            lines += ["", section.strip()]
     run_flag = _run_flag(shown)
     lines += ["", "## Use", "", "```bash", f"gist compress \"<instruction>\"{run_flag} --out prompt.safetensors",
               f"gist generate{run_flag} --cache prompt.safetensors --input \"<input>\"", "```", ""]
+    if shown.resolve() == (PRETRAINED_DIR / LONG_RUN).resolve():
+        lines += [f"With no `--run`, `gist compress` and `gist generate` use this run for an instruction of more than "
+                  f"{LONG_PROMPT_TOKENS} tokens (`{DEFAULT_RUN}` for a shorter one), and `gist generate --cache` "
+                  f"reads a file with the run that made it.", ""]
     return "\n".join(lines)
 
 

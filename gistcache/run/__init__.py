@@ -24,12 +24,13 @@ from gistcache.run.config import check_run_config_types, read_adapter_config, re
 from gistcache.run.files import reading_run_file, staged_run
 from gistcache.run.fingerprint import ADAPTER_FIELDS_IGNORED, run_fingerprint
 from gistcache.run.layout import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_RUN,
-                                  FULL_FILE, GIST_FILE, LOG_FILE, METRICS_FILE, MODEL_CARD_FILE, PRETRAINED_DIR,
-                                  TOKENIZER_DIR, WEIGHT_FILES, is_run_dir, remove_run_outputs, resolve_run_dir)
+                                  FULL_FILE, GIST_FILE, LOG_FILE, LONG_RUN, METRICS_FILE, MODEL_CARD_FILE,
+                                  PRETRAINED_DIR, TOKENIZER_DIR, WEIGHT_FILES, is_run_dir, remove_run_outputs,
+                                  resolve_run_dir)
 from gistcache.run.offline import hub_offline
 
 __all__ = ["ADAPTER_CONFIG_FILE", "ADAPTER_FIELDS_IGNORED", "ADAPTER_FILE", "CHECKPOINTS_DIR", "CONFIG_FILE",
-           "DEFAULT_RUN", "FULL_FILE", "GIST_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_CARD_FILE", "PRETRAINED_DIR",
-           "TOKENIZER_DIR", "WEIGHT_FILES", "check_run_config_types", "hub_offline", "is_run_dir",
+           "DEFAULT_RUN", "FULL_FILE", "GIST_FILE", "LOG_FILE", "LONG_RUN", "METRICS_FILE", "MODEL_CARD_FILE",
+           "PRETRAINED_DIR", "TOKENIZER_DIR", "WEIGHT_FILES", "check_run_config_types", "hub_offline", "is_run_dir",
            "read_adapter_config", "read_run_config", "reading_run_file", "remove_run_outputs", "resolve_run_dir",
            "run_fingerprint", "staged_run"]

@@ -17,10 +17,13 @@ MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
 CHECKPOINTS_DIR = "checkpoints"
-# the gist runs that ship inside the package (see their README.md); DEFAULT_RUN is used when no run is named.
+# the gist runs that ship inside the package (see their README.md). When no run is named, DEFAULT_RUN is used,
+# and commands given an instruction use LONG_RUN for a long one (gistcache/model/shipped.py).
 # smollm2-135m-every64: one gist token after every 64 instruction tokens (the cache grows with the prompt);
+# smollm2-135m-every64-long: the same ratio, for instructions of more than 128 tokens;
 # smollm2-135m-gist1: the earlier default, one gist token whatever the length, kept so its caches still load.
 DEFAULT_RUN = "smollm2-135m-every64"
+LONG_RUN = "smollm2-135m-every64-long"
 PRETRAINED_DIR = Path(__file__).parent.parent / "pretrained"  # gistcache/pretrained
 WEIGHT_FILES = (GIST_FILE, ADAPTER_FILE, FULL_FILE)
 

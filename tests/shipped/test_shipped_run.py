@@ -10,7 +10,7 @@ from gistcache.cli.main import app
 from gistcache.inference.compression import compress
 from gistcache.inference.generation import generate, generate_masked
 from gistcache.model import load_run
-from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR, run_fingerprint
+from gistcache.run import DEFAULT_RUN, LONG_RUN, PRETRAINED_DIR, run_fingerprint
 
 pytestmark = pytest.mark.slow
 SHIPPED = PRETRAINED_DIR / DEFAULT_RUN
@@ -123,4 +123,52 @@ def test_cli_uses_the_shipped_run_by_default(tmp_path):
     out = tmp_path / "c.safetensors"
     result = runner.invoke(app, ["compress", DEMO, "--out", str(out), "--store", str(tmp_path / "store"), "--json"])
     assert result.exit_code == 0, result.output
-    assert out.is_file() and json.loads(result.output[result.output.index("{"):])["gist_tokens"] == 1
+    row = json.loads(result.output[result.output.index("{"):])
+    assert out.is_file() and row["gist_tokens"] == 1 and row["run"] == DEFAULT_RUN
+
+
+def test_long_run_is_the_shipped_preset_on_data_without_the_tuning_tasks():
+    """The long-prompt run is `--preset shipped`, field for field, on make ship-run's five files (built with the
+    LONG_TUNE tasks also left out, `make ship-long-run`), with the default run's ratio."""
+    where = {"out", "data", "eval_data", "exclude_data", "preset", "save_every", "resume", "overwrite"}
+    config = json.loads((PRETRAINED_DIR / LONG_RUN / "config.json").read_text())
+    default = json.loads((SHIPPED / "config.json").read_text())
+    from gistcache.train.config import TrainConfig
+
+    preset = TrainConfig(out="RUN", preset="shipped").to_dict()
+    assert {k: v for k, v in config["train"].items() if k not in where} == {
+        k: v for k, v in preset.items() if k not in where}
+    names = [p.rsplit("/", 1)[-1] for p in config["train"]["data"]]
+    assert names == [p.rsplit("/", 1)[-1] for p in default["train"]["data"]]
+    assert config["gist"]["gist_every"] == default["gist"]["gist_every"] == 64
+    assert config["gist"]["num_gist_tokens"] == 1 and config["gist"]["decoder"] == "base"
+    assert config["gist"]["trained_prompt_tokens"][1] >= 1024
+    assert config["base_fingerprint"] == default["base_fingerprint"]
+
+
+def test_cli_compresses_a_long_prompt_with_the_long_run_and_its_cache_finds_it_again(tmp_path):
+    """With no --run, `gist compress` of an instruction of more than 128 tokens uses the long-prompt run (one gist
+    slot per 64 tokens); `gist generate --cache` with no --run reads that file with the run that made it, and
+    `gist generate --prompt` with no --run takes the same run for the same instruction."""
+    prompt = "Sort the letters of the given word alphabetically.\n" + "".join(
+        f"Example {i}: {w} -> {''.join(sorted(w))}\n" for i, w in enumerate(
+            ["table", "river", "stone", "candle", "garden", "planet", "silver", "window", "market", "forest",
+             "bridge", "castle", "engine", "flower", "guitar", "harbor", "island", "jacket"]))
+    out, store = tmp_path / "long.safetensors", str(tmp_path / "store")
+    result = runner.invoke(app, ["compress", prompt, "--out", str(out), "--store", store, "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output[result.output.index("{"):])
+    assert row["run"] == LONG_RUN
+    long = load_run(LONG_RUN)
+    cache = load_cache(out, long)  # refuses a cache of another run
+    instruction_tokens = cache.num_prompt_tokens - cache.key_start
+    assert instruction_tokens > 128 and row["gist_tokens"] == -(-instruction_tokens // 64)
+    result = runner.invoke(app, ["generate", "--cache", str(out), "--input", "yellow", "--max-new-tokens", "8",
+                                 "--json", "--store", store])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output[result.output.index("["):])[0]["output"]
+    assert answer == generate(long, cache, ["yellow"], max_new_tokens=8)[0]
+    result = runner.invoke(app, ["generate", "--prompt", prompt, "--input", "yellow", "--max-new-tokens", "8",
+                                 "--json", "--store", store])  # the prompt itself: the long run again, a store hit
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("["):])[0]["output"] == answer

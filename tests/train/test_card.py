@@ -5,7 +5,9 @@ package, which every command uses when no run is named (`make ship-run` evaluate
 import json
 import shutil
 
-from gistcache.run import DEFAULT_RUN, PRETRAINED_DIR
+import pytest
+
+from gistcache.run import DEFAULT_RUN, LONG_RUN, PRETRAINED_DIR
 from gistcache.train import card
 
 SHIPPED = PRETRAINED_DIR / DEFAULT_RUN
@@ -57,13 +59,19 @@ def test_card_names_paths_by_file_name(tmp_path):
     assert card.shown_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_shipped_card_is_what_the_renderer_writes():
-    """The shipped card equals the card rendered from its own run folder (with its fidelity section): no path of
-    the machine that trained it."""
-    text = (SHIPPED / "README.md").read_text()
-    fidelity = "## Fidelity" + text.split("## Fidelity", 1)[1].split("\n## Use", 1)[0]
-    assert card.model_card(SHIPPED, [fidelity]) == text
+@pytest.mark.parametrize("name", [DEFAULT_RUN, LONG_RUN])
+def test_shipped_card_is_what_the_renderer_writes(name):
+    """Each shipped card equals the card rendered from its own run folder (with its measured sections): no path of
+    the machine that trained it. The long-prompt run's card has its table by prompt length and names itself in
+    its commands."""
+    run = PRETRAINED_DIR / name
+    text = (run / "README.md").read_text()
+    measured = "## Fidelity" + text.split("## Fidelity", 1)[1].split("\n## Use", 1)[0]
+    assert card.model_card(run, [measured]) == text
     assert "/work/" not in text and "/home/" not in text
+    if name == LONG_RUN:
+        assert "## By instruction length" in text and "| 1025-2048 |" in text
+        assert f"gist compress \"<instruction>\" --run {LONG_RUN} --out" in _use_section(text)
 
 
 def test_card_names_a_chunked_runs_ratio_and_trained_lengths(tmp_path):
