@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from gistcache._io import format_bytes
@@ -117,9 +118,31 @@ def print_one(r: dict, store_root: Path) -> None:
 
 
 def print_many(rows: list[dict]) -> None:
-    table = Table(title=f"gist compress: {len(rows)} prompts ({sum(r['store'] == 'hit' for r in rows)} hits)")
+    title = f"gist compress: {len(rows)} prompts ({sum(r['store'] == 'hit' for r in rows)} hits)"
+    # the table when every number fits whole beside the prompt cut to 20 characters, or down to 10; else one line
+    # a prompt
+    measure = Console(width=10_000).measure
+    fits = [w for w in range(20, 9, -1) if measure(many_table(rows, title, prompt_width=w)).maximum <= console.width]
+    if fits:
+        console.print(many_table(rows, title, prompt_width=fits[0]), highlight=False)
+    else:  # a narrow terminal: one whole line a prompt, wrapped by the terminal, no number cut
+        console.print(title, highlight=False)
+        for r in rows:
+            console.print(f"{r['index']}: {'hit' if r['store'] == 'hit' else 'new'}, {r['prompt_tokens']} -> "
+                          f"{r['gist_tokens']} tokens, {format_bytes(r['bytes_on_disk'])} on disk vs "
+                          f"{format_bytes(r['full_prompt_kv_bytes'])} full KV ({r['bytes_ratio']:.1f}x smaller): "
+                          f"{r['prompt_preview']}", highlight=False, soft_wrap=True, markup=False)
+    runs = {r["run"]: sum(q["run"] == r["run"] for q in rows) for r in rows}
+    if len(runs) > 1:  # no --run and prompts of both lengths: say which run made how many
+        console.print("runs: " + ", ".join(f"{name} ({n})" for name, n in runs.items()), style="dim",
+                      highlight=False)
+    console.print(f"files in {Path(rows[0]['path']).parent}; {NOTE}", style="dim", highlight=False)
+
+
+def many_table(rows: list[dict], title: str, *, prompt_width: int) -> Table:
+    table = Table(title=title)
     table.add_column("#", justify="right", min_width=2)
-    table.add_column("prompt", no_wrap=True, max_width=20, overflow="ellipsis")
+    table.add_column("prompt", no_wrap=True, max_width=prompt_width, overflow="ellipsis")
     for col in ("store", "tokens", "on disk", "full KV", "smaller"):
         table.add_column(col, justify="left" if col == "store" else "right", no_wrap=True)
     for r in rows:
@@ -127,9 +150,4 @@ def print_many(rows: list[dict]) -> None:
                       f"{r['prompt_tokens']} -> {r['gist_tokens']}",
                       format_bytes(r["bytes_on_disk"]), format_bytes(r["full_prompt_kv_bytes"]),
                       f"{r['bytes_ratio']:.1f}x")
-    console.print(table, highlight=False)
-    runs = {r["run"]: sum(q["run"] == r["run"] for q in rows) for r in rows}
-    if len(runs) > 1:  # no --run and prompts of both lengths: say which run made how many
-        console.print("runs: " + ", ".join(f"{name} ({n})" for name, n in runs.items()), style="dim",
-                      highlight=False)
-    console.print(f"files in {Path(rows[0]['path']).parent}; {NOTE}", style="dim", highlight=False)
+    return table

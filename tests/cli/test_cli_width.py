@@ -52,3 +52,25 @@ def test_refusals_are_the_only_line(narrow, run, tiny_model_dir, tmp_path):
     assert str(missing) in line
     line = one_line_error(invoke("bench", "cache", "--lengths", 1000, "--model", tiny_model_dir))
     assert "--lengths 1000" in line and "exceed the model's context of 512" in line
+
+
+@pytest.mark.parametrize("columns", [40, 200])
+def test_compress_file_numbers_are_never_cut(columns, monkeypatch, run, tmp_path):
+    """`gist compress --file` shows its numbers whole at any width: the table where it fits, else one line a
+    prompt (the terminal wraps it whole)."""
+    for console in (common.console, common.err_console):
+        monkeypatch.setattr(console, "width", columns)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Reverse the word you are given"}\n'
+                       '{"instruction": "Repeat the word you are given twice, with a dash"}\n')
+    result = invoke("compress", "--file", prompts, "--run", run, "--out", tmp_path / "caches",
+                    "--store", tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    if columns == 40:
+        rows = [line for line in lines if line.startswith(("0: new", "1: new"))]
+        assert len(rows) == 2 and all("tokens," in r and "full KV (" in r for r in rows), result.output
+    else:
+        assert any("┃ tokens" in line or "tokens ┃" in line for line in lines), result.output
+    numbers = [line for line in lines if "->" in line]
+    assert len(numbers) == 2 and not any("…" in line.split("->", 1)[1] for line in numbers), result.output
