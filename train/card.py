@@ -1,8 +1,8 @@
 """The model card of a run folder (RUN/README.md): what the run is, how it was made, what it measured.
 
 Generated from the run's own files (config.json, metrics.json), plus sections that other steps
-measured on the run (`gist eval --update-card` adds its fidelity table and its table by prompt length), so every figure on the card
-is one the run or its evaluation wrote.
+measured on the run (`gist eval --update-card` adds its fidelity table and its table by prompt length), so
+every figure on the card is one the run or its evaluation wrote.
 """
 
 from __future__ import annotations
