@@ -86,7 +86,7 @@ ship-run: $(STAMP)
 
 # How the long-prompt run was made (smollm2-135m-every64-long: `gist compress` and `gist generate` use it, with no
 # --run, for instructions of more than 128 tokens): make ship-run's recipe, with the 20 LONG_TUNE tasks (the
-# tuning split of docs/results.md, section 2) also left out of the data, 53 min on this 2-core CPU. Its card holds
+# tuning split of docs/results.md, section 2) also left out of the data, 38 min on this 2-core CPU. Its card holds
 # its fidelity on the long dev split (the 24 LONG_DEV tasks' k-shot prompts of 200-1,500 tokens).
 SHIP_LONG := gistcache/pretrained/smollm2-135m-every64-long
 SHIP_LONG_DATA := runs/ship-long-data
