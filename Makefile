@@ -63,23 +63,29 @@ fuzz: $(STAMP)
 # excluded. --decoder base: the stock model reads the caches, so its full-prompt baseline is the untouched
 # base model. The small files are copied into the package and that copy is measured on Alpaca+ unseen and
 # human (--update-card writes its card there, so the card's commands name no run folder).
+# make ship-run's and ship-long-run's recipe: the three builders with the task sets $(1) left out, into the data
+# folder $(2); `gist train` into the run folder $(3); its small files copied into the package folder $(4)
+define ship_recipe
+rm -rf $(2) && mkdir -p $(2)
+$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(2)/kshot_train.json \
+  --exclude-tasks $(1) --max-prompt-tokens 2000 --per-task 6 --seed 0
+$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(2)/superni_short_train.json \
+  --exclude-tasks $(1) --max-shots 0
+$(GIST) data long --out $(2)/long_family_train.json --num 300 --seed 0
+$(GIST) train --out $(3) --data $(2)/kshot_train.json --data $(2)/superni_short_train.json \
+  --data $(2)/long_family_train.json \
+  --data $(DATA)/train/alpaca_en_demo.json --data $(DATA)/train/self_instruct_seed_tasks.jsonl \
+  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_seen.json \
+  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_unseen.json \
+  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_human.json \
+  $(SHIP_RECIPE)
+rm -rf $(4) && mkdir -p $(4)/tokenizer
+cp $(addprefix $(3)/,$(SHIP_FILES)) $(4)/ && cp $(3)/tokenizer/* $(4)/tokenizer/
+endef
+
 SHIP_DATA := runs/ship-data
 ship-run: $(STAMP)
-	rm -rf $(SHIP_DATA) && mkdir -p $(SHIP_DATA)
-	$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(SHIP_DATA)/kshot_train.json \
-	  --exclude-tasks LONG_DEV --max-prompt-tokens 2000 --per-task 6 --seed 0
-	$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(SHIP_DATA)/superni_short_train.json \
-	  --exclude-tasks LONG_DEV --max-shots 0
-	$(GIST) data long --out $(SHIP_DATA)/long_family_train.json --num 300 --seed 0
-	$(GIST) train --out runs/ship --data $(SHIP_DATA)/kshot_train.json --data $(SHIP_DATA)/superni_short_train.json \
-	  --data $(SHIP_DATA)/long_family_train.json \
-	  --data $(DATA)/train/alpaca_en_demo.json --data $(DATA)/train/self_instruct_seed_tasks.jsonl \
-	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_seen.json \
-	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_unseen.json \
-	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_human.json \
-	  $(SHIP_RECIPE)
-	rm -rf $(SHIP) && mkdir -p $(SHIP)/tokenizer
-	cp $(addprefix runs/ship/,$(SHIP_FILES)) $(SHIP)/ && cp runs/ship/tokenizer/* $(SHIP)/tokenizer/
+	$(call ship_recipe,LONG_DEV,$(SHIP_DATA),runs/ship,$(SHIP))
 	$(GIST) eval --run $(SHIP) --split unseen --split human --limit $(SHIP_EVAL_LIMIT) --flops-examples 4 \
 	  --baseline full --baseline none \
 	  --data-dir $(DATA)/alpaca_plus --out runs/ship/eval --update-card
@@ -92,21 +98,7 @@ SHIP_LONG := gistcache/pretrained/smollm2-135m-every64-long
 SHIP_LONG_DATA := runs/ship-long-data
 HELD_OUT := LONG_DEV,LONG_TUNE
 ship-long-run: $(STAMP)
-	rm -rf $(SHIP_LONG_DATA) && mkdir -p $(SHIP_LONG_DATA)
-	$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(SHIP_LONG_DATA)/kshot_train.json \
-	  --exclude-tasks $(HELD_OUT) --max-prompt-tokens 2000 --per-task 6 --seed 0
-	$(GIST) data kshot $(DATA)/superni/superni_train.json --out $(SHIP_LONG_DATA)/superni_short_train.json \
-	  --exclude-tasks $(HELD_OUT) --max-shots 0
-	$(GIST) data long --out $(SHIP_LONG_DATA)/long_family_train.json --num 300 --seed 0
-	$(GIST) train --out runs/ship-long --data $(SHIP_LONG_DATA)/kshot_train.json \
-	  --data $(SHIP_LONG_DATA)/superni_short_train.json --data $(SHIP_LONG_DATA)/long_family_train.json \
-	  --data $(DATA)/train/alpaca_en_demo.json --data $(DATA)/train/self_instruct_seed_tasks.jsonl \
-	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_seen.json \
-	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_unseen.json \
-	  --exclude $(DATA)/alpaca_plus/alpaca_plus_validation_human.json \
-	  $(SHIP_RECIPE)
-	rm -rf $(SHIP_LONG) && mkdir -p $(SHIP_LONG)/tokenizer
-	cp $(addprefix runs/ship-long/,$(SHIP_FILES)) $(SHIP_LONG)/ && cp runs/ship-long/tokenizer/* $(SHIP_LONG)/tokenizer/
+	$(call ship_recipe,$(HELD_OUT),$(SHIP_LONG_DATA),runs/ship-long,$(SHIP_LONG))
 	mkdir -p runs/long-data
 	$(GIST) data kshot $(DATA)/superni/superni_train.json --out runs/long-data/kshot_dev_shuffled.json \
 	  --tasks LONG_DEV --min-prompt-tokens 200 --max-prompt-tokens 1500 --seed 1 --shuffle 0
