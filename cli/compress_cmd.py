@@ -119,12 +119,12 @@ def print_one(r: dict, store_root: Path) -> None:
 
 def print_many(rows: list[dict]) -> None:
     title = f"gist compress: {len(rows)} prompts ({sum(r['store'] == 'hit' for r in rows)} hits)"
-    # the table when every number fits whole beside the prompt cut to 20 characters, or down to 10; else one line
-    # a prompt
-    measure = Console(width=10_000).measure
-    fits = [w for w in range(20, 9, -1) if measure(many_table(rows, title, prompt_width=w)).maximum <= console.width]
-    if fits:
-        console.print(many_table(rows, title, prompt_width=fits[0]), highlight=False)
+    # the table when every number fits whole beside the prompt cut to 20 characters, or down to 10 (each character
+    # the prompt column gives up narrows the table by one); else one line a prompt
+    narrowest = Console(width=10_000).measure(many_table(rows, title, prompt_width=10)).maximum
+    if narrowest <= console.width:
+        prompt_width = min(20, 10 + console.width - narrowest)
+        console.print(many_table(rows, title, prompt_width=prompt_width), highlight=False)
     else:  # a narrow terminal: one whole line a prompt, wrapped by the terminal, no number cut
         console.print(title, highlight=False)
         for r in rows:
